@@ -1,0 +1,25 @@
+//! The committed CRD YAML must equal what the Rust types generate.
+use std::{fs, path::Path};
+
+#[test]
+fn committed_crd_yaml_matches_the_rust_types() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut dirs = vec![root.to_path_buf()];
+    let chart = root.join("../charts/tally/crds");
+    if chart.exists() {
+        dirs.push(chart);
+    }
+    for dir in dirs {
+        for (file, yaml) in tally_crds::render_crds() {
+            let path = dir.join(&file);
+            let committed = fs::read_to_string(&path).unwrap_or_else(|e| {
+                panic!("{} is missing ({e}): run `make generate`", path.display())
+            });
+            assert!(
+                committed == yaml,
+                "{} differs from the Rust types in crds/src: run `make generate` and commit the result",
+                path.display()
+            );
+        }
+    }
+}

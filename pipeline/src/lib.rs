@@ -1,0 +1,20 @@
+//! tally's data plane: the meter engine, ingest, stores and the query API.
+//!
+//! - [`engine`]: what a meter counts and how (the shared semantics of every store).
+//! - [`store`]: the store interface and the embedded SQLite store.
+//! - [`query`]: query parameters and the store-independent re-windowing.
+//! - [`manifests`]: Meter YAML loaded from a folder (standalone), with reload rules.
+//! - [`api`]: the HTTP API (OpenMeter v1 compatible), problems, metrics.
+//! - [`server`]: `tally-server` wiring.
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod engine;
+pub mod error;
+pub mod manifests;
+pub mod metrics;
+pub mod query;
+pub mod server;
+pub mod store;
+
+pub use error::{Error, Result};

@@ -1,0 +1,88 @@
+//! Prometheus metrics of `tally-server` (prefix `tally_`).
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Labels of the request histogram: the route template (bounded), method and status.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpLabels {
+    /// Route template, e.g. `/api/v1/meters/{slug}/query`.
+    pub route: String,
+    /// HTTP method.
+    pub method: String,
+    /// Status code.
+    pub status: u16,
+}
+
+/// Every metric the server exports.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// Events stored for the first time.
+    pub events_accepted: Counter,
+    /// Events rejected by validation.
+    pub events_rejected: Counter,
+    /// Events dropped as duplicates of a stored identity.
+    pub events_deduplicated: Counter,
+    /// Requests refused because the server was at capacity.
+    pub requests_overloaded: Counter,
+    /// Request latency.
+    pub http_request_duration: Family<HttpLabels, Histogram>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("tally");
+        let events_accepted = Counter::default();
+        let events_rejected = Counter::default();
+        let events_deduplicated = Counter::default();
+        let requests_overloaded = Counter::default();
+        let http_request_duration = Family::<HttpLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+        });
+        registry.register(
+            "events_accepted",
+            "Events stored for the first time",
+            events_accepted.clone(),
+        );
+        registry.register(
+            "events_rejected",
+            "Events rejected by validation",
+            events_rejected.clone(),
+        );
+        registry.register(
+            "events_deduplicated",
+            "Events dropped as duplicates of a stored (namespace, source, id)",
+            events_deduplicated.clone(),
+        );
+        registry.register(
+            "requests_overloaded",
+            "Requests answered 503 because the server was at capacity",
+            requests_overloaded.clone(),
+        );
+        registry.register(
+            "http_request_duration_seconds",
+            "HTTP request latency",
+            http_request_duration.clone(),
+        );
+        Metrics {
+            registry,
+            events_accepted,
+            events_rejected,
+            events_deduplicated,
+            requests_overloaded,
+            http_request_duration,
+        }
+    }
+}
+
+impl Metrics {
+    /// The text exposition format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}

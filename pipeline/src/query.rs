@@ -1,0 +1,305 @@
+//! Query parameters and the store-independent re-windowing of partial states.
+//!
+//! A query `[from, to)` is answered from full one-minute rollup rows for
+//! `[ceil_minute(from), floor_minute(to))` and from raw events for the sub-minute edges,
+//! so any precision is exact. Each minute (or event) maps to exactly one window of the
+//! requested size and zone ([`crate::engine::window`]); states merge per
+//! (window, subject if grouped, requested group-by values).
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use chrono_tz::Tz;
+use serde::Serialize;
+
+use crate::engine::CompiledMeter;
+use crate::engine::state::{Input, State};
+use crate::engine::window::{WindowSize, window_of};
+
+/// Default cap on the rows one query may return.
+pub const DEFAULT_MAX_ROWS: usize = 100_000;
+
+/// A parsed query.
+#[derive(Clone, Debug, PartialEq)]
+pub struct QuerySpec {
+    /// Inclusive start (ms); `None` = the meter's first event.
+    pub from_ms: Option<i64>,
+    /// Exclusive end (ms).
+    pub to_ms: i64,
+    /// Window size; `None` = one row per group for the whole range.
+    pub window_size: Option<WindowSize>,
+    /// Zone windows align to and times render in.
+    pub tz: Tz,
+    /// Only these subjects (empty = all).
+    pub subjects: Vec<String>,
+    /// Requested group-by names (may include `subject`).
+    pub group_by: Vec<String>,
+    /// Group-by name → accepted values.
+    pub filter_group_by: BTreeMap<String, Vec<String>>,
+}
+
+impl QuerySpec {
+    /// Whether rows carry a subject: grouped by `subject`, or filtered by subjects.
+    pub fn groups_by_subject(&self) -> bool {
+        self.group_by.iter().any(|g| g == "subject") || !self.subjects.is_empty()
+    }
+}
+
+/// One row of a query answer.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct QueryRow {
+    /// Window start (ms).
+    pub window_start_ms: i64,
+    /// Window end (ms).
+    pub window_end_ms: i64,
+    /// The subject, when grouped by subject.
+    pub subject: Option<String>,
+    /// Requested group-by values (null when the event lacked the property).
+    pub group_by: BTreeMap<String, Option<String>>,
+    /// The aggregated value.
+    pub value: f64,
+}
+
+/// A query's answer.
+#[derive(Clone, Debug, PartialEq)]
+pub struct QueryAnswer {
+    /// Effective start (ms); `None` when the meter has no events.
+    pub from_ms: Option<i64>,
+    /// End (ms).
+    pub to_ms: i64,
+    /// Rows ordered by window start, subject, group values.
+    pub rows: Vec<QueryRow>,
+}
+
+/// Errors specific to answering a query.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum QueryError {
+    /// More rows than allowed.
+    #[error(
+        "the query would return more than {limit} rows; narrow the time range, use a larger windowSize, or group by fewer properties"
+    )]
+    TooManyRows {
+        /// The limit.
+        limit: usize,
+    },
+}
+
+type RowKey = (i64, i64, Option<String>, Vec<Option<String>>);
+
+/// Merges partial states into query rows.
+#[derive(Debug)]
+pub struct Combiner<'a> {
+    meter: &'a CompiledMeter,
+    spec: &'a QuerySpec,
+    from_ms: i64,
+    /// For each requested group-by (except subject): index into the meter's groups.
+    selected: Vec<(String, usize)>,
+    /// Group index → accepted values.
+    filters: Vec<(usize, HashSet<String>)>,
+    subjects: HashSet<&'a str>,
+    by_subject: bool,
+    rows: HashMap<RowKey, State>,
+    window: (i64, i64),
+    max_rows: usize,
+}
+
+impl<'a> Combiner<'a> {
+    /// A combiner for `spec` over `[from_ms, spec.to_ms)`. Group-by names must have been
+    /// checked against the meter.
+    pub fn new(
+        meter: &'a CompiledMeter,
+        spec: &'a QuerySpec,
+        from_ms: i64,
+        max_rows: usize,
+    ) -> Self {
+        let selected = spec
+            .group_by
+            .iter()
+            .filter(|g| *g != "subject")
+            .filter_map(|g| meter.group_index(g).map(|i| (g.clone(), i)))
+            .collect();
+        let filters = spec
+            .filter_group_by
+            .iter()
+            .filter_map(|(k, v)| {
+                meter
+                    .group_index(k)
+                    .map(|i| (i, v.iter().cloned().collect()))
+            })
+            .collect();
+        Combiner {
+            meter,
+            spec,
+            from_ms,
+            selected,
+            filters,
+            subjects: spec.subjects.iter().map(String::as_str).collect(),
+            by_subject: spec.groups_by_subject(),
+            rows: HashMap::new(),
+            window: (i64::MIN, i64::MIN),
+            max_rows,
+        }
+    }
+
+    fn key(&mut self, subject: &str, groups: &[Option<String>], t: i64) -> Option<RowKey> {
+        if !self.subjects.is_empty() && !self.subjects.contains(subject) {
+            return None;
+        }
+        for (i, accepted) in &self.filters {
+            match groups.get(*i).and_then(|g| g.as_ref()) {
+                Some(v) if accepted.contains(v) => {}
+                _ => return None,
+            }
+        }
+        let (ws, we) = match self.spec.window_size {
+            None => (self.from_ms, self.spec.to_ms),
+            Some(size) => {
+                if !(self.window.0 <= t && t < self.window.1) {
+                    self.window = window_of(t, size, self.spec.tz);
+                }
+                self.window
+            }
+        };
+        let vals = self
+            .selected
+            .iter()
+            .map(|(_, i)| groups.get(*i).cloned().flatten())
+            .collect();
+        Some((ws, we, self.by_subject.then(|| subject.to_string()), vals))
+    }
+
+    /// Adds a rollup state of the minute starting at `minute_ms`.
+    pub fn add_state(
+        &mut self,
+        subject: &str,
+        groups: &[Option<String>],
+        minute_ms: i64,
+        state: &State,
+    ) -> Result<(), QueryError> {
+        if let Some(key) = self.key(subject, groups, minute_ms) {
+            self.entry(key)?.merge(state);
+        }
+        Ok(())
+    }
+
+    /// Adds one raw event's contribution.
+    pub fn add_event(
+        &mut self,
+        subject: &str,
+        groups: &[Option<String>],
+        input: &Input,
+        time_ms: i64,
+        seq: i64,
+        id: &str,
+    ) -> Result<(), QueryError> {
+        if let Some(key) = self.key(subject, groups, time_ms) {
+            self.entry(key)?.add(input, time_ms, seq, id);
+        }
+        Ok(())
+    }
+
+    /// Adds one distinct value of a UNIQUE_COUNT rollup minute.
+    pub fn add_unique(
+        &mut self,
+        subject: &str,
+        groups: &[Option<String>],
+        minute_ms: i64,
+        value: &str,
+    ) -> Result<(), QueryError> {
+        if let Some(key) = self.key(subject, groups, minute_ms) {
+            let state = self.entry(key)?;
+            state.count += 1;
+            if !state.uniques.contains(value) {
+                state.uniques.insert(value.to_string());
+            }
+        }
+        Ok(())
+    }
+
+    fn entry(&mut self, key: RowKey) -> Result<&mut State, QueryError> {
+        let len = self.rows.len();
+        match self.rows.entry(key) {
+            std::collections::hash_map::Entry::Occupied(o) => Ok(o.into_mut()),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                if len >= self.max_rows {
+                    return Err(QueryError::TooManyRows {
+                        limit: self.max_rows,
+                    });
+                }
+                Ok(v.insert(State::new()))
+            }
+        }
+    }
+
+    /// The rows, sorted by window, subject and group values.
+    pub fn finish(self) -> Vec<QueryRow> {
+        let agg = self.meter.aggregation();
+        let mut rows: Vec<QueryRow> = self
+            .rows
+            .into_iter()
+            .filter_map(|((ws, we, subject, vals), state)| {
+                let value = state.value(agg)?;
+                let group_by = self
+                    .selected
+                    .iter()
+                    .map(|(n, _)| n.clone())
+                    .zip(vals)
+                    .collect();
+                Some(QueryRow {
+                    window_start_ms: ws,
+                    window_end_ms: we,
+                    subject,
+                    group_by,
+                    value,
+                })
+            })
+            .collect();
+        rows.sort_by(|a, b| {
+            (a.window_start_ms, &a.subject, &a.group_by).cmp(&(
+                b.window_start_ms,
+                &b.subject,
+                &b.group_by,
+            ))
+        });
+        rows
+    }
+}
+
+/// Splits `[from, to)` into the sub-minute head, whole minutes, and the sub-minute tail:
+/// `(head, minutes, tail)`, each a half-open ms range (possibly empty).
+pub fn split_minutes(from: i64, to: i64) -> ((i64, i64), (i64, i64), (i64, i64)) {
+    let first = from.div_euclid(60_000) * 60_000
+        + if from.rem_euclid(60_000) == 0 {
+            0
+        } else {
+            60_000
+        };
+    let last = to.div_euclid(60_000) * 60_000;
+    if first >= last {
+        return ((from, to), (first, first), (to, to));
+    }
+    ((from, first), (first, last), (last, to))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_split_into_edges_and_whole_minutes() {
+        assert_eq!(
+            split_minutes(0, 180_000),
+            ((0, 0), (0, 180_000), (180_000, 180_000))
+        );
+        assert_eq!(
+            split_minutes(30_000, 150_000),
+            ((30_000, 60_000), (60_000, 120_000), (120_000, 150_000))
+        );
+        assert_eq!(
+            split_minutes(10_000, 50_000),
+            ((10_000, 50_000), (60_000, 60_000), (50_000, 50_000))
+        );
+        assert_eq!(
+            split_minutes(-30_000, 60_000),
+            ((-30_000, 0), (0, 60_000), (60_000, 60_000))
+        );
+    }
+}
