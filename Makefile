@@ -1,0 +1,40 @@
+# tally — `make help` lists the targets.
+# Build output and installed tools live outside the clone so repeated runs reuse them.
+export CARGO_TARGET_DIR ?= $(HOME)/.cache/tally-target
+CARGO ?= cargo
+LISTEN ?= 127.0.0.1:8080
+DATA ?= ./data
+
+.DEFAULT_GOAL := help
+.PHONY: help build run test test-unit lint fmt generate bench clean-data
+
+help: ## List the targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
+
+build: ## Build every binary (debug)
+	$(CARGO) build --workspace --bins
+
+run: ## Start the standalone server on 127.0.0.1:8080 with examples/quickstart (embedded store in ./data)
+	$(CARGO) run -p tally-pipeline --bin tally-server -- --listen $(LISTEN) --data $(DATA) --manifests examples/quickstart
+
+test: lint ## Check formatting and clippy, then run every test
+	$(CARGO) test --workspace
+
+test-unit: ## Only the fast unit tests
+	$(CARGO) test --workspace --lib --bins
+
+lint: ## cargo fmt --check and clippy with warnings as errors
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+fmt: ## Format the code
+	$(CARGO) fmt --all
+
+generate: ## Regenerate the CRD YAML (crds/*.yaml) from the Rust types
+	$(CARGO) run -q -p tally-crds --bin crdgen -- crds
+
+bench: ## Benchmarks: standalone ingest vs bare SQLite insert, query latency (release build)
+	$(CARGO) bench -p tally-pipeline --bench standalone
+
+clean-data: ## Delete the standalone server's ./data
+	rm -rf $(DATA)

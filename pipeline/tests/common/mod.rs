@@ -1,0 +1,157 @@
+//! Runs the real `tally-server` binary on 127.0.0.1 with a private data folder and
+//! stops it by PID.
+#![allow(dead_code)]
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct Server {
+    child: Option<Child>,
+    pub addr: String,
+    pub data: PathBuf,
+    pub manifests: PathBuf,
+    extra: Vec<String>,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+impl Server {
+    /// A server over a fresh folder whose manifests dir holds `manifests` (file name, YAML).
+    pub fn start(manifests: &[(&str, &str)], extra: &[&str]) -> Server {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("data");
+        let mdir = tmp.path().join("manifests");
+        std::fs::create_dir_all(&mdir).unwrap();
+        for (name, text) in manifests {
+            std::fs::write(mdir.join(name), text).unwrap();
+        }
+        let mut s = Server { child: None, addr: String::new(), data, manifests: mdir, extra: extra.iter().map(|s| s.to_string()).collect(), _tmp: Some(tmp) };
+        s.spawn();
+        s
+    }
+
+    /// A server over the repository's quickstart manifests.
+    pub fn quickstart() -> Server {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("data");
+        let mdir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/quickstart");
+        let mut s = Server { child: None, addr: String::new(), data, manifests: mdir, extra: vec![], _tmp: Some(tmp) };
+        s.spawn();
+        s
+    }
+
+    fn spawn(&mut self) {
+        let port = free_port();
+        self.addr = format!("127.0.0.1:{port}");
+        let log = std::fs::File::create(self.data.with_extension(format!("{port}.log"))).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_tally-server"))
+            .args(["--listen", &self.addr, "--data"])
+            .arg(&self.data)
+            .arg("--manifests")
+            .arg(&self.manifests)
+            .args(["--reload-interval-ms", "100"])
+            .args(&self.extra)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("tally-server starts");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if std::net::TcpStream::connect(&self.addr).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("tally-server did not listen on {} within 30 s", self.addr);
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// SIGKILL, then start again on the same data.
+    pub fn kill9_and_restart(&mut self) {
+        let mut c = self.child.take().unwrap();
+        c.kill().unwrap(); // SIGKILL
+        c.wait().unwrap();
+        self.spawn();
+    }
+
+    /// Graceful stop (SIGTERM), then start again.
+    pub fn restart(&mut self) {
+        let mut c = self.child.take().unwrap();
+        let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+        c.wait().unwrap();
+        self.spawn();
+    }
+
+    /// Resident set size of the server process in bytes.
+    pub fn rss_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<u64>().ok())
+            .unwrap_or(0)
+            * 1024
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap()
+}
+
+pub async fn post_events(c: &reqwest::Client, s: &Server, body: &serde_json::Value) -> (u16, serde_json::Value) {
+    let res = c
+        .post(s.url("/api/v1/events"))
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    let status = res.status().as_u16();
+    let text = res.text().await.unwrap();
+    (status, serde_json::from_str(&text).unwrap_or(serde_json::Value::Null))
+}
+
+pub async fn get_json(c: &reqwest::Client, url: &str) -> (u16, serde_json::Value) {
+    let res = c.get(url).send().await.unwrap();
+    let status = res.status().as_u16();
+    (status, res.json().await.unwrap_or(serde_json::Value::Null))
+}
+
+pub fn event(id: &str, ty: &str, subject: &str, time: &str, data: serde_json::Value) -> serde_json::Value {
+    serde_json::json!({"specversion": "1.0", "id": id, "source": "test", "type": ty, "subject": subject, "time": time, "data": data})
+}
+
+/// Waits until `f` returns true (for manifest reloads), up to 10 s.
+pub async fn eventually(mut f: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if f().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("condition not met within 10 s");
+}
