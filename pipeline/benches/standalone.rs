@@ -1,1 +1,248 @@
-fn main() {}
+//! `make bench`: standalone (embedded store) throughput and query latency.
+//!
+//! Prints, from one run:
+//! 1. the raw limit: a bare SQLite insert of the same event rows into the same `events`
+//!    table (WAL, synchronous=NORMAL, one transaction per 100 rows, no rollups);
+//! 2. store ingest: 100-event batches through `EmbeddedStore::submit` (validation done,
+//!    dedup, one SUM meter with a group-by maintained), as a ratio to (1);
+//! 3. HTTP ingest: 100-event JSON bodies POSTed to a running server on loopback by 8
+//!    concurrent clients (client and server share the machine's cores), ratio to (1);
+//! 4. query p50/p99 over 30 days of minute rollups × 1,000 subjects (2 events per
+//!    subject-minute), (a) HOUR windows of one subject over 30 days, (b) DAY windows of
+//!    all subjects grouped by subject. The rollup rows are generated with one SQL
+//!    statement (what ingest would have written) to keep set-up time reasonable.
+//!
+//! Sizes: TALLY_BENCH_EVENTS (default 200000), TALLY_BENCH_SUBJECTS (1000),
+//! TALLY_BENCH_DAYS (30).
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tally_crds::{Meter, UsageEvent};
+use tally_pipeline::api::{self, AppState, Catalog, Limits, parse_query};
+use tally_pipeline::engine::CompiledMeter;
+use tally_pipeline::metrics::Metrics;
+use tally_pipeline::store::Store;
+use tally_pipeline::store::embedded::{EVENTS_SCHEMA_AND_INSERT, EmbeddedConfig, EmbeddedStore};
+
+fn env(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn event_json(i: usize) -> serde_json::Value {
+    let model = ["gpt-4o", "llama-3-70b", "claude"][i % 3];
+    json!({"specversion": "1.0", "id": format!("evt-{i}"), "source": "bench", "type": "llm_usage",
+           "subject": format!("customer-{}", i % 1000), "time": format!("2024-05-01T{:02}:{:02}:{:02}.{:03}Z", (i / 3_600_000) % 24, (i / 60_000) % 60, (i / 1000) % 60, i % 1000),
+           "data": {"model": model, "tokens": (i % 977) as f64, "direction": "input"}})
+}
+
+fn meter() -> Arc<CompiledMeter> {
+    let m: Meter = serde_yaml::from_str("apiVersion: tally.dev/v1alpha1\nkind: Meter\nmetadata: {name: tokens}\nspec: {eventType: llm_usage, aggregation: SUM, valueProperty: $.tokens, groupBy: {model: $.model}}\n").unwrap();
+    Arc::new(CompiledMeter::compile(&m).unwrap())
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn bare_insert(events: &[UsageEvent]) -> f64 {
+    let dir = tempfile::tempdir().unwrap();
+    let conn = rusqlite::Connection::open(dir.path().join("bare.db")).unwrap();
+    conn.pragma_update(None, "journal_mode", "WAL").unwrap();
+    conn.pragma_update(None, "synchronous", "NORMAL").unwrap();
+    conn.pragma_update(None, "cache_size", -65_536).unwrap();
+    conn.execute_batch(EVENTS_SCHEMA_AND_INSERT.0).unwrap();
+    let start = Instant::now();
+    for chunk in events.chunks(100) {
+        let tx = conn.unchecked_transaction().unwrap();
+        {
+            let mut stmt = tx.prepare_cached(EVENTS_SCHEMA_AND_INSERT.1).unwrap();
+            for e in chunk {
+                let text = serde_json::to_string(&e.to_cloud_event()).unwrap();
+                stmt.execute(rusqlite::params![
+                    "default", e.source, e.id, e.ty, e.subject, e.time_ms, 0i64, text
+                ])
+                .unwrap();
+            }
+        }
+        tx.commit().unwrap();
+    }
+    events.len() as f64 / start.elapsed().as_secs_f64()
+}
+
+async fn store_ingest(events: &[UsageEvent]) -> f64 {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(EmbeddedStore::open(EmbeddedConfig::new(dir.path())).unwrap());
+    let s2 = store.clone();
+    tokio::task::spawn_blocking(move || s2.sync_meters(vec![meter()]).unwrap())
+        .await
+        .unwrap();
+    let batches: Vec<Vec<UsageEvent>> = events.chunks(100).map(|c| c.to_vec()).collect();
+    let start = Instant::now();
+    let mut pending = std::collections::VecDeque::new();
+    for b in batches {
+        // keep 8 requests in flight, as 8 concurrent clients would
+        if pending.len() == 8 {
+            let p: tally_pipeline::store::Pending = pending.pop_front().unwrap();
+            p.await.unwrap().unwrap();
+        }
+        pending.push_back(store.submit("default", b).unwrap());
+    }
+    for p in pending {
+        p.await.unwrap().unwrap();
+    }
+    events.len() as f64 / start.elapsed().as_secs_f64()
+}
+
+async fn http_ingest(n: usize) -> f64 {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> =
+        Arc::new(EmbeddedStore::open(EmbeddedConfig::new(dir.path())).unwrap());
+    let s2 = store.clone();
+    let synced = tokio::task::spawn_blocking(move || s2.sync_meters(vec![meter()]).unwrap())
+        .await
+        .unwrap();
+    let state = AppState::new(store, Limits::default(), Arc::new(Metrics::default()));
+    state.publish(Catalog::new(synced.meters));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move { axum::serve(listener, api::router(state)).await });
+    let bodies: Arc<Vec<String>> = Arc::new(
+        (0..n / 100)
+            .map(|b| {
+                serde_json::to_string(&(b * 100..(b + 1) * 100).map(event_json).collect::<Vec<_>>())
+                    .unwrap()
+            })
+            .collect(),
+    );
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let (bodies, next) = (bodies.clone(), next.clone());
+        let url = format!("http://{addr}/api/v1/events");
+        tasks.push(tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(body) = bodies.get(i) else { break };
+                loop {
+                    let res = client
+                        .post(&url)
+                        .header("content-type", "application/json")
+                        .body(body.clone())
+                        .send()
+                        .await
+                        .unwrap();
+                    if res.status() == 204 {
+                        break;
+                    }
+                    assert_eq!(res.status(), 503, "unexpected status");
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let rate = n as f64 / start.elapsed().as_secs_f64();
+    server.abort();
+    rate
+}
+
+fn query_bench(subjects: usize, days: usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(EmbeddedConfig::new(dir.path())).unwrap();
+    let m: Meter = serde_yaml::from_str("apiVersion: tally.dev/v1alpha1\nkind: Meter\nmetadata: {name: gpu-seconds}\nspec: {eventType: gpu, aggregation: SUM, valueProperty: $.seconds}\n").unwrap();
+    let synced = store
+        .sync_meters(vec![Arc::new(CompiledMeter::compile(&m).unwrap())])
+        .unwrap();
+    let sm = synced.meters[0].clone();
+    let minutes = days * 1440;
+    let start_minute: i64 = 1_714_521_600 / 60; // 2024-05-01T00:00:00Z
+    let conn = rusqlite::Connection::open(dir.path().join("tally.db")).unwrap();
+    conn.pragma_update(None, "journal_mode", "WAL").unwrap();
+    conn.pragma_update(None, "synchronous", "OFF").unwrap();
+    conn.pragma_update(None, "cache_size", -262_144).unwrap();
+    let t = Instant::now();
+    conn.execute(
+        "WITH RECURSIVE s(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM s WHERE i + 1 < ?1),
+              m(j) AS (SELECT 0 UNION ALL SELECT j + 1 FROM m WHERE j + 1 < ?2)
+         INSERT INTO rollup (meter, subject, minute, groups, cnt, sum, vmin, vmax)
+         SELECT ?3, printf('customer-%04d', i), ?4 + j, '[]', 2, 2.0 * ((i + j) % 7), (i + j) % 7, (i + j) % 7 FROM s, m ORDER BY 2, 3",
+        rusqlite::params![subjects as i64, minutes as i64, sm.rollup_id, start_minute],
+    )
+    .unwrap();
+    println!(
+        "generated {} rollup rows ({subjects} subjects x {days} days of minutes, 2 events each) in {:.1} s",
+        subjects * minutes,
+        t.elapsed().as_secs_f64()
+    );
+    let to = chrono::DateTime::from_timestamp((start_minute + minutes as i64) * 60, 0)
+        .unwrap()
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let cases = [
+        (
+            "(a) HOUR windows, one subject, 30 days",
+            format!("from=2024-05-01T00:00:00Z&to={to}&windowSize=HOUR&subject=customer-0042"),
+            50,
+        ),
+        (
+            "(b) DAY windows, all subjects, groupBy=subject",
+            format!("from=2024-05-01T00:00:00Z&to={to}&windowSize=DAY&groupBy=subject"),
+            5,
+        ),
+    ];
+    for (name, query, iterations) in cases {
+        let spec = parse_query(&sm, &query).unwrap();
+        let mut times = Vec::new();
+        let mut rows = 0;
+        for _ in 0..iterations {
+            let t = Instant::now();
+            rows = store.query(&sm, &spec, 10_000_000).unwrap().rows.len();
+            times.push(t.elapsed());
+        }
+        times.sort();
+        println!(
+            "query {name}: {rows} rows, p50 {:.1} ms, p99 {:.1} ms ({iterations} runs)",
+            percentile(&times, 0.5).as_secs_f64() * 1e3,
+            percentile(&times, 0.99).as_secs_f64() * 1e3
+        );
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    // `cargo bench` passes --bench; `cargo test --benches` would too — run either way.
+    let n = env("TALLY_BENCH_EVENTS", 200_000) / 100 * 100;
+    let events: Vec<UsageEvent> = (0..n)
+        .map(|i| UsageEvent::from_json(&event_json(i), 0).unwrap())
+        .collect();
+    println!(
+        "tally standalone benchmark ({n} events, batches of 100, {} cores)",
+        std::thread::available_parallelism().map_or(1, |p| p.get())
+    );
+    let bare = bare_insert(&events);
+    println!("raw limit: bare SQLite insert (events table only): {bare:>10.0} events/s");
+    let store = store_ingest(&events).await;
+    println!(
+        "store ingest (dedup + 1 SUM meter rollup):       {store:>10.0} events/s = {:.2}x raw",
+        store / bare
+    );
+    let http = http_ingest(n).await;
+    println!(
+        "HTTP ingest (8 clients on loopback, same host):  {http:>10.0} events/s = {:.2}x raw",
+        http / bare
+    );
+    let (subjects, days) = (
+        env("TALLY_BENCH_SUBJECTS", 1000),
+        env("TALLY_BENCH_DAYS", 30),
+    );
+    tokio::task::spawn_blocking(move || query_bench(subjects, days))
+        .await
+        .unwrap();
+}

@@ -7,9 +7,18 @@ use serde_json::json;
 const TOKENS: &str = "apiVersion: tally.dev/v1alpha1\nkind: Meter\nmetadata: {name: tokens}\nspec: {eventType: llm, aggregation: SUM, valueProperty: $.tokens, groupBy: {model: $.model}}\n";
 
 async fn total(c: &reqwest::Client, s: &Server, slug: &str) -> serde_json::Value {
-    let (status, body) = get_json(c, &s.url(&format!("/api/v1/meters/{slug}/query?from=2024-01-01T00:00:00Z&to=2025-01-01T00:00:00Z"))).await;
+    let (status, body) = get_json(
+        c,
+        &s.url(&format!(
+            "/api/v1/meters/{slug}/query?from=2024-01-01T00:00:00Z&to=2025-01-01T00:00:00Z"
+        )),
+    )
+    .await;
     assert_eq!(status, 200, "{body}");
-    body["data"].get(0).map(|r| r["value"].clone()).unwrap_or(json!(null))
+    body["data"]
+        .get(0)
+        .map(|r| r["value"].clone())
+        .unwrap_or(json!(null))
 }
 
 #[tokio::test]
@@ -19,25 +28,63 @@ async fn bad_requests_are_rfc7807_problems_naming_the_field() {
     let (status, body) = post_events(&c, &s, &json!([event("a", "llm", "acme", "2024-01-01T00:00:00Z", json!({})), {"specversion": "1.0", "id": "b", "source": "s", "type": "llm", "subject": "x", "time": "soon", "data": [1]}])).await;
     assert_eq!(status, 400);
     assert_eq!(body["status"], 400);
-    assert_eq!(body["errors"], json!([{"index": 1, "field": "time", "message": body["errors"][0]["message"]}, {"index": 1, "field": "data", "message": "must be a JSON object, got an array"}]));
-    assert!(body["detail"].as_str().unwrap().contains("nothing was stored"));
+    assert_eq!(
+        body["errors"],
+        json!([{"index": 1, "field": "time", "message": body["errors"][0]["message"]}, {"index": 1, "field": "data", "message": "must be a JSON object, got an array"}])
+    );
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("nothing was stored")
+    );
     // all-or-nothing: the valid event of the rejected request was not stored
     assert_eq!(total(&c, &s, "tokens").await, json!(null));
 
-    let res = c.post(s.url("/api/v1/events")).header("content-type", "text/plain").body("{}").send().await.unwrap();
+    let res = c
+        .post(s.url("/api/v1/events"))
+        .header("content-type", "text/plain")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), 415);
     assert_eq!(res.headers()["content-type"], "application/problem+json");
-    let res = c.post(s.url("/api/v1/events")).header("content-type", "application/json").body(format!("[{}]", " ".repeat(3000))).send().await.unwrap();
+    let res = c
+        .post(s.url("/api/v1/events"))
+        .header("content-type", "application/json")
+        .body(format!("[{}]", " ".repeat(3000)))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), 413);
-    let res = c.post(s.url("/api/v1/events")).header("content-type", "application/json").body("{nope").send().await.unwrap();
+    let res = c
+        .post(s.url("/api/v1/events"))
+        .header("content-type", "application/json")
+        .body("{nope")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), 400);
-    let res = c.post(s.url("/api/v1/events")).header("content-type", "application/cloudevents+json").body("[]").send().await.unwrap();
+    let res = c
+        .post(s.url("/api/v1/events"))
+        .header("content-type", "application/cloudevents+json")
+        .body("[]")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), 400);
 
     let (status, body) = get_json(&c, &s.url("/api/v1/meters/unknown/query")).await;
-    assert_eq!((status, body["title"].as_str()), (404, Some("Meter not found")));
+    assert_eq!(
+        (status, body["title"].as_str()),
+        (404, Some("Meter not found"))
+    );
     let (status, _) = get_json(&c, &s.url("/api/v1/namespaces/other/meters/tokens")).await;
-    assert_eq!(status, 404, "a meter of namespace default is not served in namespace other");
+    assert_eq!(
+        status, 404,
+        "a meter of namespace default is not served in namespace other"
+    );
     for (query, parameter) in [
         ("from=yesterday", "from"),
         ("windowSize=WEEK", "windowSize"),
@@ -47,19 +94,29 @@ async fn bad_requests_are_rfc7807_problems_naming_the_field() {
         ("frm=2024-01-01T00:00:00Z", "frm"),
         ("from=2024-02-01T00:00:00Z&to=2024-01-01T00:00:00Z", "from"),
     ] {
-        let (status, body) = get_json(&c, &s.url(&format!("/api/v1/meters/tokens/query?{query}"))).await;
+        let (status, body) =
+            get_json(&c, &s.url(&format!("/api/v1/meters/tokens/query?{query}"))).await;
         assert_eq!(status, 400, "{query}");
         assert_eq!(body["errors"][0]["parameter"], parameter, "{query}: {body}");
     }
     let (status, body) = get_json(&c, &s.url("/api/v1/events?limit=0")).await;
-    assert_eq!((status, body["errors"][0]["parameter"].as_str()), (400, Some("limit")));
+    assert_eq!(
+        (status, body["errors"][0]["parameter"].as_str()),
+        (400, Some("limit"))
+    );
 }
 
 #[tokio::test]
 async fn duplicates_count_once_also_across_a_restart() {
     let mut s = Server::start(&[("m.yaml", TOKENS)], &[]);
     let c = client();
-    let e = event("dup-1", "llm", "acme", "2024-03-01T10:00:00Z", json!({"tokens": 10, "model": "m"}));
+    let e = event(
+        "dup-1",
+        "llm",
+        "acme",
+        "2024-03-01T10:00:00Z",
+        json!({"tokens": 10, "model": "m"}),
+    );
     assert_eq!(post_events(&c, &s, &json!([e, e])).await.0, 204);
     assert_eq!(post_events(&c, &s, &e).await.0, 204);
     assert_eq!(total(&c, &s, "tokens").await, json!(10));
@@ -70,15 +127,35 @@ async fn duplicates_count_once_also_across_a_restart() {
     other["source"] = json!("elsewhere");
     assert_eq!(post_events(&c, &s, &other).await.0, 204);
     assert_eq!(total(&c, &s, "tokens").await, json!(20));
-    let metrics = c.get(s.url("/metrics")).send().await.unwrap().text().await.unwrap();
-    assert!(metrics.contains("tally_events_deduplicated_total 1"), "{metrics}");
+    let metrics = c
+        .get(s.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("tally_events_deduplicated_total 1"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
 async fn an_acknowledged_event_survives_kill_9() {
     let mut s = Server::start(&[("m.yaml", TOKENS)], &[]);
     let c = client();
-    let batch: Vec<_> = (0..500).map(|i| event(&format!("k{i}"), "llm", "acme", "2024-03-01T10:00:00Z", json!({"tokens": 2, "model": "m"}))).collect();
+    let batch: Vec<_> = (0..500)
+        .map(|i| {
+            event(
+                &format!("k{i}"),
+                "llm",
+                "acme",
+                "2024-03-01T10:00:00Z",
+                json!({"tokens": 2, "model": "m"}),
+            )
+        })
+        .collect();
     assert_eq!(post_events(&c, &s, &json!(batch)).await.0, 204);
     s.kill9_and_restart();
     assert_eq!(total(&c, &s, "tokens").await, json!(1000));
@@ -89,7 +166,15 @@ async fn a_meter_added_after_its_events_counts_them_and_reloads_follow_the_rules
     let s = Server::start(&[("m.yaml", TOKENS)], &[]);
     let c = client();
     let events: Vec<_> = (0..20)
-        .map(|i| event(&format!("r{i}"), "api", if i % 2 == 0 { "acme" } else { "globex" }, "2024-03-01T10:00:00Z", json!({"route": format!("/r{}", i % 3)})))
+        .map(|i| {
+            event(
+                &format!("r{i}"),
+                "api",
+                if i % 2 == 0 { "acme" } else { "globex" },
+                "2024-03-01T10:00:00Z",
+                json!({"route": format!("/r{}", i % 3)}),
+            )
+        })
         .collect();
     assert_eq!(post_events(&c, &s, &json!(events)).await.0, 204);
     let requests = "apiVersion: tally.dev/v1alpha1\nkind: Meter\nmetadata: {name: requests}\nspec: {eventType: api, aggregation: COUNT}\n";
@@ -97,19 +182,55 @@ async fn a_meter_added_after_its_events_counts_them_and_reloads_follow_the_rules
     eventually(async || get_json(&c, &s.url("/api/v1/meters/requests")).await.0 == 200).await;
     assert_eq!(total(&c, &s, "requests").await, json!(20));
     // new events keep counting, exactly once
-    assert_eq!(post_events(&c, &s, &event("r20", "api", "acme", "2024-03-01T10:05:00Z", json!({}))).await.0, 204);
+    assert_eq!(
+        post_events(
+            &c,
+            &s,
+            &event("r20", "api", "acme", "2024-03-01T10:05:00Z", json!({}))
+        )
+        .await
+        .0,
+        204
+    );
     assert_eq!(total(&c, &s, "requests").await, json!(21));
 
     // a changed groupBy is applied (rollup rebuilt); a changed aggregation is rejected
-    std::fs::write(s.manifests.join("requests.yaml"), requests.replace("COUNT}", "COUNT, groupBy: {route: $.route}}")).unwrap();
-    eventually(async || get_json(&c, &s.url("/api/v1/meters/requests")).await.1["groupBy"]["route"] == "$.route").await;
+    std::fs::write(
+        s.manifests.join("requests.yaml"),
+        requests.replace("COUNT}", "COUNT, groupBy: {route: $.route}}"),
+    )
+    .unwrap();
+    eventually(async || {
+        get_json(&c, &s.url("/api/v1/meters/requests")).await.1["groupBy"]["route"] == "$.route"
+    })
+    .await;
     let (_, body) = get_json(&c, &s.url("/api/v1/meters/requests/query?from=2024-01-01T00:00:00Z&to=2025-01-01T00:00:00Z&groupBy=route")).await;
-    let values: Vec<_> = body["data"].as_array().unwrap().iter().map(|r| (r["groupBy"]["route"].clone(), r["value"].clone())).collect();
-    assert_eq!(values, vec![(json!(null), json!(1)), (json!("/r0"), json!(7)), (json!("/r1"), json!(7)), (json!("/r2"), json!(6))]);
-    std::fs::write(s.manifests.join("requests.yaml"), requests.replace("COUNT}", "MAX, valueProperty: $.n}")).unwrap();
+    let values: Vec<_> = body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["groupBy"]["route"].clone(), r["value"].clone()))
+        .collect();
+    assert_eq!(
+        values,
+        vec![
+            (json!(null), json!(1)),
+            (json!("/r0"), json!(7)),
+            (json!("/r1"), json!(7)),
+            (json!("/r2"), json!(6))
+        ]
+    );
+    std::fs::write(
+        s.manifests.join("requests.yaml"),
+        requests.replace("COUNT}", "MAX, valueProperty: $.n}"),
+    )
+    .unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(600)).await;
     let (_, m) = get_json(&c, &s.url("/api/v1/meters/requests")).await;
-    assert_eq!(m["aggregation"], "COUNT", "an immutable change keeps the old definition");
+    assert_eq!(
+        m["aggregation"], "COUNT",
+        "an immutable change keeps the old definition"
+    );
     assert_eq!(total(&c, &s, "requests").await, json!(21));
 
     // a removed meter stops being served; its events stay and count again when re-added
@@ -125,14 +246,25 @@ async fn per_meter_validation_errors_are_listed_and_do_not_block_other_meters() 
     let count = "apiVersion: tally.dev/v1alpha1\nkind: Meter\nmetadata: {name: calls}\nspec: {eventType: llm, aggregation: COUNT}\n";
     let s = Server::start(&[("m.yaml", TOKENS), ("c.yaml", count)], &[]);
     let c = client();
-    let e = event("v1", "llm", "acme", "2024-03-01T10:00:00Z", json!({"tokens": "many", "model": "m"}));
+    let e = event(
+        "v1",
+        "llm",
+        "acme",
+        "2024-03-01T10:00:00Z",
+        json!({"tokens": "many", "model": "m"}),
+    );
     assert_eq!(post_events(&c, &s, &e).await.0, 204);
     assert_eq!(total(&c, &s, "calls").await, json!(1));
     assert_eq!(total(&c, &s, "tokens").await, json!(null));
     let (_, events) = get_json(&c, &s.url("/api/v1/events?limit=5")).await;
     assert_eq!(events[0]["event"]["id"], "v1");
     assert_eq!(events[0]["validationErrors"][0]["meter"], "tokens");
-    assert!(events[0]["validationError"].as_str().unwrap().contains("expected a finite number"));
+    assert!(
+        events[0]["validationError"]
+            .as_str()
+            .unwrap()
+            .contains("expected a finite number")
+    );
 }
 
 #[tokio::test]
@@ -140,9 +272,21 @@ async fn namespaces_are_isolated() {
     let other = "apiVersion: tally.dev/v1alpha1\nkind: Meter\nmetadata: {name: tokens, namespace: team-b}\nspec: {eventType: llm, aggregation: SUM, valueProperty: $.tokens}\n";
     let s = Server::start(&[("m.yaml", TOKENS), ("b.yaml", other)], &[]);
     let c = client();
-    let e = event("same-id", "llm", "acme", "2024-03-01T10:00:00Z", json!({"tokens": 5}));
+    let e = event(
+        "same-id",
+        "llm",
+        "acme",
+        "2024-03-01T10:00:00Z",
+        json!({"tokens": 5}),
+    );
     assert_eq!(post_events(&c, &s, &e).await.0, 204);
-    let res = c.post(s.url("/api/v1/namespaces/team-b/events")).header("content-type", "application/cloudevents+json").body(json!(e).to_string()).send().await.unwrap();
+    let res = c
+        .post(s.url("/api/v1/namespaces/team-b/events"))
+        .header("content-type", "application/cloudevents+json")
+        .body(json!(e).to_string())
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), 204);
     assert_eq!(total(&c, &s, "tokens").await, json!(5));
     let (_, b) = get_json(&c, &s.url("/api/v1/namespaces/team-b/meters/tokens/query?from=2024-01-01T00:00:00Z&to=2025-01-01T00:00:00Z")).await;
@@ -161,6 +305,16 @@ async fn openapi_health_and_metrics_are_served() {
     assert!(doc["paths"]["/api/v1/meters/{slug}/query"]["get"].is_object());
     assert_eq!(c.get(s.url("/healthz")).send().await.unwrap().status(), 200);
     assert_eq!(c.get(s.url("/readyz")).send().await.unwrap().status(), 200);
-    let metrics = c.get(s.url("/metrics")).send().await.unwrap().text().await.unwrap();
-    assert!(metrics.contains("tally_http_request_duration_seconds"), "{metrics}");
+    let metrics = c
+        .get(s.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("tally_http_request_duration_seconds"),
+        "{metrics}"
+    );
 }

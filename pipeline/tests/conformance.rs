@@ -140,25 +140,53 @@ fn show(answer: &tally_pipeline::query::QueryAnswer, tz: chrono_tz::Tz) -> Vec<S
 fn run_cases(store: &dyn Store, meters: &[StoredMeter]) {
     let mut failures = Vec::new();
     for (agg, query, expected) in cases() {
-        let m = meters.iter().find(|m| m.meter.aggregation().as_str() == agg).unwrap();
+        let m = meters
+            .iter()
+            .find(|m| m.meter.aggregation().as_str() == agg)
+            .unwrap();
         let spec = parse_query(m, &query).unwrap_or_else(|p| panic!("{query}: {p:?}"));
         let answer = store.query(m, &spec, 1000).unwrap();
         let got = show(&answer, spec.tz);
         // a "0" row stands for "no row" in the expectations (windows without events are omitted)
-        let want: Vec<String> = expected.iter().filter(|e| !e.ends_with(" 0")).map(|s| s.to_string()).collect();
+        let want: Vec<String> = expected
+            .iter()
+            .filter(|e| !e.ends_with(" 0"))
+            .map(|s| s.to_string())
+            .collect();
         if got != want {
             failures.push(format!("{agg} {query}\n  want {want:#?}\n  got  {got:#?}"));
         }
     }
-    assert!(failures.is_empty(), "{} case(s) failed:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} case(s) failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
 
 fn all_meters() -> Vec<Arc<CompiledMeter>> {
-    ["SUM", "COUNT", "AVG", "MIN", "MAX", "UNIQUE_COUNT", "LATEST"].iter().map(|a| meter(a, "")).collect()
+    [
+        "SUM",
+        "COUNT",
+        "AVG",
+        "MIN",
+        "MAX",
+        "UNIQUE_COUNT",
+        "LATEST",
+    ]
+    .iter()
+    .map(|a| meter(a, ""))
+    .collect()
 }
 
 async fn ingest(store: &EmbeddedStore, events: Vec<UsageEvent>) {
-    store.submit("default", events).unwrap().await.unwrap().unwrap();
+    store
+        .submit("default", events)
+        .unwrap()
+        .await
+        .unwrap()
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -166,12 +194,16 @@ async fn embedded_store_answers_every_case_when_meters_exist_before_events() {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(EmbeddedStore::open(EmbeddedConfig::new(dir.path())).unwrap());
     let s2 = store.clone();
-    let synced = tokio::task::spawn_blocking(move || s2.sync_meters(all_meters()).unwrap()).await.unwrap();
+    let synced = tokio::task::spawn_blocking(move || s2.sync_meters(all_meters()).unwrap())
+        .await
+        .unwrap();
     // one event per request, so rollup rows are merged across transactions too
     for e in events() {
         ingest(&store, vec![e]).await;
     }
-    tokio::task::spawn_blocking(move || run_cases(store.as_ref(), &synced.meters)).await.unwrap();
+    tokio::task::spawn_blocking(move || run_cases(store.as_ref(), &synced.meters))
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -198,7 +230,10 @@ async fn latest_ties_go_to_the_event_ingested_last_and_filters_apply() {
         Arc::new(CompiledMeter::compile(&m).unwrap())
     };
     let s2 = store.clone();
-    let synced = tokio::task::spawn_blocking(move || s2.sync_meters(vec![latest, filtered]).unwrap()).await.unwrap();
+    let synced =
+        tokio::task::spawn_blocking(move || s2.sync_meters(vec![latest, filtered]).unwrap())
+            .await
+            .unwrap();
     ingest(&store, events()).await;
     let tie = |id: &str, v: f64| {
         UsageEvent::from_json(&json!({"specversion": "1.0", "id": id, "source": "z", "type": "usage", "subject": "acme", "time": "2024-12-01T00:00:00Z", "data": {"v": v, "model": "b"}}), 0).unwrap()
@@ -210,9 +245,15 @@ async fn latest_ties_go_to_the_event_ingested_last_and_filters_apply() {
             let spec = parse_query(m, query).unwrap();
             json!(show(&store.query(m, &spec, 1000).unwrap(), spec.tz))
         };
-        assert_eq!(q(&synced.meters[0], ALL), json!(["2024-11-01T00:00:00Z 2025-01-01T00:00:00Z - {} 200"]));
+        assert_eq!(
+            q(&synced.meters[0], ALL),
+            json!(["2024-11-01T00:00:00Z 2025-01-01T00:00:00Z - {} 200"])
+        );
         // e3 (4) fails gte 5; e5 16 + e7 64 + t-b 100 + t-a 200
-        assert_eq!(q(&synced.meters[1], ALL), json!(["2024-11-01T00:00:00Z 2025-01-01T00:00:00Z - {} 380"]));
+        assert_eq!(
+            q(&synced.meters[1], ALL),
+            json!(["2024-11-01T00:00:00Z 2025-01-01T00:00:00Z - {} 380"])
+        );
     })
     .await
     .unwrap();

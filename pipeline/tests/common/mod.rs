@@ -16,7 +16,11 @@ pub struct Server {
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 impl Server {
@@ -29,7 +33,14 @@ impl Server {
         for (name, text) in manifests {
             std::fs::write(mdir.join(name), text).unwrap();
         }
-        let mut s = Server { child: None, addr: String::new(), data, manifests: mdir, extra: extra.iter().map(|s| s.to_string()).collect(), _tmp: Some(tmp) };
+        let mut s = Server {
+            child: None,
+            addr: String::new(),
+            data,
+            manifests: mdir,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            _tmp: Some(tmp),
+        };
         s.spawn();
         s
     }
@@ -39,7 +50,14 @@ impl Server {
         let tmp = tempfile::tempdir().unwrap();
         let data = tmp.path().join("data");
         let mdir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/quickstart");
-        let mut s = Server { child: None, addr: String::new(), data, manifests: mdir, extra: vec![], _tmp: Some(tmp) };
+        let mut s = Server {
+            child: None,
+            addr: String::new(),
+            data,
+            manifests: mdir,
+            extra: vec![],
+            _tmp: Some(tmp),
+        };
         s.spawn();
         s
     }
@@ -90,14 +108,18 @@ impl Server {
     /// Graceful stop (SIGTERM), then start again.
     pub fn restart(&mut self) {
         let mut c = self.child.take().unwrap();
-        let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(c.id().to_string())
+            .status();
         c.wait().unwrap();
         self.spawn();
     }
 
     /// Resident set size of the server process in bytes.
     pub fn rss_bytes(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
         status
             .lines()
             .find(|l| l.starts_with("VmRSS:"))
@@ -118,10 +140,17 @@ impl Drop for Server {
 }
 
 pub fn client() -> reqwest::Client {
-    reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap()
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap()
 }
 
-pub async fn post_events(c: &reqwest::Client, s: &Server, body: &serde_json::Value) -> (u16, serde_json::Value) {
+pub async fn post_events(
+    c: &reqwest::Client,
+    s: &Server,
+    body: &serde_json::Value,
+) -> (u16, serde_json::Value) {
     let res = c
         .post(s.url("/api/v1/events"))
         .header("content-type", "application/json")
@@ -131,7 +160,10 @@ pub async fn post_events(c: &reqwest::Client, s: &Server, body: &serde_json::Val
         .unwrap();
     let status = res.status().as_u16();
     let text = res.text().await.unwrap();
-    (status, serde_json::from_str(&text).unwrap_or(serde_json::Value::Null))
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
+    )
 }
 
 pub async fn get_json(c: &reqwest::Client, url: &str) -> (u16, serde_json::Value) {
@@ -140,7 +172,13 @@ pub async fn get_json(c: &reqwest::Client, url: &str) -> (u16, serde_json::Value
     (status, res.json().await.unwrap_or(serde_json::Value::Null))
 }
 
-pub fn event(id: &str, ty: &str, subject: &str, time: &str, data: serde_json::Value) -> serde_json::Value {
+pub fn event(
+    id: &str,
+    ty: &str,
+    subject: &str,
+    time: &str,
+    data: serde_json::Value,
+) -> serde_json::Value {
     serde_json::json!({"specversion": "1.0", "id": id, "source": "test", "type": ty, "subject": subject, "time": time, "data": data})
 }
 

@@ -1,0 +1,56 @@
+//! Replays the README walkthrough (its `$ curl` commands, between the `walkthrough`
+//! markers) against a fresh quickstart server and compares the output the README shows.
+mod common;
+
+use std::process::Command;
+
+#[test]
+fn readme_walkthrough_output_is_real() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let start = readme
+        .find("<!-- walkthrough -->")
+        .expect("README has a walkthrough marker");
+    let end = readme
+        .find("<!-- /walkthrough -->")
+        .expect("README has a walkthrough end marker");
+    let mut steps: Vec<(String, String)> = Vec::new();
+    let mut in_block = false;
+    for line in readme[start..end].lines() {
+        if line.starts_with("```") {
+            in_block = !in_block;
+            continue;
+        }
+        if !in_block {
+            continue;
+        }
+        if let Some(cmd) = line.strip_prefix("$ ") {
+            steps.push((cmd.to_string(), String::new()));
+        } else if let Some((_, out)) = steps.last_mut() {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    assert!(steps.len() >= 5, "the walkthrough has its commands");
+    if Command::new("curl").arg("--version").output().is_err() {
+        panic!(
+            "curl is needed to replay the README walkthrough; install it (apt-get install curl)"
+        );
+    }
+    let server = common::Server::quickstart();
+    for (cmd, expected) in steps {
+        let cmd_here = cmd.replace("localhost:8080", &server.addr);
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(&cmd_here)
+            .current_dir(&root)
+            .output()
+            .unwrap();
+        let got = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            got.trim(),
+            expected.trim(),
+            "README output differs for:\n$ {cmd}"
+        );
+    }
+}
