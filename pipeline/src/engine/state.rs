@@ -28,8 +28,8 @@ impl Latest {
 }
 
 /// Partial state of every aggregation (only the fields a meter's aggregation uses are
-/// meaningful).
-#[derive(Clone, Debug, Default, PartialEq)]
+/// meaningful). The default is the empty state (`min` = +inf, `max` = -inf).
+#[derive(Clone, Debug, PartialEq)]
 pub struct State {
     /// Number of events.
     pub count: u64,
@@ -56,14 +56,23 @@ pub enum Input {
     Text(String),
 }
 
+impl Default for State {
+    fn default() -> State {
+        State {
+            count: 0,
+            sum: 0.0,
+            min: f64::INFINITY,
+            max: f64::NEG_INFINITY,
+            latest: None,
+            uniques: HashSet::new(),
+        }
+    }
+}
+
 impl State {
     /// An empty state.
     pub fn new() -> State {
-        State {
-            min: f64::INFINITY,
-            max: f64::NEG_INFINITY,
-            ..State::default()
-        }
+        State::default()
     }
 
     /// Adds one event.
@@ -184,5 +193,11 @@ mod tests {
         a.merge(&b);
         assert_eq!(a.value(Aggregation::UniqueCount), Some(3.0));
         assert_eq!(State::new().value(Aggregation::Sum), None);
+        let mut s = State::default();
+        s.add(&Input::Number(-3.0), 0, 0, "");
+        assert_eq!(
+            (s.value(Aggregation::Min), s.value(Aggregation::Max)),
+            (Some(-3.0), Some(-3.0))
+        );
     }
 }

@@ -532,12 +532,10 @@ impl Accumulator {
                     event.time_ms.div_euclid(60_000),
                     groups,
                 );
-                self.states.entry(key).or_insert_with(State::new).add(
-                    &c.input,
-                    event.time_ms,
-                    seq,
-                    &event.id,
-                );
+                self.states
+                    .entry(key)
+                    .or_default()
+                    .add(&c.input, event.time_ms, seq, &event.id);
             }
         }
     }
@@ -578,6 +576,13 @@ impl Accumulator {
         Ok(())
     }
 }
+
+/// One queued ingest request.
+type Job = (
+    String,
+    Vec<UsageEvent>,
+    oneshot::Sender<Result<IngestOutcome>>,
+);
 
 /// Meters by namespace, then event type.
 type MeterIndex = HashMap<String, HashMap<String, Vec<(i64, Arc<CompiledMeter>)>>>;
@@ -636,14 +641,7 @@ impl Writer {
         }
     }
 
-    fn ingest(
-        &mut self,
-        batch: Vec<(
-            String,
-            Vec<UsageEvent>,
-            oneshot::Sender<Result<IngestOutcome>>,
-        )>,
-    ) {
+    fn ingest(&mut self, batch: Vec<Job>) {
         let result = self.ingest_tx(&batch);
         if let Err(e) = &result {
             tracing::error!(error = %error_chain(e), requests = batch.len(), "Failed to store a batch; every request in it is answered with an error");
@@ -656,14 +654,7 @@ impl Writer {
         }
     }
 
-    fn ingest_tx(
-        &mut self,
-        batch: &[(
-            String,
-            Vec<UsageEvent>,
-            oneshot::Sender<Result<IngestOutcome>>,
-        )],
-    ) -> Result<Vec<IngestOutcome>> {
+    fn ingest_tx(&mut self, batch: &[Job]) -> Result<Vec<IngestOutcome>> {
         let now = Utc::now().timestamp_millis();
         let tx = self.conn.transaction().step("begin a write")?;
         let mut outcomes = Vec::with_capacity(batch.len());
