@@ -57,44 +57,26 @@ impl SingularPath {
 
     /// The value at this path, if any.
     pub fn get<'v>(&self, root: &'v Value) -> Option<&'v Value> {
-        let mut cur = root;
-        for seg in &self.segments {
-            cur = match (seg, cur) {
-                (Segment::Name(n), Value::Object(map)) => map.get(n)?,
-                (Segment::Index(i), Value::Array(list)) => {
-                    let len = list.len() as i64;
-                    let idx = if *i < 0 { len + i } else { *i };
-                    if idx < 0 || idx >= len {
-                        return None;
-                    }
-                    &list[idx as usize]
-                }
-                _ => return None,
-            };
-        }
-        Some(cur)
+        self.segments.iter().try_fold(root, step)
     }
 
     /// Like [`get`](Self::get), starting from an object (the event's `data`).
     pub fn get_in<'v>(&self, data: &'v serde_json::Map<String, Value>) -> Option<&'v Value> {
         let (first, rest) = self.segments.split_first()?;
         let Segment::Name(n) = first else { return None };
-        let mut cur = data.get(n)?;
-        for seg in rest {
-            cur = match (seg, cur) {
-                (Segment::Name(n), Value::Object(map)) => map.get(n)?,
-                (Segment::Index(i), Value::Array(list)) => {
-                    let len = list.len() as i64;
-                    let idx = if *i < 0 { len + i } else { *i };
-                    if idx < 0 || idx >= len {
-                        return None;
-                    }
-                    &list[idx as usize]
-                }
-                _ => return None,
-            };
+        rest.iter().try_fold(data.get(n)?, step)
+    }
+}
+
+/// One segment applied to a value: a member of an object or an element of an array.
+fn step<'v>(cur: &'v Value, seg: &Segment) -> Option<&'v Value> {
+    match (seg, cur) {
+        (Segment::Name(n), Value::Object(map)) => map.get(n),
+        (Segment::Index(i), Value::Array(list)) => {
+            let idx = if *i < 0 { list.len() as i64 + i } else { *i };
+            usize::try_from(idx).ok().and_then(|idx| list.get(idx))
         }
-        Some(cur)
+        _ => None,
     }
 }
 
