@@ -22,8 +22,8 @@ use tally_crds::{Meter, UsageEvent};
 use tally_pipeline::api::{self, AppState, Catalog, Limits, parse_query};
 use tally_pipeline::engine::CompiledMeter;
 use tally_pipeline::metrics::Metrics;
-use tally_pipeline::store::Store;
 use tally_pipeline::store::embedded::{EVENTS_SCHEMA_AND_INSERT, EmbeddedConfig, EmbeddedStore};
+use tally_pipeline::store::{Store, StoredMeter};
 
 fn env(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -39,9 +39,18 @@ fn event_json(i: usize) -> serde_json::Value {
            "data": {"model": model, "tokens": (i % 977) as f64, "direction": "input"}})
 }
 
-fn meter() -> Arc<CompiledMeter> {
-    let m: Meter = serde_yaml::from_str("apiVersion: tally.dev/v1alpha1\nkind: Meter\nmetadata: {name: tokens}\nspec: {eventType: llm_usage, aggregation: SUM, valueProperty: $.tokens, groupBy: {model: $.model}}\n").unwrap();
-    Arc::new(CompiledMeter::compile(&m).unwrap())
+const TOKENS_METER: &str = "apiVersion: tally.dev/v1alpha1\nkind: Meter\nmetadata: {name: tokens}\nspec: {eventType: llm_usage, aggregation: SUM, valueProperty: $.tokens, groupBy: {model: $.model}}\n";
+
+/// A fresh embedded store maintaining the meter in `yaml` (blocking: a sync may
+/// backfill). The folder lives as long as the returned guard.
+fn store_with(yaml: &str) -> (tempfile::TempDir, Arc<EmbeddedStore>, StoredMeter) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(EmbeddedStore::open(EmbeddedConfig::new(dir.path())).unwrap());
+    let m: Meter = serde_yaml::from_str(yaml).unwrap();
+    let synced = store
+        .sync_meters(vec![Arc::new(CompiledMeter::compile(&m).unwrap())])
+        .unwrap();
+    (dir, store, synced.meters[0].clone())
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -74,10 +83,7 @@ fn bare_insert(events: &[UsageEvent]) -> f64 {
 }
 
 async fn store_ingest(events: &[UsageEvent]) -> f64 {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(EmbeddedStore::open(EmbeddedConfig::new(dir.path())).unwrap());
-    let s2 = store.clone();
-    tokio::task::spawn_blocking(move || s2.sync_meters(vec![meter()]).unwrap())
+    let (_dir, store, _) = tokio::task::spawn_blocking(|| store_with(TOKENS_METER))
         .await
         .unwrap();
     let batches: Vec<Vec<UsageEvent>> = events.chunks(100).map(|c| c.to_vec()).collect();
@@ -98,15 +104,12 @@ async fn store_ingest(events: &[UsageEvent]) -> f64 {
 }
 
 async fn http_ingest(n: usize) -> f64 {
-    let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn Store> =
-        Arc::new(EmbeddedStore::open(EmbeddedConfig::new(dir.path())).unwrap());
-    let s2 = store.clone();
-    let synced = tokio::task::spawn_blocking(move || s2.sync_meters(vec![meter()]).unwrap())
+    let (_dir, store, meter) = tokio::task::spawn_blocking(|| store_with(TOKENS_METER))
         .await
         .unwrap();
+    let store: Arc<dyn Store> = store;
     let state = AppState::new(store, Limits::default(), Arc::new(Metrics::default()));
-    state.publish(Catalog::new(synced.meters));
+    state.publish(Catalog::new(vec![meter]));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let server = tokio::spawn(async move { axum::serve(listener, api::router(state)).await });
@@ -155,13 +158,9 @@ async fn http_ingest(n: usize) -> f64 {
 }
 
 fn query_bench(subjects: usize, days: usize) {
-    let dir = tempfile::tempdir().unwrap();
-    let store = EmbeddedStore::open(EmbeddedConfig::new(dir.path())).unwrap();
-    let m: Meter = serde_yaml::from_str("apiVersion: tally.dev/v1alpha1\nkind: Meter\nmetadata: {name: gpu-seconds}\nspec: {eventType: gpu, aggregation: SUM, valueProperty: $.seconds}\n").unwrap();
-    let synced = store
-        .sync_meters(vec![Arc::new(CompiledMeter::compile(&m).unwrap())])
-        .unwrap();
-    let sm = synced.meters[0].clone();
+    let (dir, store, sm) = store_with(
+        "apiVersion: tally.dev/v1alpha1\nkind: Meter\nmetadata: {name: gpu-seconds}\nspec: {eventType: gpu, aggregation: SUM, valueProperty: $.seconds}\n",
+    );
     let minutes = days * 1440;
     let start_minute: i64 = 1_714_521_600 / 60; // 2024-05-01T00:00:00Z
     let conn = rusqlite::Connection::open(dir.path().join("tally.db")).unwrap();

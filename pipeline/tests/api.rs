@@ -112,14 +112,7 @@ async fn duplicates_count_once_also_across_a_restart() {
     other["source"] = json!("elsewhere");
     assert_eq!(post_events(&c, &s, &other).await.0, 204);
     assert_eq!(total(&c, &s, "tokens").await, json!(20));
-    let metrics = c
-        .get(s.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = get_text(&c, &s.url("/metrics")).await;
     assert!(
         metrics.contains("tally_events_deduplicated_total 1"),
         "{metrics}"
@@ -290,14 +283,7 @@ async fn openapi_health_and_metrics_are_served() {
     assert!(doc["paths"]["/api/v1/meters/{slug}/query"]["get"].is_object());
     assert_eq!(c.get(s.url("/healthz")).send().await.unwrap().status(), 200);
     assert_eq!(c.get(s.url("/readyz")).send().await.unwrap().status(), 200);
-    let metrics = c
-        .get(s.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = get_text(&c, &s.url("/metrics")).await;
     assert!(
         metrics.contains("tally_http_request_duration_seconds"),
         "{metrics}"

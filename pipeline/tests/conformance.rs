@@ -10,7 +10,7 @@ use tally_pipeline::api::parse_query;
 use tally_pipeline::engine::CompiledMeter;
 use tally_pipeline::engine::window::render;
 use tally_pipeline::store::embedded::{EmbeddedConfig, EmbeddedStore};
-use tally_pipeline::store::{Store, StoredMeter};
+use tally_pipeline::store::{Store, StoredMeter, Synced};
 
 /// (id, subject, time, v, model, user). Hand-checked facts used below:
 /// New York falls back on 2024-11-03 at 06:00Z (01:00 EDT → 01:00 EST);
@@ -105,7 +105,11 @@ fn meter(aggregation: &str, extra: &str) -> Arc<CompiledMeter> {
         "apiVersion: tally.dev/v1alpha1\nkind: Meter\nmetadata: {{name: m-{}}}\nspec: {{eventType: usage, aggregation: {aggregation}{value}, groupBy: {{model: $.model}}{extra}}}\n",
         aggregation.to_lowercase().replace('_', "-")
     );
-    let m: Meter = serde_yaml::from_str(&yaml).unwrap();
+    compile(&yaml)
+}
+
+fn compile(yaml: &str) -> Arc<CompiledMeter> {
+    let m: Meter = serde_yaml::from_str(yaml).unwrap();
     Arc::new(CompiledMeter::compile(&m).unwrap())
 }
 
@@ -189,14 +193,25 @@ async fn ingest(store: &EmbeddedStore, events: Vec<UsageEvent>) {
         .unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn embedded_store_answers_every_case_when_meters_exist_before_events() {
+/// A fresh embedded store (the folder lives as long as the returned guard).
+fn open_store() -> (tempfile::TempDir, Arc<EmbeddedStore>) {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(EmbeddedStore::open(EmbeddedConfig::new(dir.path())).unwrap());
-    let s2 = store.clone();
-    let synced = tokio::task::spawn_blocking(move || s2.sync_meters(all_meters()).unwrap())
+    (dir, store)
+}
+
+/// Syncs meters on a blocking thread (a sync may backfill).
+async fn sync(store: &Arc<EmbeddedStore>, meters: Vec<Arc<CompiledMeter>>) -> Synced {
+    let store = store.clone();
+    tokio::task::spawn_blocking(move || store.sync_meters(meters).unwrap())
         .await
-        .unwrap();
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn embedded_store_answers_every_case_when_meters_exist_before_events() {
+    let (_dir, store) = open_store();
+    let synced = sync(&store, all_meters()).await;
     // one event per request, so rollup rows are merged across transactions too
     for e in events() {
         ingest(&store, vec![e]).await;
@@ -208,32 +223,21 @@ async fn embedded_store_answers_every_case_when_meters_exist_before_events() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn embedded_store_answers_every_case_when_meters_are_backfilled() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(EmbeddedStore::open(EmbeddedConfig::new(dir.path())).unwrap());
+    let (_dir, store) = open_store();
     ingest(&store, events()).await;
-    let s2 = store.clone();
-    tokio::task::spawn_blocking(move || {
-        let synced = s2.sync_meters(all_meters()).unwrap();
-        run_cases(s2.as_ref(), &synced.meters)
-    })
-    .await
-    .unwrap();
+    let synced = sync(&store, all_meters()).await;
+    tokio::task::spawn_blocking(move || run_cases(store.as_ref(), &synced.meters))
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn latest_ties_go_to_the_event_ingested_last_and_filters_apply() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(EmbeddedStore::open(EmbeddedConfig::new(dir.path())).unwrap());
-    let latest = meter("LATEST", "");
-    let filtered = {
-        let m: Meter = serde_yaml::from_str("apiVersion: tally.dev/v1alpha1\nkind: Meter\nmetadata: {name: big-b}\nspec:\n  eventType: usage\n  aggregation: SUM\n  valueProperty: $.v\n  filter: [{property: $.model, operator: eq, values: [b]}, {property: $.v, operator: gte, values: [5]}]\n").unwrap();
-        Arc::new(CompiledMeter::compile(&m).unwrap())
-    };
-    let s2 = store.clone();
-    let synced =
-        tokio::task::spawn_blocking(move || s2.sync_meters(vec![latest, filtered]).unwrap())
-            .await
-            .unwrap();
+    let (_dir, store) = open_store();
+    let filtered = compile(
+        "apiVersion: tally.dev/v1alpha1\nkind: Meter\nmetadata: {name: big-b}\nspec:\n  eventType: usage\n  aggregation: SUM\n  valueProperty: $.v\n  filter: [{property: $.model, operator: eq, values: [b]}, {property: $.v, operator: gte, values: [5]}]\n",
+    );
+    let synced = sync(&store, vec![meter("LATEST", ""), filtered]).await;
     ingest(&store, events()).await;
     let tie = |id: &str, v: f64| {
         UsageEvent::from_json(&json!({"specversion": "1.0", "id": id, "source": "z", "type": "usage", "subject": "acme", "time": "2024-12-01T00:00:00Z", "data": {"v": v, "model": "b"}}), 0).unwrap()
@@ -261,16 +265,14 @@ async fn latest_ties_go_to_the_event_ingested_last_and_filters_apply() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_query_over_the_row_limit_is_refused_not_truncated() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(EmbeddedStore::open(EmbeddedConfig::new(dir.path())).unwrap());
+    let (_dir, store) = open_store();
     ingest(&store, events()).await;
-    let s2 = store.clone();
+    let synced = sync(&store, vec![meter("COUNT", "")]).await;
     tokio::task::spawn_blocking(move || {
-        let synced = s2.sync_meters(vec![meter("COUNT", "")]).unwrap();
         let m = &synced.meters[0];
         let spec = parse_query(m, &format!("{ALL}&windowSize=MINUTE")).unwrap();
-        assert_eq!(s2.query(m, &spec, 7).unwrap().rows.len(), 7);
-        let err = s2.query(m, &spec, 6).unwrap_err();
+        assert_eq!(store.query(m, &spec, 7).unwrap().rows.len(), 7);
+        let err = store.query(m, &spec, 6).unwrap_err();
         assert!(err.to_string().contains("more than 6 rows"), "{err}");
     })
     .await

@@ -56,15 +56,7 @@ async fn sixty_four_clients_for_thirty_seconds_get_answers_and_lose_nothing() {
         let s_pid = s.pid();
         tokio::spawn(async move {
             while Instant::now() < deadline {
-                let status =
-                    std::fs::read_to_string(format!("/proc/{s_pid}/status")).unwrap_or_default();
-                let kb: u64 = status
-                    .lines()
-                    .find(|l| l.starts_with("VmRSS:"))
-                    .and_then(|l| l.split_whitespace().nth(1))
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(0);
-                max_rss.fetch_max(kb * 1024, Ordering::Relaxed);
+                max_rss.fetch_max(rss_of(s_pid), Ordering::Relaxed);
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         })

@@ -27,35 +27,28 @@ impl Server {
     /// A server over a fresh folder whose manifests dir holds `manifests` (file name, YAML).
     pub fn start(manifests: &[(&str, &str)], extra: &[&str]) -> Server {
         let tmp = tempfile::tempdir().unwrap();
-        let data = tmp.path().join("data");
         let mdir = tmp.path().join("manifests");
         std::fs::create_dir_all(&mdir).unwrap();
         for (name, text) in manifests {
             std::fs::write(mdir.join(name), text).unwrap();
         }
-        let mut s = Server {
-            child: None,
-            addr: String::new(),
-            data,
-            manifests: mdir,
-            extra: extra.iter().map(|s| s.to_string()).collect(),
-            _tmp: Some(tmp),
-        };
-        s.spawn();
-        s
+        Server::launch(tmp, mdir, extra)
     }
 
     /// A server over the repository's quickstart manifests.
     pub fn quickstart() -> Server {
-        let tmp = tempfile::tempdir().unwrap();
-        let data = tmp.path().join("data");
         let mdir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/quickstart");
+        Server::launch(tempfile::tempdir().unwrap(), mdir, &[])
+    }
+
+    /// Starts a server whose data lives in `tmp` and which reads `manifests`.
+    fn launch(tmp: tempfile::TempDir, manifests: PathBuf, extra: &[&str]) -> Server {
         let mut s = Server {
             child: None,
             addr: String::new(),
-            data,
-            manifests: mdir,
-            extra: vec![],
+            data: tmp.path().join("data"),
+            manifests,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
             _tmp: Some(tmp),
         };
         s.spawn();
@@ -118,16 +111,20 @@ impl Server {
 
     /// Resident set size of the server process in bytes.
     pub fn rss_bytes(&self) -> u64 {
-        let status =
-            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
-        status
-            .lines()
-            .find(|l| l.starts_with("VmRSS:"))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|kb| kb.parse::<u64>().ok())
-            .unwrap_or(0)
-            * 1024
+        rss_of(self.pid())
     }
+}
+
+/// Resident set size of a process in bytes (0 when it cannot be read).
+pub fn rss_of(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<u64>().ok())
+        .unwrap_or(0)
+        * 1024
 }
 
 impl Drop for Server {
@@ -164,6 +161,10 @@ pub async fn post_events(
         status,
         serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
     )
+}
+
+pub async fn get_text(c: &reqwest::Client, url: &str) -> String {
+    c.get(url).send().await.unwrap().text().await.unwrap()
 }
 
 pub async fn get_json(c: &reqwest::Client, url: &str) -> (u16, serde_json::Value) {
