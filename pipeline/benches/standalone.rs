@@ -186,12 +186,15 @@ fn query_bench(subjects: usize, days: usize) {
         .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     let cases = [
         (
-            "(a) HOUR windows, one subject, 30 days",
-            format!("from=2024-05-01T00:00:00Z&to={to}&windowSize=HOUR&subject=customer-0042"),
+            format!("(a) HOUR windows, one subject, {days} days"),
+            format!(
+                "from=2024-05-01T00:00:00Z&to={to}&windowSize=HOUR&subject=customer-{:04}",
+                42 % subjects
+            ),
             50,
         ),
         (
-            "(b) DAY windows, all subjects, groupBy=subject",
+            format!("(b) DAY windows, all {subjects} subjects, groupBy=subject"),
             format!("from=2024-05-01T00:00:00Z&to={to}&windowSize=DAY&groupBy=subject"),
             5,
         ),
