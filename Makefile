@@ -6,7 +6,7 @@ LISTEN ?= 127.0.0.1:8080
 DATA ?= ./data
 
 .DEFAULT_GOAL := help
-.PHONY: help build run test test-unit lint fmt generate bench clean-data
+.PHONY: help build run test test-unit lint fmt generate bench clean-data services services-stop services-status
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -17,8 +17,17 @@ build: ## Build every binary (debug)
 run: ## Start the standalone server on 127.0.0.1:8080 with examples/quickstart (embedded store in ./data)
 	$(CARGO) run -p tally-pipeline --bin tally-server -- --listen $(LISTEN) --data $(DATA) --manifests examples/quickstart
 
-test: lint ## Check formatting and clippy, then run every test
+test: lint services ## Check formatting and clippy, start the services, then run every test
 	$(CARGO) test --workspace
+
+services: ## Install (if missing) and start tansu (Kafka API, :9092) and ClickHouse (:8123) on 127.0.0.1
+	scripts/services.sh start
+
+services-stop: ## Stop the services started by `make services`
+	scripts/services.sh stop
+
+services-status: ## Show whether the services are running
+	scripts/services.sh status
 
 test-unit: ## Only the fast unit tests
 	$(CARGO) test --workspace --lib --bins
@@ -33,8 +42,9 @@ fmt: ## Format the code
 generate: ## Regenerate the CRD YAML (crds/*.yaml) from the Rust types
 	$(CARGO) run -q -p tally-crds --bin crdgen -- crds
 
-bench: ## Benchmarks: standalone ingest vs bare SQLite insert, query latency (release build)
+bench: services ## Benchmarks (release build): standalone vs bare SQLite; Kafka ingest, sink and ClickHouse queries vs their raw limits
 	$(CARGO) bench -p tally-pipeline --bench standalone
+	$(CARGO) bench -p tally-pipeline --bench scaleout
 
 clean-data: ## Delete the standalone server's ./data
 	rm -rf $(DATA)

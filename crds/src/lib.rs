@@ -5,13 +5,17 @@
 //!   `crdgen` binary (`make generate`) and committed as `crds/*.yaml`.
 //! - [`event`]: the usage event, CloudEvents 1.0 in JSON, with validation that reports
 //!   every problem by field name.
+//! - [`envelope`]: the Kafka message (key and versioned payload) producers write and the
+//!   sink reads.
 //!
 //! This crate does no I/O and depends on no other tally crate.
 #![forbid(unsafe_code)]
 
+pub mod envelope;
 pub mod event;
 pub mod meter;
 
+pub use envelope::Envelope;
 pub use event::{CloudEvent, EventError, UsageEvent};
 pub use meter::{
     Aggregation, FilterCondition, FilterOperator, Meter, MeterSpec, MeterStatus, MeterStorage,

@@ -22,6 +22,18 @@ pub enum Error {
     /// The store's writer is gone (shutting down or crashed).
     #[error("failed to reach the store writer: it has stopped")]
     WriterGone,
+    /// ClickHouse failed or could not be reached.
+    #[error("failed to {step} in ClickHouse: {source}")]
+    ClickHouse {
+        /// What was being done.
+        step: String,
+        /// The cause.
+        #[source]
+        source: clickhouse::error::Error,
+    },
+    /// A service the request needs (Kafka, ClickHouse) is unreachable; retry later.
+    #[error("{0}")]
+    Unavailable(String),
     /// A query could not be answered as asked.
     #[error(transparent)]
     Query(#[from] QueryError),

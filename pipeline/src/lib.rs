@@ -2,6 +2,10 @@
 //!
 //! - [`engine`]: what a meter counts and how (the shared semantics of every store).
 //! - [`store`]: the store interface and the embedded SQLite store.
+//! - [`clickhouse`]: the ClickHouse schema, per-meter rollups, provisioning with exact
+//!   backfill, and the ClickHouse store.
+//! - [`kafka`]: the one producer of usage envelopes, topic set-up, consumer settings.
+//! - [`sink`]: Kafka → ClickHouse, exactly once.
 //! - [`query`]: query parameters and the store-independent re-windowing.
 //! - [`manifests`]: Meter YAML loaded from a folder (standalone), with reload rules.
 //! - [`api`]: the HTTP API (OpenMeter v1 compatible), problems, metrics.
@@ -9,12 +13,15 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod clickhouse;
 pub mod engine;
 pub mod error;
+pub mod kafka;
 pub mod manifests;
 pub mod metrics;
 pub mod query;
 pub mod server;
+pub mod sink;
 pub mod store;
 
 pub use error::{Error, Result};

@@ -187,7 +187,7 @@ impl<'a> Combiner<'a> {
         groups: &[Option<String>],
         input: &Input,
         time_ms: i64,
-        seq: i64,
+        seq: (i64, i64),
         id: &str,
     ) -> Result<(), QueryError> {
         if let Some(key) = self.key(subject, groups, time_ms) {

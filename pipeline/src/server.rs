@@ -9,16 +9,99 @@ use anyhow::Context;
 use clap::Parser;
 
 use crate::api::{self, AppState, Catalog, Limits};
+use crate::clickhouse::provision::CutoverConfig;
+use crate::clickhouse::store::ClickHouseStore;
+use crate::clickhouse::{Ch, ChConfig};
 use crate::engine::CompiledMeter;
+use crate::kafka::{KafkaConfig, Producer};
 use crate::manifests;
 use crate::metrics::Metrics;
+use crate::sink::{SinkConfig, SinkStats};
 use crate::store::Store;
 use crate::store::embedded::{EmbeddedConfig, EmbeddedStore};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// tally-server: ingest CloudEvents, meter them, answer usage queries.
+///
+/// Standalone (default): an embedded store in `--data`. Scale-out: `--kafka` and
+/// `--clickhouse` (ingest goes to Kafka, queries read ClickHouse), plus `tally-server sink`
+/// loading Kafka into ClickHouse.
 #[derive(Parser, Debug, Clone)]
 #[command(version, about)]
 pub struct Args {
+    /// `sink`: run the Kafka → ClickHouse sink instead of the HTTP server.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Kafka brokers (`host:port,…`): ingest produces to Kafka instead of the embedded store.
+    #[arg(long, env = "TALLY_KAFKA", global = true)]
+    pub kafka: Option<String>,
+    /// The events topic.
+    #[arg(
+        long,
+        env = "TALLY_TOPIC",
+        default_value = "tally-events",
+        global = true
+    )]
+    pub topic: String,
+    /// Partitions of the events topic when tally creates it (changing it later needs a drain; see the README).
+    #[arg(
+        long,
+        env = "TALLY_TOPIC_PARTITIONS",
+        default_value_t = 8,
+        global = true
+    )]
+    pub topic_partitions: i32,
+    /// How long ingest waits for Kafka to acknowledge before answering 503, in ms.
+    #[arg(
+        long,
+        env = "TALLY_KAFKA_TIMEOUT_MS",
+        default_value_t = 10_000,
+        global = true
+    )]
+    pub kafka_timeout_ms: u64,
+    /// ClickHouse HTTP URL (e.g. http://127.0.0.1:8123): queries read ClickHouse.
+    #[arg(long, env = "TALLY_CLICKHOUSE", global = true)]
+    pub clickhouse: Option<String>,
+    /// ClickHouse database.
+    #[arg(
+        long,
+        env = "TALLY_CLICKHOUSE_DATABASE",
+        default_value = "tally",
+        global = true
+    )]
+    pub clickhouse_database: String,
+    /// ClickHouse user.
+    #[arg(long, env = "TALLY_CLICKHOUSE_USER", default_value = "", global = true)]
+    pub clickhouse_user: String,
+    /// ClickHouse password.
+    #[arg(
+        long,
+        env = "TALLY_CLICKHOUSE_PASSWORD",
+        default_value = "",
+        hide_env_values = true,
+        global = true
+    )]
+    pub clickhouse_password: String,
+    /// Create the topic, schema and the rollups (with exact backfill) of the meters in
+    /// `--manifests`, and drop rollups of removed meters. In a cluster the operator does this.
+    #[arg(long, env = "TALLY_PROVISION")]
+    pub provision: bool,
+    /// How far ahead a new meter's cutover is set, in seconds.
+    #[arg(
+        long,
+        env = "TALLY_CUTOVER_MARGIN_SECS",
+        default_value_t = 5,
+        global = true
+    )]
+    pub cutover_margin_secs: i64,
+    /// The sink's bound between reading ClickHouse's clock and logging a batch, seconds.
+    #[arg(
+        long,
+        env = "TALLY_CUTOVER_GRACE_SECS",
+        default_value_t = 5,
+        global = true
+    )]
+    pub cutover_grace_secs: i64,
     /// Address to listen on.
     #[arg(long, env = "TALLY_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
@@ -51,17 +134,158 @@ pub struct Args {
     pub sqlite_sync: String,
 }
 
-/// Runs the standalone server until SIGINT/SIGTERM.
+/// Subcommands.
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum Command {
+    /// Load events from Kafka into ClickHouse, exactly once (needs --kafka and --clickhouse).
+    Sink(SinkArgs),
+}
+
+/// `tally-server sink` settings.
+#[derive(clap::Args, Debug, Clone)]
+pub struct SinkArgs {
+    /// Kafka consumer group.
+    #[arg(long, env = "TALLY_SINK_GROUP", default_value = "tally-sink")]
+    pub group: String,
+    /// Insert a batch at this many messages.
+    #[arg(long, env = "TALLY_SINK_BATCH_ROWS", default_value_t = 50_000)]
+    pub batch_rows: usize,
+    /// Insert a batch at this many payload bytes.
+    #[arg(long, env = "TALLY_SINK_BATCH_BYTES", default_value_t = 32 << 20)]
+    pub batch_bytes: usize,
+    /// Insert a non-empty batch after this many milliseconds.
+    #[arg(long, env = "TALLY_SINK_BATCH_MS", default_value_t = 1000)]
+    pub batch_ms: u64,
+    /// Deduplicate by (namespace, source, id) within this many days of ingestion.
+    #[arg(long, env = "TALLY_DEDUP_WINDOW_DAYS", default_value_t = 32)]
+    pub dedup_window_days: u64,
+    /// Memory for recent identities, MiB; older ones are looked up in ClickHouse.
+    #[arg(long, env = "TALLY_DEDUP_MEMORY_MIB", default_value_t = 64)]
+    pub dedup_memory_mib: usize,
+    /// Exit with an error after failing on one batch for this many seconds.
+    #[arg(long, env = "TALLY_SINK_MAX_RETRY_SECS", default_value_t = 300)]
+    pub max_retry_secs: u64,
+}
+
+impl Args {
+    fn clickhouse_config(&self, url: &str) -> ChConfig {
+        ChConfig {
+            url: url.to_string(),
+            database: self.clickhouse_database.clone(),
+            user: self.clickhouse_user.clone(),
+            password: self.clickhouse_password.clone(),
+        }
+    }
+
+    fn kafka_config(&self, brokers: &str) -> KafkaConfig {
+        let mut k = KafkaConfig::new(brokers);
+        k.topic = self.topic.clone();
+        k.message_timeout_ms = self.kafka_timeout_ms;
+        k
+    }
+
+    fn cutover(&self) -> CutoverConfig {
+        CutoverConfig {
+            margin_secs: self.cutover_margin_secs,
+            grace_secs: self.cutover_grace_secs,
+            ..CutoverConfig::default()
+        }
+    }
+}
+
+/// Runs the sink until SIGINT/SIGTERM.
+async fn run_sink(args: &Args, sink: &SinkArgs) -> anyhow::Result<()> {
+    let (Some(brokers), Some(url)) = (&args.kafka, &args.clickhouse) else {
+        anyhow::bail!("tally-server sink needs --kafka BROKERS and --clickhouse URL");
+    };
+    let kafka = args.kafka_config(brokers);
+    kafka
+        .ensure_topic(args.topic_partitions, 1)
+        .await
+        .with_context(|| format!("failed to reach Kafka at {brokers}"))?;
+    let mut cfg = SinkConfig::new(kafka, args.clickhouse_config(url));
+    cfg.group = sink.group.clone();
+    cfg.batch_rows = sink.batch_rows.max(1);
+    cfg.batch_bytes = sink.batch_bytes.max(1);
+    cfg.batch_wait = Duration::from_millis(sink.batch_ms.max(1));
+    cfg.dedup_window = Duration::from_secs(sink.dedup_window_days * 86400);
+    cfg.dedup_memory_bytes = sink.dedup_memory_mib << 20;
+    cfg.grace_secs = args.cutover_grace_secs;
+    cfg.max_retry = Duration::from_secs(sink.max_retry_secs);
+    let stop = Arc::new(AtomicBool::new(false));
+    let stats = Arc::new(SinkStats::default());
+    let worker = {
+        let stop = stop.clone();
+        std::thread::Builder::new()
+            .name("tally-sink".into())
+            .spawn(move || crate::sink::run(cfg, stats, stop))?
+    };
+    let stopped = tokio::task::spawn_blocking(move || worker.join());
+    tokio::pin!(stopped);
+    tokio::select! {
+        r = &mut stopped => return r?.map_err(|_| anyhow::anyhow!("the sink thread panicked"))?,
+        () = shutdown() => {}
+    }
+    tracing::info!("Stopping the sink after the batch in hand");
+    stop.store(true, Ordering::SeqCst);
+    stopped
+        .await?
+        .map_err(|_| anyhow::anyhow!("the sink thread panicked"))?
+}
+
+/// Runs the server (or the sink) until SIGINT/SIGTERM.
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    let mut config = EmbeddedConfig::new(&args.data);
-    config.queue_capacity = args.ingest_queue;
-    config.sync_full = args.sqlite_sync == "full";
-    let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(config).with_context(|| {
-        format!(
-            "failed to open the embedded store in {}",
-            args.data.display()
-        )
-    })?);
+    if let Some(Command::Sink(sink)) = &args.command {
+        return run_sink(&args, sink).await;
+    }
+    let store: Arc<dyn Store> = match &args.clickhouse {
+        Some(url) => {
+            let ch = Ch::new(&args.clickhouse_config(url))?;
+            let producer = match &args.kafka {
+                Some(brokers) => {
+                    let kafka = args.kafka_config(brokers);
+                    if args.provision {
+                        kafka
+                            .ensure_topic(args.topic_partitions, 1)
+                            .await
+                            .with_context(|| format!("failed to reach Kafka at {brokers}"))?;
+                    }
+                    Some(Arc::new(Producer::new(&kafka)?))
+                }
+                None => {
+                    tracing::warn!("No --kafka: this server answers queries but cannot ingest");
+                    None
+                }
+            };
+            if args.provision {
+                ch.ensure_schema()
+                    .await
+                    .with_context(|| format!("failed to set up ClickHouse at {url}"))?;
+            }
+            Arc::new(ClickHouseStore::new(
+                ch,
+                producer,
+                args.provision,
+                args.cutover(),
+            ))
+        }
+        None => {
+            if args.kafka.is_some() {
+                anyhow::bail!(
+                    "--kafka needs --clickhouse URL (the sink loads Kafka into ClickHouse, where queries read)"
+                );
+            }
+            let mut config = EmbeddedConfig::new(&args.data);
+            config.queue_capacity = args.ingest_queue;
+            config.sync_full = args.sqlite_sync == "full";
+            Arc::new(EmbeddedStore::open(config).with_context(|| {
+                format!(
+                    "failed to open the embedded store in {}",
+                    args.data.display()
+                )
+            })?)
+        }
+    };
     let limits = Limits {
         max_body_bytes: args.max_body_bytes,
         ingest_budget_bytes: args.ingest_budget_bytes,

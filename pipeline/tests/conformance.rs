@@ -1,14 +1,23 @@
 //! Store conformance: every aggregation, window size and time zone, filters, group-by,
 //! subject and partial-minute edges, against hand-computed answers. The cases are
-//! data so every store runs the same table (the embedded store here; ClickHouse joins
-//! when it lands).
+//! data so every store runs the same table: the embedded store, and ClickHouse fed
+//! through Kafka by the sink (which needs `make services`).
+mod common;
+
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use tally_crds::{Meter, UsageEvent};
 use tally_pipeline::api::parse_query;
+use tally_pipeline::clickhouse::provision::CutoverConfig;
+use tally_pipeline::clickhouse::store::ClickHouseStore;
+use tally_pipeline::clickhouse::{Ch, ChConfig};
 use tally_pipeline::engine::CompiledMeter;
 use tally_pipeline::engine::window::render;
+use tally_pipeline::kafka::{KafkaConfig, Producer};
+use tally_pipeline::sink::{SinkConfig, SinkStats};
 use tally_pipeline::store::embedded::{EmbeddedConfig, EmbeddedStore};
 use tally_pipeline::store::{Store, StoredMeter, Synced};
 
@@ -184,67 +193,168 @@ fn all_meters() -> Vec<Arc<CompiledMeter>> {
     .collect()
 }
 
-async fn ingest(store: &EmbeddedStore, events: Vec<UsageEvent>) {
-    store
-        .submit("default", events)
-        .unwrap()
-        .await
-        .unwrap()
-        .unwrap();
+/// A store under test: the embedded store, or ClickHouse fed through Kafka by an
+/// in-process sink.
+struct Harness {
+    store: Arc<dyn Store>,
+    sink: Option<SinkHandle>,
+    _dir: Option<tempfile::TempDir>,
 }
 
-/// A fresh embedded store (the folder lives as long as the returned guard).
-fn open_store() -> (tempfile::TempDir, Arc<EmbeddedStore>) {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(EmbeddedStore::open(EmbeddedConfig::new(dir.path())).unwrap());
-    (dir, store)
+struct SinkHandle {
+    stop: Arc<AtomicBool>,
+    stats: Arc<SinkStats>,
+    thread: Option<std::thread::JoinHandle<anyhow::Result<()>>>,
+    produced: u64,
+    clickhouse: String,
+    database: String,
 }
 
-/// Syncs meters on a blocking thread (a sync may backfill).
-async fn sync(store: &Arc<EmbeddedStore>, meters: Vec<Arc<CompiledMeter>>) -> Synced {
-    let store = store.clone();
-    tokio::task::spawn_blocking(move || store.sync_meters(meters).unwrap())
-        .await
-        .unwrap()
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn embedded_store_answers_every_case_when_meters_exist_before_events() {
-    let (_dir, store) = open_store();
-    let synced = sync(&store, all_meters()).await;
-    // one event per request, so rollup rows are merged across transactions too
-    for e in events() {
-        ingest(&store, vec![e]).await;
+impl Drop for SinkHandle {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let (url, db) = (self.clickhouse.clone(), self.database.clone());
+        let _ = std::thread::spawn(move || {
+            tokio::runtime::Runtime::new()
+                .unwrap()
+                .block_on(common::services::ch(
+                    &url,
+                    &format!("DROP DATABASE IF EXISTS {db}"),
+                ))
+        })
+        .join();
     }
-    tokio::task::spawn_blocking(move || run_cases(store.as_ref(), &synced.meters))
-        .await
-        .unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn embedded_store_answers_every_case_when_meters_are_backfilled() {
-    let (_dir, store) = open_store();
-    ingest(&store, events()).await;
-    let synced = sync(&store, all_meters()).await;
-    tokio::task::spawn_blocking(move || run_cases(store.as_ref(), &synced.meters))
-        .await
-        .unwrap();
+impl Harness {
+    /// A fresh embedded store.
+    fn embedded() -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(EmbeddedStore::open(EmbeddedConfig::new(dir.path())).unwrap());
+        Harness {
+            store,
+            sink: None,
+            _dir: Some(dir),
+        }
+    }
+
+    /// A fresh ClickHouse database and Kafka topic with a sink, or `None` (skipped).
+    async fn clickhouse(test: &str) -> Option<Harness> {
+        let svc = common::services::services(test)?;
+        let database = common::services::unique("conformance");
+        let mut kafka = KafkaConfig::new(&svc.kafka);
+        kafka.topic = common::services::unique("conformance");
+        kafka.ensure_topic(2, 1).await.unwrap();
+        let chcfg = ChConfig {
+            url: svc.clickhouse.clone(),
+            database: database.clone(),
+            user: String::new(),
+            password: String::new(),
+        };
+        let ch = Ch::new(&chcfg).unwrap();
+        ch.ensure_schema().await.unwrap();
+        let producer = Arc::new(Producer::new(&kafka).unwrap());
+        let cutover = CutoverConfig {
+            margin_secs: 1,
+            grace_secs: 1,
+            wait_timeout: Duration::from_secs(60),
+        };
+        let store = Arc::new(ClickHouseStore::new(ch, Some(producer), true, cutover));
+        let mut cfg = SinkConfig::new(kafka, chcfg);
+        cfg.batch_wait = Duration::from_millis(50);
+        cfg.grace_secs = 1;
+        let (stop, stats) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(SinkStats::default()),
+        );
+        let thread = {
+            let (stop, stats) = (stop.clone(), stats.clone());
+            std::thread::spawn(move || tally_pipeline::sink::run(cfg, stats, stop))
+        };
+        Some(Harness {
+            store,
+            sink: Some(SinkHandle {
+                stop,
+                stats,
+                thread: Some(thread),
+                produced: 0,
+                clickhouse: svc.clickhouse,
+                database,
+            }),
+            _dir: None,
+        })
+    }
+
+    /// Ingests into namespace `default` and waits until the events are queryable.
+    async fn ingest(&mut self, events: Vec<UsageEvent>) {
+        let n = events.len() as u64;
+        self.store
+            .submit("default", events)
+            .unwrap()
+            .await
+            .unwrap()
+            .unwrap();
+        if let Some(sink) = &mut self.sink {
+            sink.produced += n;
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while sink.stats.applied.load(Ordering::SeqCst) < sink.produced {
+                assert!(
+                    Instant::now() < deadline,
+                    "the sink did not apply the events within 60 s"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+
+    /// Syncs meters on a blocking thread (a sync may backfill).
+    async fn sync(&self, meters: Vec<Arc<CompiledMeter>>) -> Synced {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.sync_meters(meters).unwrap())
+            .await
+            .unwrap()
+    }
+
+    /// Runs `f` with the store on a blocking thread.
+    async fn with<T: Send + 'static>(&self, f: impl FnOnce(&dyn Store) -> T + Send + 'static) -> T {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || f(store.as_ref()))
+            .await
+            .unwrap()
+    }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn latest_ties_go_to_the_event_ingested_last_and_filters_apply() {
-    let (_dir, store) = open_store();
+async fn every_case_when_meters_exist_before_events(mut h: Harness) {
+    let synced = h.sync(all_meters()).await;
+    // one event per request, so rollup rows are merged across batches too
+    for e in events() {
+        h.ingest(vec![e]).await;
+    }
+    h.with(move |s| run_cases(s, &synced.meters)).await;
+}
+
+async fn every_case_when_meters_are_backfilled(mut h: Harness) {
+    h.ingest(events()).await;
+    let synced = h.sync(all_meters()).await;
+    h.with(move |s| run_cases(s, &synced.meters)).await;
+}
+
+async fn latest_ties_and_filters(mut h: Harness) {
     let filtered = compile(
         "apiVersion: tally.dev/v1alpha1\nkind: Meter\nmetadata: {name: big-b}\nspec:\n  eventType: usage\n  aggregation: SUM\n  valueProperty: $.v\n  filter: [{property: $.model, operator: eq, values: [b]}, {property: $.v, operator: gte, values: [5]}]\n",
     );
-    let synced = sync(&store, vec![meter("LATEST", ""), filtered]).await;
-    ingest(&store, events()).await;
+    let synced = h.sync(vec![meter("LATEST", ""), filtered]).await;
+    h.ingest(events()).await;
     let tie = |id: &str, v: f64| {
         UsageEvent::from_json(&json!({"specversion": "1.0", "id": id, "source": "z", "type": "usage", "subject": "acme", "time": "2024-12-01T00:00:00Z", "data": {"v": v, "model": "b"}}), 0).unwrap()
     };
-    ingest(&store, vec![tie("t-b", 100.0)]).await; // same time as e7, ingested later
-    ingest(&store, vec![tie("t-a", 200.0)]).await; // and again: the later ingestion wins, not the greater id
-    tokio::task::spawn_blocking(move || {
+    h.ingest(vec![tie("t-b", 100.0)]).await; // same time as e7, ingested later
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    h.ingest(vec![tie("t-a", 200.0)]).await; // and again: the later ingestion wins, not the greater id
+    h.with(move |store| {
         let q = |m: &StoredMeter, query: &str| -> Value {
             let spec = parse_query(m, query).unwrap();
             json!(show(&store.query(m, &spec, 1000).unwrap(), spec.tz))
@@ -259,22 +369,66 @@ async fn latest_ties_go_to_the_event_ingested_last_and_filters_apply() {
             json!(["2024-11-01T00:00:00Z 2025-01-01T00:00:00Z - {} 380"])
         );
     })
-    .await
-    .unwrap();
+    .await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_query_over_the_row_limit_is_refused_not_truncated() {
-    let (_dir, store) = open_store();
-    ingest(&store, events()).await;
-    let synced = sync(&store, vec![meter("COUNT", "")]).await;
-    tokio::task::spawn_blocking(move || {
+async fn row_limit_refuses(mut h: Harness) {
+    h.ingest(events()).await;
+    let synced = h.sync(vec![meter("COUNT", "")]).await;
+    h.with(move |store| {
         let m = &synced.meters[0];
         let spec = parse_query(m, &format!("{ALL}&windowSize=MINUTE")).unwrap();
         assert_eq!(store.query(m, &spec, 7).unwrap().rows.len(), 7);
         let err = store.query(m, &spec, 6).unwrap_err();
         assert!(err.to_string().contains("more than 6 rows"), "{err}");
     })
-    .await
-    .unwrap();
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn embedded_store_answers_every_case_when_meters_exist_before_events() {
+    every_case_when_meters_exist_before_events(Harness::embedded()).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn embedded_store_answers_every_case_when_meters_are_backfilled() {
+    every_case_when_meters_are_backfilled(Harness::embedded()).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn embedded_latest_ties_go_to_the_event_ingested_last_and_filters_apply() {
+    latest_ties_and_filters(Harness::embedded()).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn embedded_query_over_the_row_limit_is_refused_not_truncated() {
+    row_limit_refuses(Harness::embedded()).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn clickhouse_store_answers_every_case_when_meters_exist_before_events() {
+    if let Some(h) = Harness::clickhouse("clickhouse conformance (meters first)").await {
+        every_case_when_meters_exist_before_events(h).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn clickhouse_store_answers_every_case_when_meters_are_backfilled() {
+    if let Some(h) = Harness::clickhouse("clickhouse conformance (backfill)").await {
+        every_case_when_meters_are_backfilled(h).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn clickhouse_latest_ties_go_to_the_event_ingested_last_and_filters_apply() {
+    if let Some(h) = Harness::clickhouse("clickhouse conformance (latest, filters)").await {
+        latest_ties_and_filters(h).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn clickhouse_query_over_the_row_limit_is_refused_not_truncated() {
+    if let Some(h) = Harness::clickhouse("clickhouse conformance (row limit)").await {
+        row_limit_refuses(h).await;
+    }
 }

@@ -136,7 +136,8 @@ pub fn router(state: AppState) -> Router {
         .route("/meters", get(list_meters))
         .route("/meters/{slug}", get(get_meter))
         .route("/meters/{slug}/subjects", get(list_subjects))
-        .route("/meters/{slug}/query", get(query_meter));
+        .route("/meters/{slug}/query", get(query_meter))
+        .route("/dead-letters", get(list_dead_letters));
     Router::new()
         .nest("/api/v1", api.clone())
         .nest("/api/v1/namespaces/{namespace}", api)
@@ -180,13 +181,7 @@ async fn observe(State(state): State<AppState>, req: Request, next: Next) -> Res
 
 fn namespace(params: &HashMap<String, String>) -> Result<String, Problem> {
     let ns = params.get("namespace").map_or("default", String::as_str);
-    let ok = !ns.is_empty()
-        && ns.len() <= 63
-        && ns
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !ns.starts_with('-')
-        && !ns.ends_with('-');
+    let ok = tally_crds::envelope::is_namespace(ns);
     if !ok {
         return Err(Problem::new(
             StatusCode::BAD_REQUEST,
@@ -398,6 +393,34 @@ async fn list_events(
     RawQuery(query): RawQuery,
 ) -> Result<Json<Vec<IngestedEvent>>, Problem> {
     let ns = namespace(&params)?;
+    let limit = parse_limit(query.as_deref())?;
+    let store = state.store.clone();
+    let events = run_blocking(&state, move || store.recent_events(&ns, limit)).await?;
+    Ok(Json(
+        events
+            .into_iter()
+            .map(|e| IngestedEvent {
+                event: serde_json::to_value(e.event.to_cloud_event()).unwrap_or_default(),
+                ingested_at: tally_crds::event::format_ms(e.ingested_ms),
+                validation_error: (!e.validation_errors.is_empty()).then(|| {
+                    e.validation_errors
+                        .iter()
+                        .map(|(m, msg)| format!("{m}: {msg}"))
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                }),
+                validation_errors: e
+                    .validation_errors
+                    .into_iter()
+                    .map(|(meter, message)| MeterError { meter, message })
+                    .collect(),
+            })
+            .collect(),
+    ))
+}
+
+/// Parses the only parameter of the listing routes: `limit` (1-1000, default 100).
+fn parse_limit(query: Option<&str>) -> Result<usize, Problem> {
     let mut limit = 100usize;
     for (k, v) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
         match k.as_ref() {
@@ -421,28 +444,28 @@ async fn list_events(
             }
         }
     }
+    Ok(limit)
+}
+
+/// List messages the sink could not store, newest first, with the reason. Without a
+/// namespace in the path, lists those of every namespace (and those whose namespace
+/// could not be read).
+#[utoipa::path(get, path = "/api/v1/dead-letters", tag = "events",
+    params(("limit" = Option<usize>, Query, description = "1-1000, default 100")),
+    responses((status = 200, body = [crate::store::DeadLetter]), (status = 400, body = Problem)))]
+async fn list_dead_letters(
+    State(state): State<AppState>,
+    Path(params): Path<HashMap<String, String>>,
+    RawQuery(query): RawQuery,
+) -> Result<Json<Vec<crate::store::DeadLetter>>, Problem> {
+    let ns = match params.get("namespace") {
+        Some(_) => Some(namespace(&params)?),
+        None => None,
+    };
+    let limit = parse_limit(query.as_deref())?;
     let store = state.store.clone();
-    let events = run_blocking(&state, move || store.recent_events(&ns, limit)).await?;
     Ok(Json(
-        events
-            .into_iter()
-            .map(|e| IngestedEvent {
-                event: serde_json::to_value(e.event.to_cloud_event()).unwrap_or_default(),
-                ingested_at: tally_crds::event::format_ms(e.ingested_ms),
-                validation_error: (!e.validation_errors.is_empty()).then(|| {
-                    e.validation_errors
-                        .iter()
-                        .map(|(m, msg)| format!("{m}: {msg}"))
-                        .collect::<Vec<_>>()
-                        .join("; ")
-                }),
-                validation_errors: e
-                    .validation_errors
-                    .into_iter()
-                    .map(|(meter, message)| MeterError { meter, message })
-                    .collect(),
-            })
-            .collect(),
+        run_blocking(&state, move || store.dead_letters(ns.as_deref(), limit)).await?,
     ))
 }
 
@@ -737,6 +760,7 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     paths(
         ingest_events,
         list_events,
+        list_dead_letters,
         list_meters,
         get_meter,
         list_subjects,

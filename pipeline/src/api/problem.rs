@@ -94,6 +94,18 @@ impl Problem {
         p
     }
 
+    /// A 503 because a service the server depends on (Kafka, ClickHouse) is unreachable.
+    pub fn unavailable(detail: impl Into<String>) -> Problem {
+        let mut p = Problem::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "Storage unavailable",
+            detail,
+        );
+        p.retry_after_secs = Some(5);
+        p
+    }
+
     /// A 500 for a failure inside the server.
     pub fn internal(detail: impl Into<String>) -> Problem {
         Problem::new(
@@ -135,6 +147,11 @@ impl From<crate::Error> for Problem {
                 "the ingest queue is full; retry after the Retry-After delay",
                 1,
             ),
+            crate::Error::Unavailable(why) => Problem::unavailable(why),
+            e @ crate::Error::ClickHouse { .. } => {
+                tracing::error!(error = %e, "ClickHouse request failed");
+                Problem::unavailable(e.to_string())
+            }
             crate::Error::Query(q) => Problem::new(
                 StatusCode::BAD_REQUEST,
                 "query-too-large",

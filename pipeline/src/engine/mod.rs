@@ -226,6 +226,30 @@ impl CompiledMeter {
         })
     }
 
+    /// The compiled `valueProperty`.
+    pub fn value_path(&self) -> Option<&SingularPath> {
+        self.value.as_ref()
+    }
+
+    /// The compiled group-bys, sorted by name.
+    pub fn group_paths(&self) -> impl Iterator<Item = (&str, &SingularPath)> {
+        self.group_by.iter().map(|(k, p)| (k.as_str(), p))
+    }
+
+    /// The compiled filter: `(path, operator, values, number for gt/gte/lt/lte)`.
+    pub fn filters(
+        &self,
+    ) -> impl Iterator<Item = (&SingularPath, FilterOperator, &[String], Option<f64>)> {
+        self.filter
+            .iter()
+            .map(|f| (&f.path, f.op, f.values.as_slice(), f.number))
+    }
+
+    /// `spec.eventFrom` in ms.
+    pub fn event_from_ms(&self) -> Option<i64> {
+        self.event_from_ms
+    }
+
     /// The aggregation.
     pub fn aggregation(&self) -> Aggregation {
         self.spec.aggregation

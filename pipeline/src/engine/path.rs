@@ -50,6 +50,13 @@ impl SingularPath {
         &self.segments
     }
 
+    /// Whether any segment is a negative (from the end) array index.
+    pub fn has_negative_index(&self) -> bool {
+        self.segments
+            .iter()
+            .any(|s| matches!(s, Segment::Index(i) if *i < 0))
+    }
+
     /// The path as written.
     pub fn as_str(&self) -> &str {
         &self.source
@@ -65,6 +72,18 @@ impl SingularPath {
         let (first, rest) = self.segments.split_first()?;
         let Segment::Name(n) = first else { return None };
         rest.iter().try_fold(data.get(n)?, step)
+    }
+}
+
+impl Segment {
+    /// This segment's part of a canonical key: `['name']` (with `\\` and `'` escaped by a
+    /// backslash) or `[index]`. Keys of equal paths are equal, whatever quoting the
+    /// paths were written with; the ClickHouse flattening of `data` is keyed by them.
+    pub fn key(&self) -> String {
+        match self {
+            Segment::Name(n) => format!("['{}']", n.replace('\\', "\\\\").replace('\'', "\\'")),
+            Segment::Index(i) => format!("[{i}]"),
+        }
     }
 }
 

@@ -13,8 +13,9 @@ use tally_crds::Aggregation;
 pub struct Latest {
     /// Event time in ms.
     pub time_ms: i64,
-    /// Ingestion order (greater = ingested later).
-    pub seq: i64,
+    /// Ingestion order (greater = ingested later): the embedded store's row sequence
+    /// and 0; ClickHouse's (ingestion ms, Kafka offset).
+    pub seq: (i64, i64),
     /// Event id (last tie-break).
     pub id: String,
     /// The value.
@@ -22,7 +23,7 @@ pub struct Latest {
 }
 
 impl Latest {
-    fn key(&self) -> (i64, i64, &str) {
+    fn key(&self) -> (i64, (i64, i64), &str) {
         (self.time_ms, self.seq, &self.id)
     }
 }
@@ -76,7 +77,7 @@ impl State {
     }
 
     /// Adds one event.
-    pub fn add(&mut self, input: &Input, time_ms: i64, seq: i64, id: &str) {
+    pub fn add(&mut self, input: &Input, time_ms: i64, seq: (i64, i64), id: &str) {
         self.count += 1;
         match input {
             Input::None => {}
@@ -148,11 +149,11 @@ mod tests {
         let (mut a, mut b) = (State::new(), State::new());
         for (i, (v, t)) in events.iter().enumerate() {
             let id = format!("e{i}");
-            whole.add(&Input::Number(*v), *t, i as i64, &id);
+            whole.add(&Input::Number(*v), *t, (i as i64, 0), &id);
             if i % 2 == 0 {
-                a.add(&Input::Number(*v), *t, i as i64, &id)
+                a.add(&Input::Number(*v), *t, (i as i64, 0), &id)
             } else {
-                b.add(&Input::Number(*v), *t, i as i64, &id)
+                b.add(&Input::Number(*v), *t, (i as i64, 0), &id)
             }
         }
         let mut merged = b.clone();
@@ -175,8 +176,8 @@ mod tests {
     #[test]
     fn latest_ties_on_time_and_seq_go_to_the_greater_id() {
         let mut s = State::new();
-        s.add(&Input::Number(1.0), 5, 1, "b");
-        s.add(&Input::Number(2.0), 5, 1, "a");
+        s.add(&Input::Number(1.0), 5, (1, 0), "b");
+        s.add(&Input::Number(2.0), 5, (1, 0), "a");
         assert_eq!(s.value(Aggregation::Latest), Some(1.0));
     }
 
@@ -185,16 +186,16 @@ mod tests {
         let mut a = State::new();
         let mut b = State::new();
         for v in ["x", "y", "x"] {
-            a.add(&Input::Text(v.into()), 0, 0, "")
+            a.add(&Input::Text(v.into()), 0, (0, 0), "")
         }
         for v in ["y", "z"] {
-            b.add(&Input::Text(v.into()), 0, 0, "")
+            b.add(&Input::Text(v.into()), 0, (0, 0), "")
         }
         a.merge(&b);
         assert_eq!(a.value(Aggregation::UniqueCount), Some(3.0));
         assert_eq!(State::new().value(Aggregation::Sum), None);
         let mut s = State::default();
-        s.add(&Input::Number(-3.0), 0, 0, "");
+        s.add(&Input::Number(-3.0), 0, (0, 0), "");
         assert_eq!(
             (s.value(Aggregation::Min), s.value(Aggregation::Max)),
             (Some(-3.0), Some(-3.0))

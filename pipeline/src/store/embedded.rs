@@ -403,7 +403,7 @@ fn raw_range(
                 &c.groups,
                 &c.input,
                 event.time_ms,
-                seq,
+                (seq, 0),
                 &event.id,
             )?;
         }
@@ -480,7 +480,7 @@ fn rollup_range(
             let latest = match row.get::<_, Option<i64>>(7).step("read the rollup")? {
                 Some(time_ms) => Some(Latest {
                     time_ms,
-                    seq: row.get(8).step("read the rollup")?,
+                    seq: (row.get(8).step("read the rollup")?, 0),
                     id: String::new(),
                     value: row.get(9).step("read the rollup")?,
                 }),
@@ -532,10 +532,12 @@ impl Accumulator {
                     event.time_ms.div_euclid(60_000),
                     groups,
                 );
-                self.states
-                    .entry(key)
-                    .or_default()
-                    .add(&c.input, event.time_ms, seq, &event.id);
+                self.states.entry(key).or_default().add(
+                    &c.input,
+                    event.time_ms,
+                    (seq, 0),
+                    &event.id,
+                );
             }
         }
     }
@@ -557,7 +559,7 @@ impl Accumulator {
                 finite(s.min),
                 finite(s.max),
                 s.latest.as_ref().map(|l| l.time_ms),
-                s.latest.as_ref().map(|l| l.seq),
+                s.latest.as_ref().map(|l| l.seq.0),
                 s.latest.as_ref().map(|l| l.value),
             ])
             .step("update the rollup")?;

@@ -52,6 +52,25 @@ pub struct StoredEvent {
     pub validation_errors: Vec<(String, String)>,
 }
 
+/// A Kafka message the sink could not store, and why.
+#[derive(
+    Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize, clickhouse::Row, utoipa::ToSchema,
+)]
+pub struct DeadLetter {
+    /// Kafka partition.
+    pub kafka_partition: i32,
+    /// Kafka offset.
+    pub kafka_offset: i64,
+    /// Namespace, when the envelope named a valid one ('' otherwise).
+    pub namespace: String,
+    /// What is wrong, naming the field.
+    pub reason: String,
+    /// The payload as received (lossy UTF-8).
+    pub payload: String,
+    /// When the sink dead-lettered it (Unix seconds).
+    pub at: u32,
+}
+
 /// Outcome of [`Store::sync_meters`].
 #[derive(Clone, Debug)]
 pub struct Synced {
@@ -86,4 +105,11 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 
     /// The most recent events of a namespace, newest first. Blocking.
     fn recent_events(&self, namespace: &str, limit: usize) -> Result<Vec<StoredEvent>>;
+
+    /// The most recent dead letters (of `namespace`, or all), newest first. Stores that validate synchronously
+    /// (the embedded store rejects bad events in the request) have none. Blocking.
+    fn dead_letters(&self, namespace: Option<&str>, limit: usize) -> Result<Vec<DeadLetter>> {
+        let _ = (namespace, limit);
+        Ok(Vec::new())
+    }
 }

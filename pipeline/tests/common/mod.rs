@@ -1,6 +1,8 @@
 //! Runs the real `tally-server` binary on 127.0.0.1 with a private data folder and
 //! stops it by PID.
 #![allow(dead_code)]
+pub mod services;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -1,0 +1,841 @@
+//! `tally-server sink`: loads envelopes from Kafka into ClickHouse, every event exactly
+//! once.
+//!
+//! # One batch
+//! Messages are collected up to `batch_rows` / `batch_bytes` / `batch_wait`, then:
+//! 1. **begin**: read ClickHouse's clock `S`, write a `begin` row per Kafka partition
+//!    `(partition, first offset, last offset, S)` to `sink_log`. If writing it took longer
+//!    than `grace` after reading the clock, write a new `begin` with a fresh `S` (the
+//!    cutover argument of [`crate::clickhouse::provision`] needs that bound).
+//! 2. decode; undecodable or invalid messages become **dead letters** (never retried).
+//! 3. **dedup** by (namespace, source, id): within the batch, against an in-memory set of
+//!    recent identities (bounded by `dedup_memory_bytes`, oldest evicted first), and for
+//!    identities not in memory, one lookup per batch in `event_ids` (ordered by the
+//!    identity hash, so the lookup reads only matching granules) limited to the dedup
+//!    window. Hash matches are confirmed on the full strings.
+//! 4. insert the new rows into `events` (`inserted_at = S`), then their identities into
+//!    `event_ids`, the dead letters into `dead_letters`;
+//! 5. insert the same rows into `events_feed`, which the meters' views read;
+//! 6. **done**: a `done` row per partition; then commit the offsets to Kafka (advisory).
+//!
+//! # Why every event counts exactly once
+//! `events` never holds an identity twice: rows are inserted only after dedup, and dedup
+//! sees every earlier batch because a batch begins only after the previous one is done.
+//! The rollups are a function of `events`: for a meter with cutover `T`, the backfill
+//! rows (`origin = 1`) aggregate the rows with `inserted_at < T`, the view rows
+//! (`origin = 0`) those with `inserted_at >= T`. A crash (or a failed insert — an insert
+//! ClickHouse did not acknowledge may still have been applied, to some monthly parts
+//! and not others, to some views and not others) can break that only for the batch
+//! whose `begin` has no `done`. Every crash point:
+//! - before `begin` is written: nothing of the batch was applied; it is simply re-read.
+//! - after `begin`, anywhere up to `done`: on restart (or on the next attempt) the
+//!   partition's latest `sink_log` row is that `begin`, so its exact range is re-read
+//!   from Kafka and **repaired**: rows of the range already in `events` are found by
+//!   (partition, offset); the others go through dedup (treating the present ones as
+//!   seen) and are inserted with the same `S`; identities are (re-)inserted into
+//!   `event_ids` (a repeated identity there is harmless); dead letters are replaced by
+//!   key. Then, for every provisioned meter, the view rows of each (subject, minute)
+//!   the range touches are deleted and re-derived from `events` by the view's own
+//!   SELECT (rows with `inserted_at >= T`). A subject's events all live in one Kafka
+//!   partition (the key is namespace/subject) and one partition has one sink at a time,
+//!   so no other writer adds to those keys meanwhile. Repair is idempotent: a crash
+//!   during it leaves the same `begin` and is repaired again.
+//! - after `done`, before the Kafka commit: the messages are re-read and skipped, since
+//!   their offsets are at or below the partition's last `done`.
+//!
+//! When a partition is assigned, the sink seeks to the offset after its last `done` (or
+//! to the start of an open `begin`), whatever Kafka's committed offset says. Rebalances
+//! happen only inside `poll`, between batches (`max.poll.interval.ms` is 10 minutes and
+//! the sink exits after `max_retry` of failing to reach ClickHouse, well before that), so
+//! a partition never has two sinks writing at once.
+//!
+//! # Fail points
+//! `TALLY_SINK_FAILPOINT=<name>` aborts the process at that point, after skipping
+//! `TALLY_SINK_FAILPOINT_SKIP` hits (default 0): `after-begin`, `after-raw` (events
+//! inserted, views not fed), `after-feed` (views fed, no `done`), `mid-repair`
+//! (rows repaired, rollups not yet re-derived). Tests crash the sink with them.
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::message::Message;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use serde::{Deserialize, Serialize};
+use tally_crds::{Envelope, UsageEvent};
+
+use crate::clickhouse::provision::{delete_where, read_meters};
+use crate::clickhouse::rollup::{Origin, RollupSql};
+use crate::clickhouse::{Ch, ChConfig, EventRow, lit};
+use crate::kafka::KafkaConfig;
+use crate::store::DeadLetter;
+use crate::{Error, Result};
+
+/// Sink settings.
+#[derive(Clone, Debug)]
+pub struct SinkConfig {
+    /// Kafka and the topic.
+    pub kafka: KafkaConfig,
+    /// Consumer group.
+    pub group: String,
+    /// ClickHouse.
+    pub clickhouse: ChConfig,
+    /// Flush a batch at this many messages.
+    pub batch_rows: usize,
+    /// Flush a batch at this many payload bytes.
+    pub batch_bytes: usize,
+    /// Flush a non-empty batch after this long.
+    pub batch_wait: Duration,
+    /// How long an identity is remembered for dedup (by ingestion time).
+    pub dedup_window: Duration,
+    /// Memory for recent identities; beyond it, ClickHouse is asked.
+    pub dedup_memory_bytes: usize,
+    /// Bound between reading ClickHouse's clock and writing `begin`, seconds.
+    pub grace_secs: i64,
+    /// Give up (exit with an error) after failing this long on one batch.
+    pub max_retry: Duration,
+}
+
+impl SinkConfig {
+    /// Defaults around `kafka` and `clickhouse`.
+    pub fn new(kafka: KafkaConfig, clickhouse: ChConfig) -> SinkConfig {
+        SinkConfig {
+            kafka,
+            group: "tally-sink".into(),
+            clickhouse,
+            batch_rows: 50_000,
+            batch_bytes: 32 << 20,
+            batch_wait: Duration::from_secs(1),
+            dedup_window: Duration::from_secs(32 * 86400),
+            dedup_memory_bytes: 64 << 20,
+            grace_secs: 5,
+            max_retry: Duration::from_secs(300),
+        }
+    }
+}
+
+/// Counters of a running sink.
+#[derive(Debug, Default)]
+pub struct SinkStats {
+    /// Messages whose batch is done (stored, duplicate or dead-lettered).
+    pub applied: AtomicU64,
+    /// Events stored.
+    pub stored: AtomicU64,
+    /// Duplicates dropped.
+    pub duplicates: AtomicU64,
+    /// Dead letters.
+    pub dead_letters: AtomicU64,
+    /// Batches repaired after a crash or failed attempt.
+    pub repairs: AtomicU64,
+    /// Dedup lookups that went to ClickHouse.
+    pub lookups: AtomicU64,
+}
+
+fn failpoint(name: &str) {
+    static HITS: AtomicU64 = AtomicU64::new(0);
+    if std::env::var("TALLY_SINK_FAILPOINT").as_deref() == Ok(name) {
+        let skip: u64 = std::env::var("TALLY_SINK_FAILPOINT_SKIP")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        if HITS.fetch_add(1, Ordering::SeqCst) >= skip {
+            eprintln!("tally-sink: failpoint {name} hit, aborting");
+            std::process::abort();
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, clickhouse::Row)]
+struct LogRow {
+    topic: String,
+    kafka_partition: i32,
+    batch: u64,
+    phase: String,
+    rank: u8,
+    start_offset: i64,
+    end_offset: i64,
+    inserted_at: u32,
+    logged_ms: i64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, clickhouse::Row)]
+struct IdRow {
+    h: u64,
+    namespace: String,
+    source: String,
+    id: String,
+    ingested: u32,
+}
+
+#[derive(Clone, Debug)]
+struct Msg {
+    partition: i32,
+    offset: i64,
+    payload: Vec<u8>,
+}
+
+/// The identity of an event.
+fn identity(ns: &str, e: &UsageEvent) -> (String, String, String) {
+    (ns.to_string(), e.source.clone(), e.id.clone())
+}
+
+fn hash64(id: &(String, String, String)) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(format!("{}\0{}\0{}", id.0, id.1, id.2).as_bytes())
+}
+
+fn hash128(id: &(String, String, String)) -> u128 {
+    xxhash_rust::xxh3::xxh3_128(format!("{}\0{}\0{}", id.0, id.1, id.2).as_bytes())
+}
+
+/// Recent identities, bounded; oldest forgotten first.
+#[derive(Debug)]
+struct RecentIds {
+    set: HashSet<u128>,
+    order: VecDeque<(u128, i64)>,
+    capacity: usize,
+}
+
+impl RecentIds {
+    fn new(bytes: usize) -> RecentIds {
+        // a set entry (16 B + hash table overhead) plus a queue entry (24 B): ~64 B
+        RecentIds {
+            set: HashSet::new(),
+            order: VecDeque::new(),
+            capacity: (bytes / 64).max(1),
+        }
+    }
+
+    fn insert(&mut self, h: u128, at: i64) {
+        if self.set.insert(h) {
+            self.order.push_back((h, at));
+            while self.order.len() > self.capacity {
+                if let Some((old, _)) = self.order.pop_front() {
+                    self.set.remove(&old);
+                }
+            }
+        }
+    }
+
+    fn expire(&mut self, before: i64) {
+        while self.order.front().is_some_and(|(_, at)| *at < before) {
+            if let Some((old, _)) = self.order.pop_front() {
+                self.set.remove(&old);
+            }
+        }
+    }
+}
+
+/// What the sink knows about one partition.
+#[derive(Debug)]
+struct PartState {
+    /// First offset not yet applied.
+    next: i64,
+    /// An open `begin` to repair: (start, end, S, batch).
+    open: Option<(i64, i64, i64, u64)>,
+    /// Messages of the open range collected so far.
+    buffered: Vec<Msg>,
+    /// After a seek: ignore messages until this offset arrives (fetched-ahead ones).
+    await_offset: Option<i64>,
+}
+
+struct Ctx {
+    rebalanced: Mutex<Vec<(bool, Vec<i32>)>>,
+}
+
+impl ClientContext for Ctx {}
+
+impl ConsumerContext for Ctx {
+    fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            let parts = tpl.elements().iter().map(|e| e.partition()).collect();
+            self.rebalanced
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push((false, parts));
+        }
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            let parts = tpl.elements().iter().map(|e| e.partition()).collect();
+            self.rebalanced
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push((true, parts));
+        }
+    }
+}
+
+/// A decoded batch, ready to write.
+struct Prepared {
+    /// Rows to insert into `events`.
+    rows: Vec<EventRow>,
+    /// Rows of the range already in `events` (repair only).
+    present: Vec<EventRow>,
+    dead: Vec<DeadLetter>,
+    duplicates: u64,
+}
+
+struct Sink {
+    cfg: SinkConfig,
+    ch: Ch,
+    consumer: BaseConsumer<Ctx>,
+    rt: tokio::runtime::Runtime,
+    recent: RecentIds,
+    parts: HashMap<i32, PartState>,
+    stats: Arc<SinkStats>,
+    batch_seq: u64,
+}
+
+/// Runs the sink until `stop` is set (then finishes the batch in hand) or it fails for
+/// longer than `max_retry`. Blocking: run it on its own thread.
+pub fn run(cfg: SinkConfig, stats: Arc<SinkStats>, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let ch = Ch::new(&cfg.clickhouse)?;
+    let started = Instant::now();
+    loop {
+        match rt.block_on(ch.ensure_schema()) {
+            Ok(()) => break,
+            Err(e) if started.elapsed() < cfg.max_retry && !stop.load(Ordering::SeqCst) => {
+                tracing::warn!(error = %e, "ClickHouse not ready; retrying");
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let consumer: BaseConsumer<Ctx> = cfg
+        .kafka
+        .consumer_settings(&cfg.group)
+        .create_with_context(Ctx {
+            rebalanced: Mutex::new(Vec::new()),
+        })?;
+    consumer.subscribe(&[&cfg.kafka.topic])?;
+    tracing::info!(brokers = %cfg.kafka.brokers, topic = %cfg.kafka.topic, group = %cfg.group, clickhouse = %ch.url(), database = %ch.db(), "tally sink started");
+    let mut sink = Sink {
+        recent: RecentIds::new(cfg.dedup_memory_bytes),
+        cfg,
+        ch,
+        consumer,
+        rt,
+        parts: HashMap::new(),
+        stats,
+        batch_seq: 0,
+    };
+    sink.run(&stop)
+}
+
+impl Sink {
+    fn run(&mut self, stop: &AtomicBool) -> anyhow::Result<()> {
+        let mut batch: Vec<Msg> = Vec::new();
+        let mut bytes = 0usize;
+        let mut first_at = Instant::now();
+        loop {
+            if stop.load(Ordering::SeqCst) {
+                if !batch.is_empty() {
+                    self.apply(std::mem::take(&mut batch))?;
+                }
+                return Ok(());
+            }
+            self.handle_rebalances(&mut batch);
+            let wait = if batch.is_empty() {
+                Duration::from_millis(100)
+            } else {
+                self.cfg
+                    .batch_wait
+                    .saturating_sub(first_at.elapsed())
+                    .max(Duration::from_millis(1))
+            };
+            if let Some(res) = self.consumer.poll(wait) {
+                match res {
+                    Ok(m) => {
+                        let msg = Msg {
+                            partition: m.partition(),
+                            offset: m.offset(),
+                            payload: m.payload().unwrap_or_default().to_vec(),
+                        };
+                        if let Some(msg) = self.route(msg)? {
+                            if batch.is_empty() {
+                                first_at = Instant::now();
+                            }
+                            bytes += msg.payload.len();
+                            batch.push(msg);
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "Kafka consumer error"),
+                }
+            }
+            let full = batch.len() >= self.cfg.batch_rows || bytes >= self.cfg.batch_bytes;
+            if !batch.is_empty() && (full || first_at.elapsed() >= self.cfg.batch_wait) {
+                self.apply(std::mem::take(&mut batch))?;
+                bytes = 0;
+            }
+        }
+    }
+
+    fn handle_rebalances(&mut self, batch: &mut Vec<Msg>) {
+        let events = std::mem::take(
+            &mut *self
+                .consumer
+                .context()
+                .rebalanced
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        );
+        for (assigned, parts) in events {
+            tracing::info!(assigned, ?parts, "Partitions rebalanced");
+            // Either way, forget what we knew: state is re-read from ClickHouse when the
+            // partition's next message arrives, and unapplied messages are re-read.
+            for p in parts {
+                self.parts.remove(&p);
+                batch.retain(|m| m.partition != p);
+            }
+        }
+    }
+
+    /// Decides what to do with a message: `Some` = add to the batch; `None` = skipped or
+    /// taken by a repair.
+    fn route(&mut self, msg: Msg) -> anyhow::Result<Option<Msg>> {
+        let p = msg.partition;
+        if !self.parts.contains_key(&p) {
+            let state = self.with_retry("read the sink log", |s| s.read_partition(p))?;
+            let target = state.open.map_or(state.next, |o| o.0);
+            self.parts.insert(p, state);
+            if msg.offset != target && target >= 0 {
+                if let Some(st) = self.parts.get_mut(&p) {
+                    st.await_offset = Some(target);
+                }
+                let mut tpl = TopicPartitionList::new();
+                tpl.add_partition_offset(&self.cfg.kafka.topic, p, Offset::Offset(target))?;
+                tracing::info!(
+                    partition = p,
+                    from = msg.offset,
+                    to = target,
+                    "Seeking to the sink's progress"
+                );
+                self.consumer
+                    .seek_partitions(tpl, Duration::from_secs(10))?;
+                return Ok(None);
+            }
+        }
+        let state = self.parts.get_mut(&p).expect("inserted above");
+        match state.await_offset {
+            Some(o) if msg.offset != o => return Ok(None),
+            Some(_) => state.await_offset = None,
+            None => {}
+        }
+        if msg.offset < state.next {
+            return Ok(None);
+        }
+        if let Some((start, end, s, batch)) = state.open {
+            if msg.offset < start {
+                return Ok(None);
+            }
+            let last = msg.offset >= end;
+            if msg.offset <= end {
+                state.buffered.push(msg.clone());
+            }
+            if last {
+                let msgs = std::mem::take(&mut state.buffered);
+                state.open = None;
+                let ranges = vec![(p, start, end)];
+                tracing::warn!(
+                    partition = p,
+                    start,
+                    end,
+                    "Repairing a batch that began but did not finish"
+                );
+                self.with_retry("repair a batch", |sink| {
+                    sink.repair(&msgs, s, batch, &ranges)
+                })?;
+                let state = self.parts.get_mut(&p).expect("present");
+                state.next = end + 1;
+                if msg.offset > end {
+                    return Ok(Some(msg));
+                }
+            }
+            return Ok(None);
+        }
+        state.next = msg.offset + 1;
+        Ok(Some(msg))
+    }
+
+    fn read_partition(&mut self, p: i32) -> Result<PartState> {
+        #[derive(Deserialize, clickhouse::Row)]
+        struct Last {
+            phase: String,
+            start: i64,
+            end: i64,
+            s: u32,
+            batch: u64,
+        }
+        let rows: Vec<Last> = self.rt.block_on(self.ch.fetch(
+            "read the sink log",
+            &format!(
+                "SELECT argMax(phase, k), argMax(start_offset, k), argMax(end_offset, k), argMax(toUInt32(inserted_at), k), argMax(batch, k) \
+                 FROM (SELECT *, tuple(start_offset, rank, logged_ms) AS k FROM {}.sink_log WHERE topic = {} AND kafka_partition = {p}) \
+                 GROUP BY kafka_partition",
+                self.ch.db(),
+                lit(&self.cfg.kafka.topic)
+            ),
+        ))?;
+        Ok(match rows.first() {
+            None => PartState {
+                next: -1,
+                open: None,
+                buffered: Vec::new(),
+                await_offset: None,
+            },
+            Some(l) if l.phase == "done" => PartState {
+                next: l.end + 1,
+                open: None,
+                buffered: Vec::new(),
+                await_offset: None,
+            },
+            Some(l) => PartState {
+                next: l.start,
+                open: Some((l.start, l.end, l.s as i64, l.batch)),
+                buffered: Vec::new(),
+                await_offset: None,
+            },
+        })
+    }
+
+    /// Runs `f` until it succeeds, with exponential backoff, for at most `max_retry`.
+    fn with_retry<T>(
+        &mut self,
+        what: &str,
+        mut f: impl FnMut(&mut Sink) -> Result<T>,
+    ) -> anyhow::Result<T> {
+        let start = Instant::now();
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match f(self) {
+                Ok(v) => return Ok(v),
+                Err(e) if start.elapsed() < self.cfg.max_retry => {
+                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "Failed to {what}; retrying");
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => {
+                    return Err(anyhow::anyhow!(
+                        "gave up after {}s: failed to {what}: {e}",
+                        start.elapsed().as_secs()
+                    ));
+                }
+            }
+        }
+    }
+
+    fn ranges(msgs: &[Msg]) -> Vec<(i32, i64, i64)> {
+        let mut by: HashMap<i32, (i64, i64)> = HashMap::new();
+        for m in msgs {
+            let e = by.entry(m.partition).or_insert((m.offset, m.offset));
+            e.0 = e.0.min(m.offset);
+            e.1 = e.1.max(m.offset);
+        }
+        let mut v: Vec<_> = by.into_iter().map(|(p, (a, b))| (p, a, b)).collect();
+        v.sort_unstable();
+        v
+    }
+
+    fn log(&mut self, ranges: &[(i32, i64, i64)], batch: u64, phase: &str, s: i64) -> Result<()> {
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let rows: Vec<LogRow> = ranges
+            .iter()
+            .map(|&(p, a, b)| LogRow {
+                topic: self.cfg.kafka.topic.clone(),
+                kafka_partition: p,
+                batch,
+                phase: phase.into(),
+                rank: u8::from(phase == "done"),
+                start_offset: a,
+                end_offset: b,
+                inserted_at: s as u32,
+                logged_ms: now_ms,
+            })
+            .collect();
+        self.rt
+            .block_on(self.ch.insert::<LogRow>("sink_log", &rows))
+    }
+
+    /// Applies one batch: begin, dedup, insert, feed, done.
+    fn apply(&mut self, msgs: Vec<Msg>) -> anyhow::Result<()> {
+        let ranges = Self::ranges(&msgs);
+        self.batch_seq += 1;
+        let batch = (chrono::Utc::now().timestamp_micros() as u64) ^ self.batch_seq;
+        let s = self.with_retry("begin a batch", |sink| {
+            loop {
+                let s = sink.rt.block_on(sink.ch.now())?;
+                sink.log(&ranges, batch, "begin", s)?;
+                let now = sink.rt.block_on(sink.ch.now())?;
+                if now - s <= sink.cfg.grace_secs {
+                    return Ok(s);
+                }
+                tracing::warn!(
+                    secs = now - s,
+                    "Writing the batch's begin record was slow; beginning again"
+                );
+            }
+        })?;
+        failpoint("after-begin");
+        let first = self.write_batch(&msgs, s, batch, &ranges);
+        if let Err(e) = first {
+            tracing::warn!(error = %e, "Batch failed part-way; repairing it");
+            self.with_retry("repair a batch", |sink| {
+                sink.repair(&msgs, s, batch, &ranges)
+            })?;
+        }
+        for &(p, _, end) in &ranges {
+            if let Some(st) = self.parts.get_mut(&p) {
+                st.next = end + 1;
+            }
+        }
+        let mut tpl = TopicPartitionList::new();
+        for &(p, _, end) in &ranges {
+            tpl.add_partition_offset(&self.cfg.kafka.topic, p, Offset::Offset(end + 1))?;
+        }
+        if let Err(e) = self.consumer.commit(&tpl, CommitMode::Async) {
+            tracing::debug!(error = %e, "Kafka offset commit failed (the sink log is authoritative)");
+        }
+        Ok(())
+    }
+
+    fn write_batch(
+        &mut self,
+        msgs: &[Msg],
+        s: i64,
+        batch: u64,
+        ranges: &[(i32, i64, i64)],
+    ) -> Result<()> {
+        let prep = self.prepare(msgs, s, &HashSet::new())?;
+        self.rt.block_on(async {
+            self.ch.insert::<EventRow>("events", &prep.rows).await?;
+            failpoint("after-raw");
+            self.insert_ids(&prep.rows, s).await?;
+            self.ch
+                .insert::<DeadLetter>("dead_letters", &prep.dead)
+                .await?;
+            self.ch
+                .insert::<EventRow>("events_feed", &prep.rows)
+                .await?;
+            failpoint("after-feed");
+            Ok::<_, Error>(())
+        })?;
+        self.log(ranges, batch, "done", s)?;
+        self.finish(&prep, msgs.len(), s);
+        Ok(())
+    }
+
+    fn finish(&mut self, prep: &Prepared, messages: usize, s: i64) {
+        for r in prep.rows.iter().chain(&prep.present) {
+            self.recent.insert(
+                hash128(&(r.namespace.clone(), r.source.clone(), r.id.clone())),
+                s,
+            );
+        }
+        self.stats
+            .stored
+            .fetch_add(prep.rows.len() as u64, Ordering::Relaxed);
+        self.stats
+            .duplicates
+            .fetch_add(prep.duplicates, Ordering::Relaxed);
+        self.stats
+            .dead_letters
+            .fetch_add(prep.dead.len() as u64, Ordering::Relaxed);
+        self.stats
+            .applied
+            .fetch_add(messages as u64, Ordering::SeqCst);
+    }
+
+    async fn insert_ids(&self, rows: &[EventRow], s: i64) -> Result<()> {
+        let ids: Vec<IdRow> = rows
+            .iter()
+            .map(|r| {
+                let id = (r.namespace.clone(), r.source.clone(), r.id.clone());
+                IdRow {
+                    h: hash64(&id),
+                    namespace: id.0,
+                    source: id.1,
+                    id: id.2,
+                    ingested: s as u32,
+                }
+            })
+            .collect();
+        self.ch.insert::<IdRow>("event_ids", &ids).await
+    }
+
+    /// Decodes and deduplicates `msgs` (in offset order). Messages at `present`
+    /// (partition, offset) are already in `events`: they count as seen and are returned
+    /// in `present`, not in `rows`.
+    fn prepare(&mut self, msgs: &[Msg], s: i64, present: &HashSet<(i32, i64)>) -> Result<Prepared> {
+        let now = chrono::Utc::now().timestamp();
+        let window_start = s - self.cfg.dedup_window.as_secs() as i64;
+        self.recent.expire(window_start);
+        let mut decoded = Vec::with_capacity(msgs.len());
+        let mut dead = Vec::new();
+        for m in msgs {
+            match Envelope::decode(&m.payload) {
+                Ok((ns, ev, ingested)) => decoded.push((m, ns, ev, ingested)),
+                Err(reason) => dead.push(DeadLetter {
+                    kafka_partition: m.partition,
+                    kafka_offset: m.offset,
+                    namespace: serde_json::from_slice::<serde_json::Value>(&m.payload)
+                        .ok()
+                        .and_then(|v| v.get("namespace")?.as_str().map(String::from))
+                        .filter(|n| tally_crds::envelope::is_namespace(n))
+                        .unwrap_or_default(),
+                    reason,
+                    payload: String::from_utf8_lossy(&m.payload).into_owned(),
+                    at: now as u32,
+                }),
+            }
+        }
+        // identities that need a ClickHouse lookup: not present, not in memory
+        let mut ask: HashMap<u64, ()> = HashMap::new();
+        for (m, ns, ev, _) in &decoded {
+            let id = identity(ns, ev);
+            if !present.contains(&(m.partition, m.offset))
+                && !self.recent.set.contains(&hash128(&id))
+            {
+                ask.insert(hash64(&id), ());
+            }
+        }
+        let mut stored_before: HashSet<(String, String, String)> = HashSet::new();
+        if !ask.is_empty() {
+            self.stats.lookups.fetch_add(1, Ordering::Relaxed);
+            let list = ask
+                .keys()
+                .map(|h| h.to_string())
+                .collect::<Vec<_>>()
+                .join(",");
+            let found: Vec<(String, String, String)> = self.rt.block_on(self.ch.fetch(
+                "look up stored identities",
+                &format!(
+                    "SELECT namespace, source, id FROM {}.event_ids WHERE h IN ({list}) AND ingested >= toDateTime({})",
+                    self.ch.db(),
+                    window_start.max(0)
+                ),
+            ))?;
+            stored_before.extend(found);
+        }
+        let mut seen: HashSet<(String, String, String)> = HashSet::new();
+        let (mut rows, mut kept_present, mut duplicates) = (Vec::new(), Vec::new(), 0u64);
+        for (m, ns, ev, ingested) in decoded {
+            let id = identity(&ns, &ev);
+            let row = || EventRow::new(&ns, &ev, ingested, s, m.partition, m.offset);
+            if present.contains(&(m.partition, m.offset)) {
+                seen.insert(id);
+                kept_present.push(row());
+                continue;
+            }
+            if seen.contains(&id)
+                || self.recent.set.contains(&hash128(&id))
+                || stored_before.contains(&id)
+            {
+                duplicates += 1;
+                continue;
+            }
+            rows.push(row());
+            seen.insert(id);
+        }
+        Ok(Prepared {
+            rows,
+            present: kept_present,
+            dead,
+            duplicates,
+        })
+    }
+
+    /// Repairs a batch that began (at `s`) but may not have finished: see the module docs.
+    fn repair(
+        &mut self,
+        msgs: &[Msg],
+        s: i64,
+        batch: u64,
+        ranges: &[(i32, i64, i64)],
+    ) -> Result<()> {
+        self.stats.repairs.fetch_add(1, Ordering::Relaxed);
+        let db = self.ch.db().to_string();
+        let cond = ranges
+            .iter()
+            .map(|(p, a, b)| {
+                format!("(kafka_partition = {p} AND kafka_offset >= {a} AND kafka_offset <= {b})")
+            })
+            .collect::<Vec<_>>()
+            .join(" OR ");
+        let present: Vec<(i32, i64)> = self.rt.block_on(self.ch.fetch(
+            "find the rows a batch already stored",
+            &format!("SELECT kafka_partition, kafka_offset FROM {db}.events WHERE {cond}"),
+        ))?;
+        let present: HashSet<(i32, i64)> = present.into_iter().collect();
+        let prep = self.prepare(msgs, s, &present)?;
+        self.rt.block_on(async {
+            self.ch.insert::<EventRow>("events", &prep.rows).await?;
+            let all: Vec<EventRow> = prep.rows.iter().chain(&prep.present).cloned().collect();
+            self.insert_ids(&all, s).await?;
+            self.ch
+                .insert::<DeadLetter>("dead_letters", &prep.dead)
+                .await?;
+            failpoint("mid-repair");
+            self.rederive(&all).await
+        })?;
+        self.log(ranges, batch, "done", s)?;
+        self.finish(&prep, msgs.len(), s);
+        Ok(())
+    }
+
+    /// Deletes and re-derives, for every provisioned meter, the view rows of each
+    /// (subject, minute range) that `rows` touch.
+    async fn rederive(&self, rows: &[EventRow]) -> Result<()> {
+        for rec in read_meters(&self.ch).await? {
+            let Some(meter) = rec.compile() else {
+                tracing::error!(rollup = %rec.rollup, "A provisioned meter no longer compiles; its rollup is not repaired");
+                continue;
+            };
+            let mine: Vec<&EventRow> = rows
+                .iter()
+                .filter(|r| meter.selects(&r.namespace, &r.ty))
+                .collect();
+            let (Some(lo), Some(hi)) = (
+                mine.iter().map(|r| r.time / 60 * 60).min(),
+                mine.iter().map(|r| r.time / 60 * 60).max(),
+            ) else {
+                continue;
+            };
+            let subjects: HashSet<&str> = mine.iter().map(|r| r.subject.as_str()).collect();
+            let list = subjects
+                .iter()
+                .map(|s| lit(s))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let sql = RollupSql::new(&meter);
+            delete_where(
+                &self.ch,
+                &sql.table,
+                &format!(
+                    "origin = 0 AND subject IN ({list}) AND minute >= toDateTime({lo}) AND minute <= toDateTime({hi})"
+                ),
+            )
+            .await?;
+            let select = sql.select(
+                &format!("{}.events", self.ch.db()),
+                Origin::View,
+                &format!(
+                    "inserted_at >= toDateTime({}) AND subject IN ({list}) AND time >= toDateTime({lo}) AND time < toDateTime({})",
+                    rec.cutover,
+                    hi + 60
+                ),
+            );
+            self.ch
+                .exec(
+                    "re-derive rollup rows",
+                    &format!("INSERT INTO {}.{} {select}", self.ch.db(), sql.table),
+                )
+                .await?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,283 @@
+//! Kafka (tansu) and ClickHouse for integration tests: the shared instances `make
+//! services` starts, private ClickHouse instances for tests that kill it, and the sink
+//! binary as a child process.
+#![allow(dead_code)]
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use super::free_port;
+
+/// Where the shared services are.
+#[derive(Clone, Debug)]
+pub struct Services {
+    pub kafka: String,
+    pub clickhouse: String,
+}
+
+fn reachable_tcp(addr: &str) -> bool {
+    addr.parse()
+        .ok()
+        .and_then(|a| std::net::TcpStream::connect_timeout(&a, Duration::from_secs(1)).ok())
+        .is_some()
+}
+
+fn clickhouse_ping(url: &str) -> bool {
+    let host = url.trim_start_matches("http://");
+    let Ok(mut s) = std::net::TcpStream::connect(host) else {
+        return false;
+    };
+    use std::io::{Read, Write};
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    if s.write_all(format!("GET /ping HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes())
+        .is_err()
+    {
+        return false;
+    }
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out.contains("Ok.")
+}
+
+/// The shared services, or `None` after printing why the test is skipped. Under `CI`
+/// a missing service fails the test instead: CI never passes by skipping.
+pub fn services(test: &str) -> Option<Services> {
+    let kafka = std::env::var("TALLY_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:9092".into());
+    let clickhouse =
+        std::env::var("TALLY_TEST_CLICKHOUSE").unwrap_or_else(|_| "http://127.0.0.1:8123".into());
+    let mut missing = Vec::new();
+    if !reachable_tcp(&kafka) {
+        missing.push(format!("Kafka at {kafka}"));
+    }
+    if !clickhouse_ping(&clickhouse) {
+        missing.push(format!("ClickHouse at {clickhouse}"));
+    }
+    if missing.is_empty() {
+        return Some(Services { kafka, clickhouse });
+    }
+    let why = format!(
+        "{test}: {} not reachable (start them with `make services`)",
+        missing.join(" and ")
+    );
+    if std::env::var_os("CI").is_some() {
+        panic!("{why}; CI must not skip");
+    }
+    eprintln!("SKIPPED {why}");
+    None
+}
+
+/// A name unique to this test process and call, usable as a database or topic name.
+pub fn unique(prefix: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!(
+        "{prefix}_{}_{}_{nanos}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    )
+}
+
+/// Runs SQL over ClickHouse's HTTP interface and returns the body (TabSeparated).
+pub async fn ch(url: &str, sql: &str) -> String {
+    let res = super::client()
+        .post(url)
+        .body(sql.to_string())
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("ClickHouse at {url}: {e}"));
+    let status = res.status();
+    let text = res.text().await.unwrap();
+    assert!(status.is_success(), "{sql}\n→ {status}: {text}");
+    text
+}
+
+/// A private ClickHouse server (for tests that kill it), stopped by PID on drop.
+pub struct PrivateClickHouse {
+    child: Option<Child>,
+    pub url: String,
+    dir: tempfile::TempDir,
+    http: u16,
+    tcp: u16,
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+impl PrivateClickHouse {
+    pub fn start() -> PrivateClickHouse {
+        let dir = tempfile::tempdir().unwrap();
+        let (http, tcp) = (free_port(), free_port());
+        let ok = Command::new(repo().join("scripts/services.sh"))
+            .args(["clickhouse-config"])
+            .arg(dir.path())
+            .args([http.to_string(), tcp.to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success(), "writing a ClickHouse config failed");
+        let mut ch = PrivateClickHouse {
+            child: None,
+            url: format!("http://127.0.0.1:{http}"),
+            dir,
+            http,
+            tcp,
+        };
+        ch.spawn();
+        ch
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::File::create(self.dir.path().join("stdout.log")).unwrap();
+        let child = Command::new("/usr/sbin/clickhouse-server")
+            .arg(format!(
+                "--config-file={}",
+                self.dir.path().join("config.xml").display()
+            ))
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("clickhouse-server starts");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if clickhouse_ping(&self.url) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!(
+            "private ClickHouse did not answer on {} within 60 s",
+            self.url
+        );
+    }
+
+    /// SIGKILL; returns once the process is gone.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same data.
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.spawn();
+    }
+}
+
+impl Drop for PrivateClickHouse {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// `tally-server sink` as a child process.
+pub struct SinkProcess {
+    child: Option<Child>,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    pub log: PathBuf,
+    starts: u32,
+    _dir: tempfile::TempDir,
+}
+
+impl SinkProcess {
+    pub fn start(
+        kafka: &str,
+        clickhouse: &str,
+        database: &str,
+        topic: &str,
+        extra: &[&str],
+    ) -> SinkProcess {
+        let dir = tempfile::tempdir().unwrap();
+        let mut args: Vec<String> = vec![
+            "sink",
+            "--kafka",
+            kafka,
+            "--clickhouse",
+            clickhouse,
+            "--clickhouse-database",
+            database,
+            "--topic",
+            topic,
+            "--batch-ms",
+            "200",
+            "--cutover-grace-secs",
+            "1",
+            "--max-retry-secs",
+            "120",
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut s = SinkProcess {
+            child: None,
+            args,
+            env: Vec::new(),
+            log: dir.path().join("sink.log"),
+            starts: 0,
+            _dir: dir,
+        };
+        s.spawn();
+        s
+    }
+
+    /// Restarts it with these extra environment variables (e.g. a fail point).
+    pub fn restart_with(&mut self, env: &[(&str, &str)]) {
+        self.kill9();
+        self.env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        self.spawn();
+    }
+
+    fn spawn(&mut self) {
+        self.starts += 1;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_tally-server"))
+            .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("tally-server sink starts");
+        self.child = Some(child);
+    }
+
+    /// Whether the process has exited (e.g. at a fail point).
+    pub fn exited(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_none_or(|c| c.try_wait().ok().flatten().is_some())
+    }
+
+    /// SIGKILL.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for SinkProcess {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
