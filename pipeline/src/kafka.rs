@@ -78,7 +78,7 @@ impl KafkaConfig {
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
-            .set("session.timeout.ms", "10000")
+            .set("session.timeout.ms", "6000")
             .set("max.poll.interval.ms", "600000")
             .set("fetch.max.bytes", (64 << 20).to_string());
         c

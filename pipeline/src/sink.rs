@@ -332,7 +332,25 @@ impl Sink {
         let mut batch: Vec<Msg> = Vec::new();
         let mut bytes = 0usize;
         let mut first_at = Instant::now();
+        let mut idle_since = Instant::now();
+        let mut rejoin_after = Duration::from_secs(12);
         loop {
+            // Some brokers (tansu 0.6) leave a crashed member's partitions with it after
+            // its session expired. A member with nothing assigned for twice the session
+            // timeout rejoins, which makes the group rebalance; the wait doubles each time
+            // (up to 5 min), so members idle by design (more sinks than partitions) do
+            // not keep the group rebalancing.
+            let assigned = self.consumer.assignment().map(|a| a.count()).unwrap_or(0);
+            if assigned > 0 {
+                idle_since = Instant::now();
+                rejoin_after = Duration::from_secs(12);
+            } else if idle_since.elapsed() > rejoin_after {
+                tracing::warn!(group = %self.cfg.group, secs = rejoin_after.as_secs(), "No partitions assigned; rejoining the consumer group");
+                self.consumer.unsubscribe();
+                self.consumer.subscribe(&[&self.cfg.kafka.topic])?;
+                idle_since = Instant::now();
+                rejoin_after = (rejoin_after * 2).min(Duration::from_secs(300));
+            }
             if stop.load(Ordering::SeqCst) {
                 if !batch.is_empty() {
                     self.apply(std::mem::take(&mut batch))?;

@@ -264,6 +264,7 @@ impl Harness {
         };
         let store = Arc::new(ClickHouseStore::new(ch, Some(producer), true, cutover));
         let mut cfg = SinkConfig::new(kafka, chcfg);
+        cfg.group = database.clone();
         cfg.batch_wait = Duration::from_millis(50);
         cfg.grace_secs = 1;
         let (stop, stats) = (

@@ -229,10 +229,7 @@ impl<'a> RollupSql<'a> {
             .chain(states)
             .collect();
         let value = cols.iter().find(|c| c.ends_with(" AS v"));
-        let with_clause = with
-            .into_iter()
-            .chain(value.cloned())
-            .collect::<Vec<_>>();
+        let with_clause = with.into_iter().chain(value.cloned()).collect::<Vec<_>>();
         format!(
             "{}SELECT {} FROM {src} WHERE {}{} GROUP BY {}",
             if with_clause.is_empty() {

@@ -205,6 +205,8 @@ impl SinkProcess {
             database,
             "--topic",
             topic,
+            "--group",
+            database,
             "--batch-ms",
             "200",
             "--cutover-grace-secs",
@@ -248,7 +250,10 @@ impl SinkProcess {
         let child = Command::new(env!("CARGO_BIN_EXE_tally-server"))
             .args(&self.args)
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .env("RUST_LOG", "warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("TALLY_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::from(log.try_clone().unwrap()))
             .stderr(Stdio::from(log))
             .spawn()
@@ -261,6 +266,17 @@ impl SinkProcess {
         self.child
             .as_mut()
             .is_none_or(|c| c.try_wait().ok().flatten().is_some())
+    }
+
+    /// SIGTERM (the sink finishes its batch and leaves the consumer group), then wait.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(c.id().to_string())
+                .status();
+            let _ = c.wait();
+        }
     }
 
     /// SIGKILL.

@@ -1,0 +1,554 @@
+//! The scale-out path on real tansu and ClickHouse 18.16: ingest → Kafka → sink →
+//! ClickHouse → query, with the sink and ClickHouse crashed on purpose. Every test uses
+//! its own database and topic. Needs `make services` (skips with a reason otherwise;
+//! fails under `CI`).
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::services::{PrivateClickHouse, Services, SinkProcess, ch, services, unique};
+use common::{Server, client, get_json, post_events};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde_json::{Value, json};
+
+const METERS: &str = r#"
+apiVersion: tally.dev/v1alpha1
+kind: Meter
+metadata: {name: tokens}
+spec:
+  eventType: llm
+  aggregation: SUM
+  valueProperty: $.tokens
+  groupBy: {model: $.model}
+---
+apiVersion: tally.dev/v1alpha1
+kind: Meter
+metadata: {name: calls}
+spec:
+  eventType: llm
+  aggregation: COUNT
+---
+apiVersion: tally.dev/v1alpha1
+kind: Meter
+metadata: {name: users}
+spec:
+  eventType: llm
+  aggregation: UNIQUE_COUNT
+  valueProperty: $.user
+"#;
+
+const LATE_METER: &str = r#"
+apiVersion: tally.dev/v1alpha1
+kind: Meter
+metadata: {name: tokens-late}
+spec:
+  eventType: llm
+  aggregation: SUM
+  valueProperty: $.tokens
+"#;
+
+/// One deterministic event: `i` decides subject, minute, model, tokens and user.
+fn llm_event(i: u64) -> Value {
+    let minute = i % 600;
+    json!({"specversion": "1.0", "id": format!("ev-{i}"), "source": "load", "type": "llm",
+           "subject": format!("customer-{}", i % 50),
+           "time": format!("2024-06-01T{:02}:{:02}:{:02}.{:03}Z", minute / 60, minute % 60, i % 60, i % 1000),
+           "data": {"tokens": (i % 97) + 1, "model": if i % 3 == 0 { "small" } else { "large" }, "user": format!("u{}", i % 1234)}})
+}
+
+/// Hand-computed totals of events `0..n`: (SUM of tokens, COUNT, UNIQUE users).
+fn totals(n: u64) -> (u64, u64, u64) {
+    let sum = (0..n).map(|i| (i % 97) + 1).sum();
+    (sum, n, n.min(1234))
+}
+
+struct Stack {
+    svc: Services,
+    clickhouse: String,
+    database: String,
+    topic: String,
+    server: Server,
+    sink: SinkProcess,
+}
+
+impl Stack {
+    /// Server (provisioning `meters`) and sink on a fresh database and topic.
+    fn start(svc: Services, clickhouse: &str, meters: &str, sink_extra: &[&str]) -> Stack {
+        let database = unique("t");
+        let topic = unique("t");
+        let args = [
+            "--kafka",
+            &svc.kafka,
+            "--topic",
+            &topic,
+            "--topic-partitions",
+            "4",
+            "--clickhouse",
+            clickhouse,
+            "--clickhouse-database",
+            &database,
+            "--provision",
+            "--cutover-margin-secs",
+            "1",
+            "--cutover-grace-secs",
+            "1",
+        ];
+        let server = Server::start(&[("meters.yaml", meters)], &args);
+        let sink = SinkProcess::start(&svc.kafka, clickhouse, &database, &topic, sink_extra);
+        Stack {
+            clickhouse: clickhouse.to_string(),
+            svc,
+            database,
+            topic,
+            server,
+            sink,
+        }
+    }
+
+    /// Posts events `range` in requests of `per` events; a request that fails is sent
+    /// again (at-least-once), as a client would.
+    async fn send(&self, range: std::ops::Range<u64>, per: u64) {
+        let c = client();
+        let mut i = range.start;
+        while i < range.end {
+            let j = (i + per).min(range.end);
+            let body = Value::Array((i..j).map(llm_event).collect());
+            loop {
+                let (status, problem) = post_events(&c, &self.server, &body).await;
+                if status == 204 {
+                    break;
+                }
+                assert_eq!(status, 503, "{problem}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            i = j;
+        }
+    }
+
+    /// Messages in the topic (sum of high watermarks).
+    fn produced(&self) -> i64 {
+        let c: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &self.svc.kafka)
+            .set("group.id", "watermarks")
+            .create()
+            .unwrap();
+        (0..4)
+            .map(|p| {
+                c.fetch_watermarks(&self.topic, p, Duration::from_secs(10))
+                    .unwrap()
+                    .1
+            })
+            .sum()
+    }
+
+    /// Messages the sink has finished (sum over partitions of the last done offset + 1).
+    async fn done(&self) -> i64 {
+        let sql = format!(
+            "SELECT sum(e + 1) FROM (SELECT kafka_partition, argMax(end_offset, tuple(start_offset, rank, logged_ms)) AS e, \
+             argMax(phase, tuple(start_offset, rank, logged_ms)) AS p FROM {}.sink_log GROUP BY kafka_partition) WHERE p = 'done'",
+            self.database
+        );
+        ch(&self.clickhouse, &sql).await.trim().parse().unwrap_or(0)
+    }
+
+    /// Waits until the sink has finished every message in the topic.
+    async fn drained(&mut self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        loop {
+            let produced = self.produced();
+            if produced > 0 && self.done().await >= produced {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the sink did not drain {produced} messages within {limit:?}; log:\n{}",
+                tail(&self.sink.log_text())
+            );
+            assert!(
+                !self.sink.exited(),
+                "the sink exited:\n{}",
+                tail(&self.sink.log_text())
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// The whole-range total of a meter, via the query API.
+    async fn total(&self, slug: &str) -> f64 {
+        let (status, body) = get_json(
+            &client(),
+            &self.server.url(&format!(
+                "/api/v1/meters/{slug}/query?from=2024-06-01T00:00:00Z&to=2024-06-02T00:00:00Z"
+            )),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        body["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["value"].as_f64().unwrap())
+            .sum()
+    }
+
+    async fn assert_totals(&self, n: u64) {
+        let (sum, count, users) = totals(n);
+        assert_eq!(self.total("tokens").await, sum as f64, "SUM of tokens");
+        assert_eq!(self.total("calls").await, count as f64, "COUNT");
+        assert_eq!(self.total("users").await, users as f64, "UNIQUE_COUNT");
+        let stored = ch(
+            &self.clickhouse,
+            &format!("SELECT count() FROM {}.events", self.database),
+        )
+        .await;
+        assert_eq!(stored.trim(), n.to_string(), "raw rows");
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        self.sink.kill9();
+        let (url, db) = (self.clickhouse.clone(), self.database.clone());
+        let _ = std::thread::spawn(move || {
+            tokio::runtime::Runtime::new()
+                .unwrap()
+                .block_on(ch(&url, &format!("DROP DATABASE IF EXISTS {db}")))
+        })
+        .join();
+    }
+}
+
+fn tail(s: &str) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn round_trip_dead_letters_and_kafka_outage() {
+    let Some(svc) = services("scale-out round trip") else {
+        return;
+    };
+    let url = svc.clickhouse.clone();
+    let quickstart = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../examples/quickstart/meters.yaml"
+    ))
+    .unwrap();
+    let mut stack = Stack::start(svc.clone(), &url, &quickstart, &[]);
+    let c = client();
+    let events: Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../examples/events.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let (status, body) = post_events(&c, &stack.server, &events).await;
+    assert_eq!(status, 204, "{body}");
+    // a bad message in the same stream: written by a foreign producer, straight to Kafka
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &svc.kafka)
+        .create()
+        .unwrap();
+    let bad_version =
+        json!({"v": 9, "namespace": "default", "ingested_at": 0, "event": {}}).to_string();
+    for payload in ["{not json", bad_version.as_str()] {
+        producer
+            .send(
+                FutureRecord::to(&stack.topic)
+                    .key("default/x")
+                    .payload(payload),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap();
+    }
+    stack.drained(Duration::from_secs(60)).await;
+    let q = |path: &str| stack.server.url(path);
+    let (_, tokens) = get_json(&c, &q("/api/v1/meters/llm_tokens/query?groupBy=model&from=2024-05-01T00:00:00Z&to=2024-05-02T00:00:00Z")).await;
+    let by_model: Vec<(String, f64)> = tokens["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["groupBy"]["model"].as_str().unwrap().to_string(),
+                r["value"].as_f64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        by_model,
+        vec![
+            ("gpt-4o".to_string(), 6550.0),
+            ("llama-3-70b".to_string(), 800.0)
+        ],
+        "{tokens}"
+    );
+    let (_, dead) = get_json(&c, &q("/api/v1/dead-letters?limit=10")).await;
+    let reasons: Vec<&str> = dead
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["reason"].as_str().unwrap())
+        .collect();
+    assert_eq!(reasons.len(), 2, "{dead}");
+    assert!(
+        reasons.iter().any(|r| r.starts_with("payload is not JSON")),
+        "{dead}"
+    );
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.starts_with("v: envelope version 9")),
+        "{dead}"
+    );
+    let (_, listed) = get_json(&c, &q("/api/v1/events?limit=100")).await;
+    assert_eq!(
+        listed.as_array().unwrap().len(),
+        events.as_array().unwrap().len(),
+        "valid events of the batch are stored"
+    );
+
+    // a second server on the same database, without provisioning, serves the provisioned
+    // meters; with Kafka unreachable its ingest answers 503 with a problem, quickly
+    let dead_kafka = format!("127.0.0.1:{}", common::free_port());
+    let reader = Server::start(
+        &[("meters.yaml", &quickstart)],
+        &[
+            "--kafka",
+            &dead_kafka,
+            "--kafka-timeout-ms",
+            "1500",
+            "--clickhouse",
+            &url,
+            "--clickhouse-database",
+            &stack.database,
+        ],
+    );
+    let (status, meters) = get_json(&c, &reader.url("/api/v1/meters")).await;
+    assert_eq!(
+        (status, meters.as_array().unwrap().len()),
+        (200, 4),
+        "{meters}"
+    );
+    let started = Instant::now();
+    let (status, problem) = post_events(
+        &c,
+        &reader,
+        &common::event(
+            "x1",
+            "api_request",
+            "acme",
+            "2024-05-01T00:00:00Z",
+            json!({}),
+        ),
+    )
+    .await;
+    assert_eq!(status, 503, "{problem}");
+    assert!(
+        problem["detail"].as_str().unwrap().contains(&dead_kafka),
+        "{problem}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "ingest must not hang"
+    );
+}
+
+/// 200k sends (10% re-sends of earlier events) while the sink is aborted at every fail
+/// point and SIGKILLed at a random moment: every meter total is exact.
+#[tokio::test(flavor = "multi_thread")]
+async fn sink_crashes_at_every_fail_point_lose_and_double_nothing() {
+    let Some(svc) = services("sink crash test") else {
+        return;
+    };
+    let url = svc.clickhouse.clone();
+    let mut stack = Stack::start(svc, &url, METERS, &["--batch-rows", "2000"]);
+    // the backlog is sent first, so every fail point meets batches to crash in
+    stack.sink.stop();
+    const UNIQUE: u64 = 180_000;
+    // unique events, then 20k re-sends of earlier ones (at-least-once clients)
+    stack.send(0..UNIQUE, 2000).await;
+    let c = client();
+    for chunk in 0..10u64 {
+        let body = Value::Array(
+            (0..2000u64)
+                .map(|k| llm_event((chunk * 7919 + k * 89) % UNIQUE))
+                .collect(),
+        );
+        let (status, problem) = post_events(&c, &stack.server, &body).await;
+        assert_eq!(status, 204, "{problem}");
+    }
+    for (point, skip) in [
+        ("after-begin", "3"),
+        ("after-raw", "2"),
+        ("after-feed", "2"),
+        ("mid-repair", "0"),
+    ] {
+        stack.sink.restart_with(&[
+            ("TALLY_SINK_FAILPOINT", point),
+            ("TALLY_SINK_FAILPOINT_SKIP", skip),
+        ]);
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !stack.sink.exited() {
+            assert!(
+                Instant::now() < deadline,
+                "fail point {point} was not hit:\n{}",
+                tail(&stack.sink.log_text())
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(
+            stack
+                .sink
+                .log_text()
+                .contains(&format!("failpoint {point} hit")),
+            "the sink exited without hitting {point}:\n{}",
+            tail(&stack.sink.log_text())
+        );
+    }
+    // and one SIGKILL at a random moment
+    stack.sink.restart_with(&[]);
+    let ms = 300
+        + (std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos()
+            % 2000) as u64;
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    stack.sink.restart_with(&[]);
+    stack.drained(Duration::from_secs(300)).await;
+    stack.assert_totals(UNIQUE).await;
+}
+
+/// ClickHouse SIGKILLed and restarted while events stream in: exact totals afterwards.
+#[tokio::test(flavor = "multi_thread")]
+async fn clickhouse_killed_mid_stream_loses_and_doubles_nothing() {
+    let Some(svc) = services("ClickHouse crash test") else {
+        return;
+    };
+    let mut private = PrivateClickHouse::start();
+    let url = private.url.clone();
+    let mut stack = Stack::start(svc, &url, METERS, &["--batch-rows", "2000"]);
+    const N: u64 = 40_000;
+    stack.send(0..10_000, 500).await;
+    let sender = {
+        let (kafka_server_url, n) = (stack.server.url(""), N);
+        tokio::spawn(async move {
+            // keep ingesting while ClickHouse is down: ingest only needs Kafka
+            let c = client();
+            for start in (10_000..n).step_by(500) {
+                let body = Value::Array((start..(start + 500).min(n)).map(llm_event).collect());
+                let res = c
+                    .post(format!("{kafka_server_url}/api/v1/events"))
+                    .header("content-type", "application/json")
+                    .body(body.to_string())
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(res.status().as_u16(), 204);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    private.kill9();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    private.restart();
+    sender.await.unwrap();
+    stack.drained(Duration::from_secs(180)).await;
+    stack.assert_totals(N).await;
+    assert!(
+        stack.sink.log_text().contains("retrying") || stack.sink.log_text().contains("Repairing"),
+        "the sink should have seen ClickHouse go away:\n{}",
+        tail(&stack.sink.log_text())
+    );
+}
+
+/// A meter created after 100k events, while ingestion goes on: its total counts every
+/// event exactly once, across the cutover.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_meter_created_later_is_backfilled_exactly_while_ingestion_continues() {
+    let Some(svc) = services("backfill test") else {
+        return;
+    };
+    let url = svc.clickhouse.clone();
+    let mut stack = Stack::start(svc, &url, METERS, &["--batch-rows", "5000"]);
+    const BEFORE: u64 = 100_000;
+    const N: u64 = 130_000;
+    stack.send(0..BEFORE, 2000).await;
+    stack.drained(Duration::from_secs(120)).await;
+    let sender = {
+        let server_url = stack.server.url("");
+        tokio::spawn(async move {
+            let c = client();
+            for start in (BEFORE..N).step_by(250) {
+                let body = Value::Array((start..start + 250).map(llm_event).collect());
+                let res = c
+                    .post(format!("{server_url}/api/v1/events"))
+                    .header("content-type", "application/json")
+                    .body(body.to_string())
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(res.status().as_u16(), 204);
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    std::fs::write(stack.server.manifests.join("late.yaml"), LATE_METER).unwrap();
+    // the server reloads, provisions the rollup (cutover ~1 s ahead) and backfills
+    let c = client();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, _) = get_json(&c, &stack.server.url("/api/v1/meters/tokens_late")).await;
+        if status == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the late meter was not served within 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        !sender.is_finished(),
+        "ingestion should still be going on at the cutover"
+    );
+    sender.await.unwrap();
+    stack.drained(Duration::from_secs(120)).await;
+    let (sum, _, _) = totals(N);
+    assert_eq!(
+        stack.total("tokens_late").await,
+        sum as f64,
+        "late meter total"
+    );
+    assert_eq!(
+        stack.total("tokens").await,
+        sum as f64,
+        "original meter total"
+    );
+    let origins = ch(
+        &url,
+        &format!(
+            "SELECT origin, countMerge(cnt) FROM {db}.{t} GROUP BY origin ORDER BY origin FORMAT CSV",
+            db = stack.database,
+            t = ch(&url, &format!("SELECT rollup FROM {}.meters FINAL WHERE slug = 'tokens_late'", stack.database)).await.trim()
+        ),
+    )
+    .await;
+    let parts: Vec<u64> = origins
+        .lines()
+        .map(|l| l.split(',').nth(1).unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(
+        parts.len(),
+        2,
+        "both the view and the backfill contributed: {origins}"
+    );
+    assert_eq!(parts.iter().sum::<u64>(), N);
+}
