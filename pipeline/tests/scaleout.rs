@@ -54,7 +54,7 @@ fn llm_event(i: u64) -> Value {
     json!({"specversion": "1.0", "id": format!("ev-{i}"), "source": "load", "type": "llm",
            "subject": format!("customer-{}", i % 50),
            "time": format!("2024-06-01T{:02}:{:02}:{:02}.{:03}Z", minute / 60, minute % 60, i % 60, i % 1000),
-           "data": {"tokens": (i % 97) + 1, "model": if i % 3 == 0 { "small" } else { "large" }, "user": format!("u{}", i % 1234)}})
+           "data": {"tokens": (i % 97) + 1, "model": if i.is_multiple_of(3) { "small" } else { "large" }, "user": format!("u{}", i % 1234)}})
 }
 
 /// Hand-computed totals of events `0..n`: (SUM of tokens, COUNT, UNIQUE users).
