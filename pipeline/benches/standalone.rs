@@ -14,30 +14,18 @@
 //!
 //! Sizes: TALLY_BENCH_EVENTS (default 200000), TALLY_BENCH_SUBJECTS (1000),
 //! TALLY_BENCH_DAYS (30).
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+mod common;
 
-use serde_json::json;
+use std::sync::Arc;
+use std::time::Instant;
+
+use common::{bodies, env, event_json, percentile, post_all};
 use tally_crds::{Meter, UsageEvent};
 use tally_pipeline::api::{self, AppState, Catalog, Limits, parse_query};
 use tally_pipeline::engine::CompiledMeter;
 use tally_pipeline::metrics::Metrics;
 use tally_pipeline::store::embedded::{EVENTS_SCHEMA_AND_INSERT, EmbeddedConfig, EmbeddedStore};
 use tally_pipeline::store::{Store, StoredMeter};
-
-fn env(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn event_json(i: usize) -> serde_json::Value {
-    let model = ["gpt-4o", "llama-3-70b", "claude"][i % 3];
-    json!({"specversion": "1.0", "id": format!("evt-{i}"), "source": "bench", "type": "llm_usage",
-           "subject": format!("customer-{}", i % 1000), "time": format!("2024-05-01T{:02}:{:02}:{:02}.{:03}Z", (i / 3_600_000) % 24, (i / 60_000) % 60, (i / 1000) % 60, i % 1000),
-           "data": {"model": model, "tokens": (i % 977) as f64, "direction": "input"}})
-}
 
 const TOKENS_METER: &str = "apiVersion: tally.dev/v1alpha1\nkind: Meter\nmetadata: {name: tokens}\nspec: {eventType: llm_usage, aggregation: SUM, valueProperty: $.tokens, groupBy: {model: $.model}}\n";
 
@@ -51,10 +39,6 @@ fn store_with(yaml: &str) -> (tempfile::TempDir, Arc<EmbeddedStore>, StoredMeter
         .sync_meters(vec![Arc::new(CompiledMeter::compile(&m).unwrap())])
         .unwrap();
     (dir, store, synced.meters[0].clone())
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
 fn bare_insert(events: &[UsageEvent]) -> f64 {
@@ -113,46 +97,8 @@ async fn http_ingest(n: usize) -> f64 {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let server = tokio::spawn(async move { axum::serve(listener, api::router(state)).await });
-    let bodies: Arc<Vec<String>> = Arc::new(
-        (0..n / 100)
-            .map(|b| {
-                serde_json::to_string(&(b * 100..(b + 1) * 100).map(event_json).collect::<Vec<_>>())
-                    .unwrap()
-            })
-            .collect(),
-    );
-    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let start = Instant::now();
-    let mut tasks = Vec::new();
-    for _ in 0..8 {
-        let (bodies, next) = (bodies.clone(), next.clone());
-        let url = format!("http://{addr}/api/v1/events");
-        tasks.push(tokio::spawn(async move {
-            let client = reqwest::Client::new();
-            loop {
-                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let Some(body) = bodies.get(i) else { break };
-                loop {
-                    let res = client
-                        .post(&url)
-                        .header("content-type", "application/json")
-                        .body(body.clone())
-                        .send()
-                        .await
-                        .unwrap();
-                    if res.status() == 204 {
-                        break;
-                    }
-                    assert_eq!(res.status(), 503, "unexpected status");
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-            }
-        }));
-    }
-    for t in tasks {
-        t.await.unwrap();
-    }
-    let rate = n as f64 / start.elapsed().as_secs_f64();
+    let elapsed = post_all(format!("http://{addr}/api/v1/events"), bodies(n, 100), 8).await;
+    let rate = n as f64 / elapsed.as_secs_f64();
     server.abort();
     rate
 }

@@ -848,7 +848,7 @@ impl Sink {
                 ),
             );
             self.ch
-                .exec(
+                .exec_aggregation(
                     "re-derive rollup rows",
                     &format!("INSERT INTO {}.{} {select}", self.ch.db(), sql.table),
                 )

@@ -144,6 +144,18 @@ impl Ch {
             .map_err(self.err(step))
     }
 
+    /// Runs an aggregation over many rows (backfill, repair): GROUP BY state that
+    /// outgrows 1 GiB spills to disk instead of failing the query.
+    pub async fn exec_aggregation(&self, step: &str, sql: &str) -> Result<()> {
+        self.client
+            .query(sql)
+            .with_setting("max_bytes_before_external_group_by", "1000000000")
+            .with_setting("max_execution_time", "0")
+            .execute()
+            .await
+            .map_err(self.err(step))
+    }
+
     /// Fetches rows.
     pub async fn fetch<T>(&self, step: &str, sql: &str) -> Result<Vec<T>>
     where

@@ -287,7 +287,7 @@ async fn backfill(ch: &Ch, m: &CompiledMeter, mut rec: MeterRecord) -> Result<()
         Origin::Backfill,
         &format!("inserted_at < toDateTime({})", rec.cutover),
     );
-    ch.exec(
+    ch.exec_aggregation(
         "backfill a rollup",
         &format!("INSERT INTO {}.{} {select}", ch.db(), sql.table),
     )
