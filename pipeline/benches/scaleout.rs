@@ -34,7 +34,11 @@ use tally_pipeline::sink::{SinkConfig, SinkStats};
 use tally_pipeline::store::Store;
 
 fn unique(prefix: &str) -> String {
-    format!("{prefix}_{}_{}", std::process::id(), chrono::Utc::now().timestamp_millis())
+    format!(
+        "{prefix}_{}_{}",
+        std::process::id(),
+        chrono::Utc::now().timestamp_millis()
+    )
 }
 
 fn ch_config(url: &str, db: &str) -> ChConfig {
@@ -87,7 +91,8 @@ async fn raw_produce(kafka: &KafkaConfig, envelopes: &[Envelope]) -> f64 {
 
 async fn http_ingest(kafka: &KafkaConfig, ch: Ch, n: usize) -> f64 {
     let producer = Arc::new(Producer::new(kafka).unwrap());
-    let store: Arc<dyn Store> = Arc::new(ClickHouseStore::new(ch, Some(producer), false, cutover()));
+    let store: Arc<dyn Store> =
+        Arc::new(ClickHouseStore::new(ch, Some(producer), false, cutover()));
     let state = AppState::new(store, Limits::default(), Arc::new(Metrics::default()));
     state.publish(Catalog::new(Vec::new()));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -108,7 +113,10 @@ async fn sink_rate(kafka: &KafkaConfig, url: &str, meters: usize, n: u64) -> f64
     provision::provision(&ch, &list, &cutover()).await.unwrap();
     let mut sink = SinkConfig::new(kafka.clone(), cfg);
     sink.group = db.clone();
-    let (stop, stats) = (Arc::new(AtomicBool::new(false)), Arc::new(SinkStats::default()));
+    let (stop, stats) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(SinkStats::default()),
+    );
     let start = Instant::now();
     let thread = {
         let (stop, stats) = (stop.clone(), stats.clone());
@@ -117,11 +125,36 @@ async fn sink_rate(kafka: &KafkaConfig, url: &str, meters: usize, n: u64) -> f64
     while stats.applied.load(Ordering::SeqCst) < n {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let rate = n as f64 / start.elapsed().as_secs_f64();
+    // from the first message, so joining the consumer group is not counted
+    let first = stats.first_message_ms.load(Ordering::SeqCst) as i64;
+    let elapsed = (chrono::Utc::now().timestamp_millis() - first).max(1) as f64 / 1e3;
+    let _ = start;
+    let rate = n as f64 / elapsed;
     stop.store(true, Ordering::SeqCst);
     thread.join().unwrap().unwrap();
-    ch.exec("drop", &format!("DROP DATABASE {db}")).await.unwrap();
+    ch.exec("drop", &format!("DROP DATABASE {db}"))
+        .await
+        .unwrap();
     rate
+}
+
+/// Raw consume: reads the `n` messages of `topic` with a fresh group (the sink's
+/// consumer settings), from the first message to the last.
+fn raw_consume(kafka: &KafkaConfig, n: usize) -> f64 {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let c: BaseConsumer = kafka
+        .consumer_settings(&unique("bench_consume"))
+        .create()
+        .unwrap();
+    c.subscribe(&[&kafka.topic]).unwrap();
+    let (mut got, mut first) = (0, None);
+    while got < n {
+        if let Some(Ok(_)) = c.poll(Duration::from_millis(100)) {
+            first.get_or_insert_with(Instant::now);
+            got += 1;
+        }
+    }
+    n as f64 / first.unwrap().elapsed().as_secs_f64()
 }
 
 async fn raw_insert(url: &str, rows: &[EventRow]) -> f64 {
@@ -133,7 +166,9 @@ async fn raw_insert(url: &str, rows: &[EventRow]) -> f64 {
         ch.insert::<EventRow>("events", chunk).await.unwrap();
     }
     let rate = rows.len() as f64 / start.elapsed().as_secs_f64();
-    ch.exec("drop", &format!("DROP DATABASE {db}")).await.unwrap();
+    ch.exec("drop", &format!("DROP DATABASE {db}"))
+        .await
+        .unwrap();
     rate
 }
 
@@ -157,29 +192,43 @@ async fn query_bench(url: &str, subjects: usize, days: usize) {
     )
     .await
     .unwrap();
-    println!("generated {n} events ({subjects} subjects x {days} days, 2 per subject-minute) in ClickHouse in {:.1} s", t.elapsed().as_secs_f64());
+    println!(
+        "generated {n} events ({subjects} subjects x {days} days, 2 per subject-minute) in ClickHouse in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
     let m: Meter = serde_yaml::from_str("apiVersion: tally.dev/v1alpha1\nkind: Meter\nmetadata: {name: gpu-seconds}\nspec: {eventType: gpu, aggregation: SUM, valueProperty: $.seconds}\n").unwrap();
     let meter = Arc::new(CompiledMeter::compile(&m).unwrap());
     let t = Instant::now();
-    let (stored, _) = provision::provision(&ch, &[meter], &cutover()).await.unwrap();
-    println!("backfilled the meter's minute rollup in {:.1} s (includes the ~2 s cutover wait)", t.elapsed().as_secs_f64());
+    let (stored, _) = provision::provision(&ch, &[meter], &cutover())
+        .await
+        .unwrap();
+    println!(
+        "backfilled the meter's minute rollup in {:.1} s (includes the ~2 s cutover wait)",
+        t.elapsed().as_secs_f64()
+    );
     let sm = stored[0].clone();
     let store = Arc::new(ClickHouseStore::new(ch.clone(), None, false, cutover()));
     let end_s = start_s + days as i64 * 86400;
-    let to = chrono::DateTime::from_timestamp(end_s, 0).unwrap().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let to = chrono::DateTime::from_timestamp(end_s, 0)
+        .unwrap()
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     let subject = format!("customer-{}", 42 % subjects);
     let value = "data_nums[indexOf(data_paths, '$[\\'seconds\\']')]";
     let cases = [
         (
             format!("(a) HOUR windows, one subject, {days} days"),
             format!("from=2024-05-01T00:00:00Z&to={to}&windowSize=HOUR&subject={subject}"),
-            format!("SELECT toStartOfHour(time) AS w, sum({value}) FROM {db}.events WHERE namespace = 'default' AND type = 'gpu' AND subject = '{subject}' AND time >= toDateTime({start_s}) AND time < toDateTime({end_s}) GROUP BY w ORDER BY w"),
+            format!(
+                "SELECT toStartOfHour(time) AS w, sum({value}) FROM {db}.events WHERE namespace = 'default' AND type = 'gpu' AND subject = '{subject}' AND time >= toDateTime({start_s}) AND time < toDateTime({end_s}) GROUP BY w ORDER BY w"
+            ),
             50,
         ),
         (
             format!("(b) DAY windows, all {subjects} subjects, groupBy=subject"),
             format!("from=2024-05-01T00:00:00Z&to={to}&windowSize=DAY&groupBy=subject"),
-            format!("SELECT subject, toStartOfDay(time) AS w, sum({value}) FROM {db}.events WHERE namespace = 'default' AND type = 'gpu' AND time >= toDateTime({start_s}) AND time < toDateTime({end_s}) GROUP BY subject, w ORDER BY w, subject"),
+            format!(
+                "SELECT subject, toStartOfDay(time) AS w, sum({value}) FROM {db}.events WHERE namespace = 'default' AND type = 'gpu' AND time >= toDateTime({start_s}) AND time < toDateTime({end_s}) GROUP BY subject, w ORDER BY w, subject"
+            ),
             10,
         ),
     ];
@@ -227,17 +276,29 @@ async fn query_bench(url: &str, subjects: usize, days: usize) {
             percentile(&raw_times, 0.5).as_secs_f64() / percentile(&times, 0.5).as_secs_f64()
         );
     }
-    ch.exec("drop", &format!("DROP DATABASE {db}")).await.unwrap();
+    ch.exec("drop", &format!("DROP DATABASE {db}"))
+        .await
+        .unwrap();
 }
 
 #[tokio::main]
 async fn main() {
     let kafka_addr = std::env::var("TALLY_BENCH_KAFKA").unwrap_or_else(|_| "127.0.0.1:9092".into());
-    let url = std::env::var("TALLY_BENCH_CLICKHOUSE").unwrap_or_else(|_| "http://127.0.0.1:8123".into());
+    let url =
+        std::env::var("TALLY_BENCH_CLICKHOUSE").unwrap_or_else(|_| "http://127.0.0.1:8123".into());
     let n = env("TALLY_BENCH_EVENTS", 200_000) / 500 * 500;
-    println!("tally scale-out benchmark ({n} events; Kafka {kafka_addr}, ClickHouse {url}; {} cores)", std::thread::available_parallelism().map_or(1, |p| p.get()));
+    println!(
+        "tally scale-out benchmark ({n} events; Kafka {kafka_addr}, ClickHouse {url}; {} cores)",
+        std::thread::available_parallelism().map_or(1, |p| p.get())
+    );
     let envelopes: Vec<Envelope> = (0..n)
-        .map(|i| Envelope::new("default", &UsageEvent::from_json(&event_json(i), 0).unwrap(), 0))
+        .map(|i| {
+            Envelope::new(
+                "default",
+                &UsageEvent::from_json(&event_json(i), 0).unwrap(),
+                0,
+            )
+        })
         .collect();
     let mut raw_kafka = KafkaConfig::new(&kafka_addr);
     raw_kafka.topic = unique("bench_raw");
@@ -252,7 +313,10 @@ async fn main() {
     http_kafka.ensure_topic(8, 1).await.unwrap();
     let ch = Ch::new(&ch_config(&url, "bench_ingest")).unwrap();
     let http = http_ingest(&http_kafka, ch, n).await;
-    println!("HTTP ingest to Kafka ack (16 clients):            {http:>10.0} events/s = {:.2}x raw produce", http / raw);
+    println!(
+        "HTTP ingest to Kafka ack (16 clients):            {http:>10.0} events/s = {:.2}x raw produce",
+        http / raw
+    );
 
     let rows: Vec<EventRow> = envelopes
         .iter()
@@ -262,12 +326,28 @@ async fn main() {
             EventRow::new(&ns, &ev, at, 0, (i % 8) as i32, i as i64)
         })
         .collect();
+    let consume = {
+        let k = raw_kafka.clone();
+        tokio::task::spawn_blocking(move || raw_consume(&k, n))
+            .await
+            .unwrap()
+    };
+    println!("raw limit: rdkafka consume (sink's settings):     {consume:>10.0} events/s");
     let raw_ins = raw_insert(&url, &rows).await;
     println!("raw limit: ClickHouse insert into events (50k):   {raw_ins:>10.0} rows/s");
     for meters in [0, 1, 10, 100] {
         // the raw-produce topic holds the n envelopes; each run reads it with its own group
         let sink = sink_rate(&raw_kafka, &url, meters, n as u64).await;
-        println!("sink, {meters:>3} meters (views):                      {sink:>10.0} rows/s = {:.2}x raw insert", sink / raw_ins);
+        println!(
+            "sink, {meters:>3} meters (views):                      {sink:>10.0} rows/s = {:.2}x raw insert, {:.2}x raw consume",
+            sink / raw_ins,
+            sink / consume
+        );
     }
-    query_bench(&url, env("TALLY_BENCH_SUBJECTS", 1000), env("TALLY_BENCH_DAYS", 30)).await;
+    query_bench(
+        &url,
+        env("TALLY_BENCH_SUBJECTS", 1000),
+        env("TALLY_BENCH_DAYS", 30),
+    )
+    .await;
 }
