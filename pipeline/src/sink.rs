@@ -66,7 +66,7 @@ use serde::{Deserialize, Serialize};
 use tally_crds::Envelope;
 
 use crate::clickhouse::provision::{delete_where, read_meters};
-use crate::clickhouse::rollup::{Origin, RollupSql};
+use crate::clickhouse::rollup::{Grain, Origin, RollupSql};
 use crate::clickhouse::{Ch, ChConfig, EventRow, lit};
 use crate::kafka::KafkaConfig;
 use crate::store::DeadLetter;
@@ -910,29 +910,35 @@ impl Sink {
             // in chunks: ClickHouse caps a query's syntax tree at 50,000 elements
             for chunk in subjects.chunks(5_000) {
                 let list = chunk.iter().map(|s| lit(s)).collect::<Vec<_>>().join(", ");
-                delete_where(
-                    &self.ch,
-                    &sql.table,
-                    &format!(
-                        "origin = 0 AND subject IN ({list}) AND minute >= toDateTime({lo}) AND minute <= toDateTime({hi})"
-                    ),
-                )
-                .await?;
-                let select = sql.select(
-                    &format!("{}.events", self.ch.db()),
-                    Origin::View,
-                    &format!(
-                        "inserted_at >= toDateTime({}) AND subject IN ({list}) AND time >= toDateTime({lo}) AND time < toDateTime({})",
-                        rec.cutover,
-                        hi + 60
-                    ),
-                );
-                self.ch
-                    .exec_aggregation(
-                        "re-derive rollup rows",
-                        &format!("INSERT INTO {}.{} {select}", self.ch.db(), sql.table),
+                for grain in Grain::ALL {
+                    let step = grain.seconds() as u32;
+                    let (lo, hi) = (lo / step * step, hi / step * step);
+                    let table = grain.table(&sql.table);
+                    delete_where(
+                        &self.ch,
+                        &table,
+                        &format!(
+                            "origin = 0 AND subject IN ({list}) AND minute >= toDateTime({lo}) AND minute <= toDateTime({hi})"
+                        ),
                     )
                     .await?;
+                    let select = sql.select(
+                        &format!("{}.events", self.ch.db()),
+                        Origin::View,
+                        &format!(
+                            "inserted_at >= toDateTime({}) AND subject IN ({list}) AND time >= toDateTime({lo}) AND time < toDateTime({})",
+                            rec.cutover,
+                            hi + step
+                        ),
+                        grain,
+                    );
+                    self.ch
+                        .exec_aggregation(
+                            "re-derive rollup rows",
+                            &format!("INSERT INTO {}.{table} {select}", self.ch.db()),
+                        )
+                        .await?;
+                }
             }
         }
         Ok(())

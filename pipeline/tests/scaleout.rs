@@ -476,7 +476,8 @@ async fn a_meter_created_later_is_backfilled_exactly_while_ingestion_continues()
         return;
     };
     let url = svc.clickhouse.clone();
-    let mut stack = Stack::start(svc, &url, METERS, &["--batch-rows", "5000"]);
+    // the default batch size (50,000): dedup lookups of that size must work
+    let mut stack = Stack::start(svc, &url, METERS, &[]);
     const BEFORE: u64 = 100_000;
     const N: u64 = 130_000;
     stack.send(0..BEFORE, 2000).await;

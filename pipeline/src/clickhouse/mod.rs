@@ -24,7 +24,9 @@
 //! - `meters`: the provisioned rollups (definition, cutover, backfill state).
 //! - `rollup_<hash>`: per meter definition, an AggregatingMergeTree of one-minute windows
 //!   keyed by (subject, group-by values, minute, origin) with the states the meter's
-//!   aggregation needs ([`rollup`]).
+//!   aggregation needs ([`rollup`]); and `rollup_<hash>_q`, the same at fifteen minutes
+//!   (every modern zone offset is a multiple of 15 minutes, so whole quarters of any
+//!   window come from it), each fed by its own view.
 pub mod provision;
 pub mod rollup;
 pub mod store;

@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 
 use super::Ch;
 use super::lit;
-use super::rollup::{Origin, RollupSql, rollup_id, view_name};
+use super::rollup::{Grain, Origin, RollupSql, rollup_id, view_name};
 use crate::engine::CompiledMeter;
 use crate::store::StoredMeter;
 use crate::{Error, Result};
@@ -147,7 +147,10 @@ pub async fn provision(
     for m in meters {
         let sql = RollupSql::new(m);
         let mut rec = existing.get(&sql.table).cloned();
-        let view_ok = rec.is_some() && exists(ch, &view_name(&sql.table)).await?;
+        let mut view_ok = rec.is_some();
+        for grain in Grain::ALL {
+            view_ok = view_ok && exists(ch, &view_name(&grain.table(&sql.table))).await?;
+        }
         if !view_ok {
             let cutover = ch.now().await? + cfg.margin_secs;
             let r = MeterRecord {
@@ -162,10 +165,15 @@ pub async fn provision(
                 version: 0,
             };
             write_record(ch, &r).await?;
-            ch.exec("create a rollup", &sql.create_table(ch.db()))
+            for grain in Grain::ALL {
+                ch.exec("create a rollup", &sql.create_table(ch.db(), grain))
+                    .await?;
+                ch.exec(
+                    "create a rollup view",
+                    &sql.create_view(ch.db(), cutover, grain),
+                )
                 .await?;
-            ch.exec("create a rollup view", &sql.create_view(ch.db(), cutover))
-                .await?;
+            }
             tracing::info!(meter = %m.slug, namespace = %m.namespace, rollup = %sql.table, cutover, "Created rollup and view");
             rec = Some(r);
         }
@@ -281,17 +289,21 @@ pub async fn delete_where(ch: &Ch, table: &str, cond: &str) -> Result<()> {
 async fn backfill(ch: &Ch, m: &CompiledMeter, mut rec: MeterRecord) -> Result<()> {
     let sql = RollupSql::new(m);
     let started = Instant::now();
-    delete_where(ch, &sql.table, "origin = 1").await?;
-    let select = sql.select(
-        &format!("{}.events", ch.db()),
-        Origin::Backfill,
-        &format!("inserted_at < toDateTime({})", rec.cutover),
-    );
-    ch.exec_aggregation(
-        "backfill a rollup",
-        &format!("INSERT INTO {}.{} {select}", ch.db(), sql.table),
-    )
-    .await?;
+    for grain in Grain::ALL {
+        let table = grain.table(&sql.table);
+        delete_where(ch, &table, "origin = 1").await?;
+        let select = sql.select(
+            &format!("{}.events", ch.db()),
+            Origin::Backfill,
+            &format!("inserted_at < toDateTime({})", rec.cutover),
+            grain,
+        );
+        ch.exec_aggregation(
+            "backfill a rollup",
+            &format!("INSERT INTO {}.{table} {select}", ch.db()),
+        )
+        .await?;
+    }
     rec.backfilled = 1;
     write_record(ch, &rec).await?;
     tracing::info!(meter = %m.slug, namespace = %m.namespace, rollup = %sql.table, ms = started.elapsed().as_millis() as u64, "Backfilled rollup");
@@ -308,16 +320,16 @@ pub async fn drop_rollups(ch: &Ch, ids: &[i64]) -> Result<()> {
     for id in ids {
         let table = super::rollup::table_name(*id);
         let db = ch.db();
-        ch.exec(
-            "drop a rollup view",
-            &format!("DROP TABLE IF EXISTS {db}.{}", view_name(&table)),
-        )
-        .await?;
-        ch.exec(
-            "drop a rollup",
-            &format!("DROP TABLE IF EXISTS {db}.{table}"),
-        )
-        .await?;
+        for grain in Grain::ALL {
+            let t = grain.table(&table);
+            ch.exec(
+                "drop a rollup view",
+                &format!("DROP TABLE IF EXISTS {db}.{}", view_name(&t)),
+            )
+            .await?;
+            ch.exec("drop a rollup", &format!("DROP TABLE IF EXISTS {db}.{t}"))
+                .await?;
+        }
         if let Some(mut rec) = existing.get(&table).cloned() {
             rec.dropped = 1;
             write_record(ch, &rec).await?;

@@ -25,6 +25,45 @@ pub enum Origin {
     Backfill = 1,
 }
 
+/// The time granularity of a rollup table. Every meter has both: one-minute rows answer
+/// any window exactly; fifteen-minute rows (every modern zone offset is a multiple of
+/// 15 minutes) answer the whole quarters inside a query up to 15 times faster.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Grain {
+    /// One minute: table `rollup_<hash>`.
+    Minute,
+    /// Fifteen minutes: table `rollup_<hash>_q`.
+    Quarter,
+}
+
+impl Grain {
+    /// Both grains.
+    pub const ALL: [Grain; 2] = [Grain::Minute, Grain::Quarter];
+
+    /// Seconds per row.
+    pub fn seconds(self) -> i64 {
+        match self {
+            Grain::Minute => 60,
+            Grain::Quarter => 900,
+        }
+    }
+
+    fn bucket(self) -> &'static str {
+        match self {
+            Grain::Minute => "toStartOfMinute(time)",
+            Grain::Quarter => "toStartOfFifteenMinutes(time)",
+        }
+    }
+
+    /// The table of this grain for the minute table `base`.
+    pub fn table(self, base: &str) -> String {
+        match self {
+            Grain::Minute => base.to_string(),
+            Grain::Quarter => format!("{base}_q"),
+        }
+    }
+}
+
 /// The SQL of one meter.
 #[derive(Clone, Debug)]
 pub struct RollupSql<'a> {
@@ -132,8 +171,8 @@ impl<'a> RollupSql<'a> {
         cols.join(", ")
     }
 
-    /// `CREATE TABLE IF NOT EXISTS` of the rollup.
-    pub fn create_table(&self, db: &str) -> String {
+    /// `CREATE TABLE IF NOT EXISTS` of the rollup of `grain`.
+    pub fn create_table(&self, db: &str, grain: Grain) -> String {
         let mut cols = vec!["subject String".to_string()];
         cols.extend(self.groups().into_iter().map(|g| format!("{g} String")));
         cols.push("gnull UInt64".into());
@@ -143,15 +182,15 @@ impl<'a> RollupSql<'a> {
         format!(
             "CREATE TABLE IF NOT EXISTS {db}.{} ({}) ENGINE = AggregatingMergeTree \
              PARTITION BY toYYYYMM(minute) ORDER BY ({})",
-            self.table,
+            grain.table(&self.table),
             cols.join(", "),
             self.key_columns()
         )
     }
 
-    /// The SELECT producing minute states from `src` (a table with the `events` columns)
-    /// for rows matching `extra` (a SQL condition), tagged `origin`.
-    pub fn select(&self, src: &str, origin: Origin, extra: &str) -> String {
+    /// The SELECT producing states per `grain` from `src` (a table with the `events`
+    /// columns) for rows matching `extra` (a SQL condition), tagged `origin`.
+    pub fn select(&self, src: &str, origin: Origin, extra: &str, grain: Grain) -> String {
         let m = self.meter;
         let mut with = Vec::new();
         let mut slot = |path: &SingularPath| {
@@ -201,7 +240,7 @@ impl<'a> RollupSql<'a> {
         } else {
             format!("{} AS gnull", nulls.join(" + "))
         });
-        cols.push("toStartOfMinute(time) AS minute".into());
+        cols.push(format!("{} AS minute", grain.bucket()));
         cols.push(format!("toUInt8({}) AS origin", origin as u8));
         match (m.aggregation(), m.value_path()) {
             (Aggregation::Count, _) | (_, None) => {}
@@ -248,17 +287,18 @@ impl<'a> RollupSql<'a> {
         )
     }
 
-    /// `CREATE MATERIALIZED VIEW` feeding the rollup from `events_feed` for rows inserted
-    /// at or after `cutover` (ClickHouse seconds).
-    pub fn create_view(&self, db: &str, cutover: i64) -> String {
+    /// `CREATE MATERIALIZED VIEW` feeding the rollup of `grain` from `events_feed` for
+    /// rows inserted at or after `cutover` (ClickHouse seconds).
+    pub fn create_view(&self, db: &str, cutover: i64, grain: Grain) -> String {
+        let table = grain.table(&self.table);
         format!(
-            "CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.{} TO {db}.{} AS {}",
-            view_name(&self.table),
-            self.table,
+            "CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.{} TO {db}.{table} AS {}",
+            view_name(&table),
             self.select(
                 &format!("{db}.events_feed"),
                 Origin::View,
-                &format!("inserted_at >= toDateTime({cutover})")
+                &format!("inserted_at >= toDateTime({cutover})"),
+                grain
             )
         )
     }

@@ -1,8 +1,9 @@
 //! The ClickHouse store: ingest goes to Kafka (the sink loads it), queries read
 //! ClickHouse.
 //!
-//! A query `[from, to)` reads whole minutes from the meter's rollup and the sub-minute
-//! edges from `events`, evaluated by the engine, so any precision is exact. Rollup
+//! A query `[from, to)` reads whole quarter hours from the meter's 15-minute rollup,
+//! the remaining whole minutes from its minute rollup, and the sub-minute edges from
+//! `events`, evaluated by the engine, so any precision is exact. Rollup
 //! minutes are merged in ClickHouse into *buckets* that each lie inside one requested
 //! window: the range is cut where the zone's UTC offset changes, and inside a piece of
 //! constant offset a local hour or day is a fixed-size, fixed-phase bucket (months use
@@ -18,7 +19,7 @@ use tally_crds::{Aggregation, UsageEvent};
 use tokio::runtime::Handle;
 
 use super::provision::{self, CutoverConfig};
-use super::rollup::{BucketRow, RollupSql};
+use super::rollup::{BucketRow, Grain, RollupSql};
 use super::{Ch, EventRow, lit};
 use crate::engine::CompiledMeter;
 use crate::engine::state::{Latest, State};
@@ -238,7 +239,24 @@ impl ClickHouseStore {
             } else {
                 constant_offset_pieces(ma, mb, spec.tz)
             };
+            // whole quarters (when windows align to them) from the 15-minute rollup, the
+            // rest from the minute rollup
+            let quarters_fit = !matches!(spec.window_size, Some(WindowSize::Minute));
+            let mut reads = Vec::new();
             for (a, b, off) in pieces {
+                let (qa, qb) = ((a + 899).div_euclid(900) * 900, b.div_euclid(900) * 900);
+                if quarters_fit && off % 900 == 0 && qa < qb {
+                    reads.push((Grain::Minute, a, qa, off));
+                    reads.push((Grain::Quarter, qa, qb, off));
+                    reads.push((Grain::Minute, qb, b, off));
+                } else {
+                    reads.push((Grain::Minute, a, b, off));
+                }
+            }
+            for (grain, a, b, off) in reads {
+                if a >= b {
+                    continue;
+                }
                 let q = format!(
                     "SELECT {} AS s_subject, [{groups}] AS s_groups, bitAnd(gnull, {mask}) AS s_gnull, {} AS s_bucket, {} \
                      FROM {db}.{} WHERE minute >= toDateTime({a}) AND minute < toDateTime({b}){subjects} \
@@ -246,7 +264,7 @@ impl ClickHouseStore {
                     if by_subject { "subject" } else { "''" },
                     bucket_expr(spec.window_size, from_ms.div_euclid(1000), off),
                     sql.merge_columns(),
-                    sql.table
+                    grain.table(&sql.table)
                 );
                 let rows: Vec<BucketRow> = self.ch.fetch("query a rollup", &q).await?;
                 for r in rows {
