@@ -552,4 +552,44 @@ async fn a_meter_created_later_is_backfilled_exactly_while_ingestion_continues()
         "both the view and the backfill contributed: {origins}"
     );
     assert_eq!(parts.iter().sum::<u64>(), N);
+
+    // deleting the meter drops its views and rollups; raw events stay
+    let rollup = ch(
+        &url,
+        &format!(
+            "SELECT rollup FROM {}.meters FINAL WHERE slug = 'tokens_late'",
+            stack.database
+        ),
+    )
+    .await
+    .trim()
+    .to_string();
+    std::fs::remove_file(stack.server.manifests.join("late.yaml")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = ch(
+            &url,
+            &format!(
+                "SELECT count() FROM system.tables WHERE database = '{}' AND name LIKE '{rollup}%'",
+                stack.database
+            ),
+        )
+        .await;
+        if left.trim() == "0" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "rollup tables of a deleted meter remain: {left}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (status, _) = get_json(&c, &stack.server.url("/api/v1/meters/tokens_late")).await;
+    assert_eq!(status, 404);
+    let stored = ch(
+        &url,
+        &format!("SELECT count() FROM {}.events", stack.database),
+    )
+    .await;
+    assert_eq!(stored.trim(), N.to_string(), "raw events stay");
 }
