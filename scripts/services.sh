@@ -63,22 +63,27 @@ XML
 }
 
 running() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
 start() {
   install
   mkdir -p "$DIR/tansu" "$DIR/clickhouse"
-  if running "$DIR/tansu.pid"; then echo "tansu already running (pid $(cat "$DIR/tansu.pid"))"; else
+  if running "$DIR/tansu.pid"; then echo "tansu already running (pid $(cat "$DIR/tansu.pid"))";
+  elif port_open "$KAFKA_PORT"; then echo "port $KAFKA_PORT is already served (not started from $DIR); using it";
+  else
     (cd "$DIR/tansu" && nohup tansu broker --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
       --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT" --storage-engine sqlite://tansu.db \
       >"$DIR/tansu.log" 2>&1 & echo $! >"$DIR/tansu.pid")
   fi
-  if running "$DIR/clickhouse.pid"; then echo "clickhouse already running (pid $(cat "$DIR/clickhouse.pid"))"; else
+  if running "$DIR/clickhouse.pid"; then echo "clickhouse already running (pid $(cat "$DIR/clickhouse.pid"))";
+  elif port_open "$CH_HTTP_PORT"; then echo "port $CH_HTTP_PORT is already served (not started from $DIR); using it";
+  else
     clickhouse_config "$DIR/clickhouse" "$CH_HTTP_PORT" "$CH_TCP_PORT"
     nohup /usr/sbin/clickhouse-server --config-file="$DIR/clickhouse/config.xml" \
       >"$DIR/clickhouse.log" 2>&1 & echo $! >"$DIR/clickhouse.pid"
   fi
   for _ in $(seq 1 100); do
-    if curl -sf "http://127.0.0.1:$CH_HTTP_PORT/ping" >/dev/null && (exec 3<>"/dev/tcp/127.0.0.1/$KAFKA_PORT") 2>/dev/null; then
+    if curl -sf "http://127.0.0.1:$CH_HTTP_PORT/ping" >/dev/null && port_open "$KAFKA_PORT"; then
       echo "services up: kafka 127.0.0.1:$KAFKA_PORT, clickhouse http://127.0.0.1:$CH_HTTP_PORT (logs in $DIR)"
       return 0
     fi
