@@ -71,9 +71,12 @@ start() {
   if running "$DIR/tansu.pid"; then echo "tansu already running (pid $(cat "$DIR/tansu.pid"))";
   elif port_open "$KAFKA_PORT"; then echo "port $KAFKA_PORT is already served (not started from $DIR); using it";
   else
-    (cd "$DIR/tansu" && nohup tansu broker --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
+    # `cd` first and alone, so $! is tansu's own PID (the one `stop` kills)
+    (cd "$DIR/tansu" || exit 1
+     nohup tansu broker --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
       --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT" --storage-engine sqlite://tansu.db \
-      >"$DIR/tansu.log" 2>&1 & echo $! >"$DIR/tansu.pid")
+      >"$DIR/tansu.log" 2>&1 &
+     echo $! >"$DIR/tansu.pid")
   fi
   if running "$DIR/clickhouse.pid"; then echo "clickhouse already running (pid $(cat "$DIR/clickhouse.pid"))";
   elif port_open "$CH_HTTP_PORT"; then echo "port $CH_HTTP_PORT is already served (not started from $DIR); using it";
