@@ -12,7 +12,9 @@
 //!    recent identities (bounded by `dedup_memory_bytes`, oldest evicted first), and for
 //!    identities not in memory, one lookup per batch in `event_ids` (ordered by the
 //!    identity hash, so the lookup reads only matching granules) limited to the dedup
-//!    window. Hash matches are confirmed on the full strings.
+//!    window. Hash matches are confirmed on the full strings. `event_ids` is partitioned
+//!    by month of insertion, and months wholly before the window are dropped (at start
+//!    and hourly), so dedup storage is bounded.
 //! 4. insert the new rows into `events` (`inserted_at = S`), then their identities into
 //!    `event_ids`, the dead letters into `dead_letters`;
 //! 5. insert the same rows into `events_feed`, which the meters' views read;
@@ -381,6 +383,8 @@ impl Sink {
         let mut rejoin_after = Duration::from_secs(12);
         let mut last_check = Instant::now();
         let mut assigned = 0;
+        // at start, then hourly
+        let mut last_prune = Instant::now() - Duration::from_secs(3600);
         loop {
             // Some brokers (tansu 0.6) leave a crashed member's partitions with it after
             // its session expired. A member with nothing assigned for twice the session
@@ -408,6 +412,12 @@ impl Sink {
                 return Ok(());
             }
             self.handle_rebalances(&mut batch);
+            if last_prune.elapsed() >= Duration::from_secs(3600) {
+                last_prune = Instant::now();
+                if let Err(e) = self.rt.block_on(self.prune_identities()) {
+                    tracing::warn!(error = %e, "Failed to drop expired dedup identities; retrying in an hour");
+                }
+            }
             let wait = if batch.is_empty() {
                 Duration::from_millis(100)
             } else {
@@ -445,6 +455,52 @@ impl Sink {
                 bytes = 0;
             }
         }
+    }
+
+    /// Drops the monthly `event_ids` partitions that lie wholly before the dedup window,
+    /// so dedup storage stays bounded (18.16 has no TTL).
+    async fn prune_identities(&self) -> Result<()> {
+        let now = self.ch.now().await?;
+        let window_start = now - self.cfg.dedup_window.as_secs() as i64;
+        let parts: Vec<String> = self
+            .ch
+            .fetch(
+                "list dedup partitions",
+                &format!(
+                    "SELECT DISTINCT partition FROM system.parts WHERE database = {} AND table = 'event_ids' AND active",
+                    lit(self.ch.db())
+                ),
+            )
+            .await?;
+        for p in parts {
+            let Ok(yyyymm) = p.trim_matches('\'').parse::<i32>() else {
+                continue;
+            };
+            let (y, m) = (yyyymm / 100, (yyyymm % 100) as u32);
+            let next = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
+            let Some(month_end) = chrono::NaiveDate::from_ymd_opt(next.0, next.1, 1)
+                .and_then(|d| d.and_hms_opt(0, 0, 0))
+                .map(|d| d.and_utc().timestamp())
+            else {
+                continue;
+            };
+            if month_end <= window_start {
+                self.ch
+                    .exec(
+                        "drop expired dedup identities",
+                        &format!(
+                            "ALTER TABLE {}.event_ids DROP PARTITION {yyyymm}",
+                            self.ch.db()
+                        ),
+                    )
+                    .await?;
+                tracing::info!(
+                    partition = yyyymm,
+                    "Dropped dedup identities older than the dedup window"
+                );
+            }
+        }
+        Ok(())
     }
 
     fn handle_rebalances(&mut self, batch: &mut Vec<Msg>) {

@@ -356,6 +356,46 @@ async fn round_trip_dead_letters_and_kafka_outage() {
         started.elapsed() < Duration::from_secs(10),
         "ingest must not hang"
     );
+
+    // dedup identities older than the window (32 days) are dropped by month, at start
+    ch(
+        &url,
+        &format!(
+            "INSERT INTO {}.event_ids VALUES (1, 'default', 'old', 'x', '2020-01-05 00:00:00')",
+            stack.database
+        ),
+    )
+    .await;
+    stack.sink.restart_with(&[]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let old = ch(
+            &url,
+            &format!(
+                "SELECT count() FROM {}.event_ids WHERE ingested < '2021-01-01 00:00:00'",
+                stack.database
+            ),
+        )
+        .await;
+        if old.trim() == "0" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "expired identities were not dropped"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let recent = ch(
+        &url,
+        &format!("SELECT count() FROM {}.event_ids", stack.database),
+    )
+    .await;
+    assert_eq!(
+        recent.trim(),
+        events.as_array().unwrap().len().to_string(),
+        "identities inside the window stay"
+    );
 }
 
 /// 200k sends (10% re-sends of earlier events) while the sink is aborted at every fail
