@@ -122,7 +122,7 @@ async fn sink_rate(kafka: &KafkaConfig, url: &str, meters: usize, n: u64) -> f64
         let (stop, stats) = (stop.clone(), stats.clone());
         std::thread::spawn(move || tally_pipeline::sink::run(sink, stats, stop))
     };
-    while stats.applied.load(Ordering::SeqCst) < n {
+    while stats.applied.get() < n {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     // from the first message, so joining the consumer group is not counted

@@ -162,6 +162,13 @@ pub struct SinkArgs {
     /// Memory for recent identities, MiB; older ones are looked up in ClickHouse.
     #[arg(long, env = "TALLY_DEDUP_MEMORY_MIB", default_value_t = 64)]
     pub dedup_memory_mib: usize,
+    /// Where the sink serves `/metrics` and `/healthz`.
+    #[arg(
+        long,
+        env = "TALLY_SINK_METRICS_LISTEN",
+        default_value = "127.0.0.1:9464"
+    )]
+    pub metrics_listen: SocketAddr,
     /// Exit with an error after failing on one batch for this many seconds.
     #[arg(long, env = "TALLY_SINK_MAX_RETRY_SECS", default_value_t = 300)]
     pub max_retry_secs: u64,
@@ -214,6 +221,22 @@ async fn run_sink(args: &Args, sink: &SinkArgs) -> anyhow::Result<()> {
     cfg.max_retry = Duration::from_secs(sink.max_retry_secs);
     let stop = Arc::new(AtomicBool::new(false));
     let stats = Arc::new(SinkStats::default());
+    let listener = tokio::net::TcpListener::bind(sink.metrics_listen)
+        .await
+        .with_context(|| format!("failed to listen on {} for metrics", sink.metrics_listen))?;
+    let metrics = {
+        let stats = stats.clone();
+        axum::Router::new()
+            .route(
+                "/metrics",
+                axum::routing::get(move || {
+                    let stats = stats.clone();
+                    async move { stats.encode() }
+                }),
+            )
+            .route("/healthz", axum::routing::get(|| async { "ok" }))
+    };
+    tokio::spawn(async move { axum::serve(listener, metrics).await });
     let worker = {
         let stop = stop.clone();
         std::thread::Builder::new()

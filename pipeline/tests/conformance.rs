@@ -301,7 +301,7 @@ impl Harness {
         if let Some(sink) = &mut self.sink {
             sink.produced += n;
             let deadline = Instant::now() + Duration::from_secs(60);
-            while sink.stats.applied.load(Ordering::SeqCst) < sink.produced {
+            while sink.stats.applied.get() < sink.produced {
                 assert!(
                     Instant::now() < deadline,
                     "the sink did not apply the events within 60 s"

@@ -305,6 +305,15 @@ async fn round_trip_dead_letters_and_kafka_outage() {
             .any(|r| r.starts_with("v: envelope version 9")),
         "{dead}"
     );
+    let metrics = common::get_text(&c, &stack.sink.metrics_url).await;
+    assert!(
+        metrics.contains("tally_sink_dead_letters_total 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("tally_sink_events_stored_total 8"),
+        "{metrics}"
+    );
     let (_, listed) = get_json(&c, &q("/api/v1/events?limit=100")).await;
     assert_eq!(
         listed.as_array().unwrap().len(),

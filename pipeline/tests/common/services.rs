@@ -179,6 +179,8 @@ impl Drop for PrivateClickHouse {
 /// `tally-server sink` as a child process.
 pub struct SinkProcess {
     child: Option<Child>,
+    /// The sink's Prometheus endpoint.
+    pub metrics_url: String,
     args: Vec<String>,
     env: Vec<(String, String)>,
     pub log: PathBuf,
@@ -217,9 +219,12 @@ impl SinkProcess {
         .into_iter()
         .map(String::from)
         .collect();
+        let metrics = format!("127.0.0.1:{}", free_port());
+        args.extend(["--metrics-listen".to_string(), metrics.clone()]);
         args.extend(extra.iter().map(|s| s.to_string()));
         let mut s = SinkProcess {
             child: None,
+            metrics_url: format!("http://{metrics}/metrics"),
             args,
             env: Vec::new(),
             log: dir.path().join("sink.log"),
