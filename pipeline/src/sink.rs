@@ -134,6 +134,8 @@ pub struct SinkStats {
     pub repairs: Counter,
     /// Dedup lookups that went to ClickHouse.
     pub lookups: Counter,
+    /// Microseconds spent applying batches (begin to done), excluding waiting for Kafka.
+    pub apply_micros: Counter,
     /// Unix ms when the first message arrived (0 = none yet).
     pub first_message_ms: AtomicU64,
 }
@@ -493,7 +495,16 @@ impl Sink {
             }
             let full = batch.len() >= self.cfg.batch_rows || bytes >= self.cfg.batch_bytes;
             if !batch.is_empty() && (full || first_at.elapsed() >= self.cfg.batch_wait) {
+                tracing::debug!(
+                    messages = batch.len(),
+                    collect_ms = first_at.elapsed().as_millis() as u64,
+                    "Collected a batch"
+                );
+                let applying = Instant::now();
                 self.apply(std::mem::take(&mut batch))?;
+                self.stats
+                    .apply_micros
+                    .inc_by(applying.elapsed().as_micros() as u64);
                 bytes = 0;
             }
         }
