@@ -14,7 +14,8 @@
 //!    identity hash, so the lookup reads only matching granules) limited to the dedup
 //!    window. Hash matches are confirmed on the full strings. `event_ids` is partitioned
 //!    by month of insertion, and months wholly before the window are dropped (at start
-//!    and hourly), so dedup storage is bounded.
+//!    and hourly), so dedup storage is bounded. `sink_log` rows older than a week are
+//!    deleted too, except each partition's latest batch.
 //! 4. insert the new rows into `events` (`inserted_at = S`), then their identities into
 //!    `event_ids`, the dead letters into `dead_letters`;
 //! 5. insert the same rows into `events_feed`, which the meters' views read;
@@ -461,6 +462,9 @@ impl Sink {
                 if let Err(e) = self.rt.block_on(self.prune_identities()) {
                     tracing::warn!(error = %e, "Failed to drop expired dedup identities; retrying in an hour");
                 }
+                if let Err(e) = self.rt.block_on(self.prune_log()) {
+                    tracing::warn!(error = %e, "Failed to prune the sink log; retrying in an hour");
+                }
             }
             let wait = if batch.is_empty() {
                 Duration::from_millis(100)
@@ -554,6 +558,40 @@ impl Sink {
             }
         }
         Ok(())
+    }
+
+    /// Deletes `sink_log` rows older than a week, except each partition's latest batch
+    /// (its `begin` and `done`), which is all that restarts and backfills read.
+    async fn prune_log(&self) -> Result<()> {
+        let week_ago = chrono::Utc::now().timestamp_millis() - 7 * 86_400_000;
+        let latest: Vec<(i32, i64)> = self
+            .ch
+            .fetch(
+                "read the sink log",
+                &format!(
+                    "SELECT kafka_partition, max(start_offset) FROM {}.sink_log WHERE topic = {} GROUP BY kafka_partition",
+                    self.ch.db(),
+                    lit(&self.cfg.kafka.topic)
+                ),
+            )
+            .await?;
+        if latest.is_empty() {
+            return Ok(());
+        }
+        let older = latest
+            .iter()
+            .map(|(p, start)| format!("(kafka_partition = {p} AND start_offset < {start})"))
+            .collect::<Vec<_>>()
+            .join(" OR ");
+        delete_where(
+            &self.ch,
+            "sink_log",
+            &format!(
+                "topic = {} AND logged_ms < {week_ago} AND ({older})",
+                lit(&self.cfg.kafka.topic)
+            ),
+        )
+        .await
     }
 
     fn handle_rebalances(&mut self, batch: &mut Vec<Msg>) {

@@ -366,7 +366,21 @@ async fn round_trip_dead_letters_and_kafka_outage() {
         "ingest must not hang"
     );
 
-    // dedup identities older than the window (32 days) are dropped by month, at start
+    // dedup identities older than the window (32 days) are dropped by month, and sink
+    // log rows older than a week except each partition's latest batch, at start
+    ch(
+        &url,
+        &format!(
+            "INSERT INTO {}.sink_log SELECT topic, kafka_partition, 1, 'done', 1, -2, -1, inserted_at, 1000 FROM {}.sink_log LIMIT 1",
+            stack.database, stack.database
+        ),
+    )
+    .await;
+    let log_before = ch(
+        &url,
+        &format!("SELECT count() FROM {}.sink_log", stack.database),
+    )
+    .await;
     ch(
         &url,
         &format!(
@@ -395,6 +409,35 @@ async fn round_trip_dead_letters_and_kafka_outage() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    loop {
+        let stale = ch(
+            &url,
+            &format!(
+                "SELECT count() FROM {}.sink_log WHERE start_offset = -2",
+                stack.database
+            ),
+        )
+        .await;
+        if stale.trim() == "0" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "old sink log rows were not pruned"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let log_after = ch(
+        &url,
+        &format!("SELECT count() FROM {}.sink_log", stack.database),
+    )
+    .await;
+    // the restarted sink adds no batches (nothing new to read), so only the old row went
+    assert_eq!(
+        log_after.trim().parse::<u64>().unwrap() + 1,
+        log_before.trim().parse::<u64>().unwrap(),
+        "only the week-old row goes; recent rows and each partition's latest batch stay"
+    );
     let recent = ch(
         &url,
         &format!("SELECT count() FROM {}.event_ids", stack.database),
