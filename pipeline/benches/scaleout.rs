@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{bodies, env, event_json, percentile, post_all};
+use common::{bodies, env, event_json, percentile, post_all, timed};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use tally_crds::{Envelope, Meter, UsageEvent};
 use tally_pipeline::api::{self, AppState, Catalog, Limits, parse_query};
@@ -240,15 +240,9 @@ async fn query_bench(url: &str, subjects: usize, days: usize) {
         let spec = parse_query(&sm, &query).unwrap();
         let (store2, sm2) = (store.clone(), sm.clone());
         let (times, rows) = tokio::task::spawn_blocking(move || {
-            let mut times = Vec::new();
-            let mut rows = 0;
-            for _ in 0..iterations {
-                let t = Instant::now();
-                rows = store2.query(&sm2, &spec, 10_000_000).unwrap().rows.len();
-                times.push(t.elapsed());
-            }
-            times.sort();
-            (times, rows)
+            timed(iterations, || {
+                store2.query(&sm2, &spec, 10_000_000).unwrap().rows.len()
+            })
         })
         .await
         .unwrap();

@@ -19,7 +19,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Instant;
 
-use common::{bodies, env, event_json, percentile, post_all};
+use common::{bodies, env, event_json, percentile, post_all, timed};
 use tally_crds::{Meter, UsageEvent};
 use tally_pipeline::api::{self, AppState, Catalog, Limits, parse_query};
 use tally_pipeline::engine::CompiledMeter;
@@ -147,14 +147,9 @@ fn query_bench(subjects: usize, days: usize) {
     ];
     for (name, query, iterations) in cases {
         let spec = parse_query(&sm, &query).unwrap();
-        let mut times = Vec::new();
-        let mut rows = 0;
-        for _ in 0..iterations {
-            let t = Instant::now();
-            rows = store.query(&sm, &spec, 10_000_000).unwrap().rows.len();
-            times.push(t.elapsed());
-        }
-        times.sort();
+        let (times, rows) = timed(iterations, || {
+            store.query(&sm, &spec, 10_000_000).unwrap().rows.len()
+        });
         println!(
             "query {name}: {rows} rows, p50 {:.1} ms, p99 {:.1} ms ({iterations} runs)",
             percentile(&times, 0.5).as_secs_f64() * 1e3,

@@ -335,24 +335,26 @@ struct Ctx {
 
 impl ClientContext for Ctx {}
 
+impl Ctx {
+    fn record(&self, assigned: bool, tpl: &TopicPartitionList) {
+        let parts = tpl.elements().iter().map(|e| e.partition()).collect();
+        self.rebalanced
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((assigned, parts));
+    }
+}
+
 impl ConsumerContext for Ctx {
     fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = rebalance {
-            let parts = tpl.elements().iter().map(|e| e.partition()).collect();
-            self.rebalanced
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push((false, parts));
+            self.record(false, tpl);
         }
     }
 
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
-            let parts = tpl.elements().iter().map(|e| e.partition()).collect();
-            self.rebalanced
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push((true, parts));
+            self.record(true, tpl);
         }
     }
 }

@@ -6,7 +6,7 @@ use std::process::Command;
 
 #[test]
 fn readme_walkthrough_output_is_real() {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let root = common::repo();
     let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
     let start = readme
         .find("<!-- walkthrough -->")

@@ -6,8 +6,10 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::services::{PrivateClickHouse, Services, SinkProcess, ch, services, unique};
-use common::{Server, client, get_json, post_events};
+use common::services::{
+    PrivateClickHouse, Services, SinkProcess, ch, services, unique, until_zero,
+};
+use common::{Server, client, get_json, post_events, repo};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::{Value, json};
@@ -230,19 +232,12 @@ async fn round_trip_dead_letters_and_kafka_outage() {
         return;
     };
     let url = svc.clickhouse.clone();
-    let quickstart = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../examples/quickstart/meters.yaml"
-    ))
-    .unwrap();
+    let quickstart =
+        std::fs::read_to_string(repo().join("examples/quickstart/meters.yaml")).unwrap();
     let mut stack = Stack::start(svc.clone(), &url, &quickstart, &[]);
     let c = client();
     let events: Value = serde_json::from_str(
-        &std::fs::read_to_string(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../examples/events.json"
-        ))
-        .unwrap(),
+        &std::fs::read_to_string(repo().join("examples/events.json")).unwrap(),
     )
     .unwrap();
     let (status, body) = post_events(&c, &stack.server, &events).await;
@@ -390,43 +385,24 @@ async fn round_trip_dead_letters_and_kafka_outage() {
     )
     .await;
     stack.sink.restart_with(&[]);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let old = ch(
-            &url,
-            &format!(
-                "SELECT count() FROM {}.event_ids WHERE ingested < '2021-01-01 00:00:00'",
-                stack.database
-            ),
-        )
-        .await;
-        if old.trim() == "0" {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "expired identities were not dropped"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    loop {
-        let stale = ch(
-            &url,
-            &format!(
-                "SELECT count() FROM {}.sink_log WHERE start_offset = -2",
-                stack.database
-            ),
-        )
-        .await;
-        if stale.trim() == "0" {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "old sink log rows were not pruned"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    until_zero(
+        &url,
+        "expired identities dropped",
+        format!(
+            "SELECT count() FROM {}.event_ids WHERE ingested < '2021-01-01 00:00:00'",
+            stack.database
+        ),
+    )
+    .await;
+    until_zero(
+        &url,
+        "old sink log rows pruned",
+        format!(
+            "SELECT count() FROM {}.sink_log WHERE start_offset = -2",
+            stack.database
+        ),
+    )
+    .await;
     let log_after = ch(
         &url,
         &format!("SELECT count() FROM {}.sink_log", stack.database),
@@ -657,25 +633,15 @@ async fn a_meter_created_later_is_backfilled_exactly_while_ingestion_continues()
     .trim()
     .to_string();
     std::fs::remove_file(stack.server.manifests.join("late.yaml")).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let left = ch(
-            &url,
-            &format!(
-                "SELECT count() FROM system.tables WHERE database = '{}' AND name LIKE '{rollup}%'",
-                stack.database
-            ),
-        )
-        .await;
-        if left.trim() == "0" {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "rollup tables of a deleted meter remain: {left}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    until_zero(
+        &url,
+        "rollup tables of the deleted meter dropped",
+        format!(
+            "SELECT count() FROM system.tables WHERE database = '{}' AND name LIKE '{rollup}%'",
+            stack.database
+        ),
+    )
+    .await;
     let (status, _) = get_json(&c, &stack.server.url("/api/v1/meters/tokens_late")).await;
     assert_eq!(status, 404);
     let stored = ch(

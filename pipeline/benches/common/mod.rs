@@ -28,6 +28,19 @@ pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
+/// Runs `f` `n` times; returns the sorted durations and the last result.
+pub fn timed<T>(n: usize, mut f: impl FnMut() -> T) -> (Vec<Duration>, T) {
+    let mut times = Vec::with_capacity(n);
+    let mut last = None;
+    for _ in 0..n.max(1) {
+        let t = Instant::now();
+        last = Some(f());
+        times.push(t.elapsed());
+    }
+    times.sort();
+    (times, last.expect("ran at least once"))
+}
+
 /// JSON bodies of `per` events each, covering events `0..n`.
 pub fn bodies(n: usize, per: usize) -> Arc<Vec<String>> {
     Arc::new(

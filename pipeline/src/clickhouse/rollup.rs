@@ -306,56 +306,48 @@ impl<'a> RollupSql<'a> {
     /// The merge expressions of a bucket query, in [`BucketRow`] order after the key
     /// columns: cnt, sum, min, max, latest value/time/ingested/offset/id, uniq.
     pub fn merge_columns(&self) -> String {
-        let agg = self.meter.aggregation();
-        let has = |a: &[Aggregation]| a.contains(&agg);
-        let pick = |cond: bool, yes: &str, no: &str| {
-            if cond {
-                yes.to_string()
-            } else {
-                no.to_string()
-            }
-        };
-        [
-            "countMerge(cnt)".to_string(),
-            pick(
-                has(&[Aggregation::Sum, Aggregation::Avg]),
-                "sumMerge(sum)",
-                "toFloat64(0)",
-            ),
-            pick(has(&[Aggregation::Min]), "minMerge(min)", "toFloat64(0)"),
-            pick(has(&[Aggregation::Max]), "maxMerge(max)", "toFloat64(0)"),
-            pick(
-                has(&[Aggregation::Latest]),
-                "argMaxMerge(latest)",
-                "toFloat64(0)",
-            ),
-            pick(
-                has(&[Aggregation::Latest]),
+        use Aggregation::{Avg, Latest, Max, Min, Sum, UniqueCount};
+        // (aggregations that keep the state, merge expression, constant otherwise)
+        let columns: [(&[Aggregation], &str, &str); 10] = [
+            (&[], "countMerge(cnt)", ""),
+            (&[Sum, Avg], "sumMerge(sum)", "toFloat64(0)"),
+            (&[Min], "minMerge(min)", "toFloat64(0)"),
+            (&[Max], "maxMerge(max)", "toFloat64(0)"),
+            (&[Latest], "argMaxMerge(latest)", "toFloat64(0)"),
+            (
+                &[Latest],
                 "tupleElement(maxMerge(latest_key), 1)",
                 "toInt64(0)",
             ),
-            pick(
-                has(&[Aggregation::Latest]),
+            (
+                &[Latest],
                 "tupleElement(maxMerge(latest_key), 2)",
                 "toInt64(0)",
             ),
-            pick(
-                has(&[Aggregation::Latest]),
+            (
+                &[Latest],
                 "tupleElement(maxMerge(latest_key), 3)",
                 "toInt64(0)",
             ),
-            pick(
-                has(&[Aggregation::Latest]),
-                "tupleElement(maxMerge(latest_key), 4)",
-                "''",
-            ),
-            pick(
-                has(&[Aggregation::UniqueCount]),
+            (&[Latest], "tupleElement(maxMerge(latest_key), 4)", "''"),
+            (
+                &[UniqueCount],
                 "groupUniqArrayMerge(uniq)",
                 "emptyArrayString()",
             ),
-        ]
-        .join(", ")
+        ];
+        let agg = self.meter.aggregation();
+        columns
+            .iter()
+            .map(|(keeps, merge, otherwise)| {
+                if keeps.is_empty() || keeps.contains(&agg) {
+                    *merge
+                } else {
+                    *otherwise
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 }
 

@@ -17,6 +17,13 @@ pub struct Server {
     _tmp: Option<tempfile::TempDir>,
 }
 
+/// The repository root, read at run time so a test binary reused from another
+/// checkout still reads this checkout's files.
+pub fn repo() -> PathBuf {
+    let dir = std::env::var("CARGO_MANIFEST_DIR").expect("run under cargo test");
+    Path::new(&dir).join("..")
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -39,7 +46,7 @@ impl Server {
 
     /// A server over the repository's quickstart manifests.
     pub fn quickstart() -> Server {
-        let mdir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/quickstart");
+        let mdir = repo().join("examples/quickstart");
         Server::launch(tempfile::tempdir().unwrap(), mdir, &[])
     }
 
@@ -74,14 +81,12 @@ impl Server {
             .spawn()
             .expect("tally-server starts");
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if std::net::TcpStream::connect(&self.addr).is_ok() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        panic!("tally-server did not listen on {} within 30 s", self.addr);
+        let addr = self.addr.clone();
+        wait_for(
+            Duration::from_secs(30),
+            &format!("listening on {addr} (tally-server)"),
+            || std::net::TcpStream::connect(&addr).is_ok(),
+        );
     }
 
     pub fn pid(&self) -> u32 {
@@ -186,13 +191,30 @@ pub fn event(
 }
 
 /// Waits until `f` returns true (for manifest reloads), up to 10 s.
-pub async fn eventually(mut f: impl AsyncFnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
+pub async fn eventually(f: impl AsyncFnMut() -> bool) {
+    eventually_within(Duration::from_secs(10), "condition met", f).await
+}
+
+/// Waits until `f` returns true, up to `limit`; panics saying `what` did not happen.
+pub async fn eventually_within(limit: Duration, what: &str, mut f: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + limit;
     while Instant::now() < deadline {
         if f().await {
             return;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    panic!("condition not met within 10 s");
+    panic!("not {what} within {limit:?}");
+}
+
+/// Blocks until `ready` returns true, up to `limit`; panics saying `what` did not happen.
+pub fn wait_for(limit: Duration, what: &str, mut ready: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if ready() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("not {what} within {limit:?}");
 }

@@ -2,12 +2,12 @@
 //! services` starts, private ClickHouse instances for tests that kill it, and the sink
 //! binary as a child process.
 #![allow(dead_code)]
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use super::free_port;
+use super::{free_port, repo};
 
 /// Where the shared services are.
 #[derive(Clone, Debug)]
@@ -95,6 +95,14 @@ pub async fn ch(url: &str, sql: &str) -> String {
     text
 }
 
+/// Waits up to 30 s until the count `sql` answers 0; panics saying `what` did not happen.
+pub async fn until_zero(url: &str, what: &str, sql: String) {
+    super::eventually_within(Duration::from_secs(30), what, async || {
+        ch(url, &sql).await.trim() == "0"
+    })
+    .await
+}
+
 /// A private ClickHouse server (for tests that kill it), stopped by PID on drop.
 pub struct PrivateClickHouse {
     child: Option<Child>,
@@ -102,10 +110,6 @@ pub struct PrivateClickHouse {
     dir: tempfile::TempDir,
     http: u16,
     tcp: u16,
-}
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
 impl PrivateClickHouse {
@@ -142,16 +146,11 @@ impl PrivateClickHouse {
             .spawn()
             .expect("clickhouse-server starts");
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while Instant::now() < deadline {
-            if clickhouse_ping(&self.url) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!(
-            "private ClickHouse did not answer on {} within 60 s",
-            self.url
+        let url = self.url.clone();
+        super::wait_for(
+            Duration::from_secs(60),
+            &format!("answering on {url} (private ClickHouse)"),
+            || clickhouse_ping(&url),
         );
     }
 
