@@ -140,7 +140,7 @@ fn default_poll_secs() -> u32 {
 
 impl LogsSource {
     pub(crate) fn validate(&self) -> Result<(), SpecError> {
-        if self.pods.is_some() == !self.paths.is_empty() {
+        if self.pods.is_some() != self.paths.is_empty() {
             return Err(spec_error(
                 "spec.logs",
                 "set exactly one of pods (container logs) and paths (plain files)",

@@ -1,0 +1,314 @@
+//! `prometheus`: counters and gauges from Prometheus text endpoints.
+//!
+//! Each scrape of a target is parsed with `prometheus-parse`; every sample that a
+//! [`MetricRule`](tally_crds::collector::MetricRule) selects becomes at most one event:
+//! - `counter`: the increase since the target's last sample of that series. A value
+//!   below the last one is a reset (the process restarted) and counts from zero. The
+//!   very first scrape of a target with no checkpoint is a baseline (nothing is known
+//!   about what was counted before the agent looked), except for a pod target whose
+//!   pod started after this collector did, and for a new series of a known target:
+//!   those counters started at zero, so their whole value counts. Zero increases emit
+//!   nothing.
+//! - `gauge`: the sampled value.
+//!
+//! The last values are the checkpoint `t/<target url>` and are committed with the
+//! events, so a restart resumes from exactly what was shipped. Ids hash (target,
+//! series, scrape time), so a re-sent scrape deduplicates.
+//!
+//! Subject: the `subjectLabel` label; else, when the series has `pod` and `namespace`
+//! labels of a pod the agent knows (DCGM's `DCGM_FI_DEV_GPU_UTIL{pod,namespace}`), that
+//! pod's subject; else the scraped pod's subject; else `defaultSubject`, else the
+//! Collector's namespace. The series' other labels become data, with `metric` and
+//! `value`.
+use std::collections::{BTreeMap, HashMap};
+
+use k8s_openapi::api::core::v1::Pod;
+use regex::Regex;
+use serde_json::{Map, Value, json};
+use tally_crds::collector::{MetricKind, PrometheusSource};
+
+use crate::pods::{pod_key, selects, subject_of};
+use crate::{Error, Origin, Output, Result, config_error, event_id};
+
+#[cfg(test)]
+mod tests;
+
+/// A target to scrape.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// The URL.
+    pub url: String,
+    /// The pod serving it, for pod targets.
+    pub pod: Option<Pod>,
+}
+
+#[derive(Debug)]
+struct Rule {
+    name: Option<String>,
+    regex: Option<Regex>,
+    labels: BTreeMap<String, String>,
+    kind: MetricKind,
+}
+
+impl Rule {
+    fn matches(&self, metric: &str, labels: &HashMap<String, String>) -> bool {
+        let name_ok = match (&self.name, &self.regex) {
+            (Some(n), _) => n == metric,
+            (None, Some(r)) => r.is_match(metric),
+            (None, None) => false,
+        };
+        name_ok && self.labels.iter().all(|(k, v)| labels.get(k) == Some(v))
+    }
+}
+
+/// The Prometheus collector of one Collector.
+#[derive(Debug)]
+pub struct PrometheusScrape {
+    origin: Origin,
+    cfg: PrometheusSource,
+    rules: Vec<Rule>,
+    /// Last value per target and series.
+    last: HashMap<String, HashMap<String, f64>>,
+    /// When this collector started (Unix seconds): pods started later are counted from 0.
+    started: i64,
+}
+
+impl PrometheusScrape {
+    /// A collector resuming from its checkpoints; fails naming a regex that does not
+    /// compile.
+    pub fn new(
+        origin: Origin,
+        cfg: PrometheusSource,
+        checkpoints: &BTreeMap<String, String>,
+        now: i64,
+    ) -> Result<PrometheusScrape> {
+        let rules = cfg
+            .metrics
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                let regex = m
+                    .name_regex
+                    .as_deref()
+                    .map(|r| {
+                        Regex::new(&format!("^(?:{r})$")).map_err(|e| {
+                            config_error(
+                                format!("spec.prometheus.metrics[{i}].nameRegex"),
+                                format!("not a valid regular expression: {e}"),
+                            )
+                        })
+                    })
+                    .transpose()?;
+                Ok(Rule {
+                    name: m.name.clone(),
+                    regex,
+                    labels: m.match_labels.clone(),
+                    kind: m.kind,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let last = checkpoints
+            .iter()
+            .filter_map(|(k, v)| {
+                Some((
+                    k.strip_prefix("t/")?.to_string(),
+                    serde_json::from_str(v).ok()?,
+                ))
+            })
+            .collect();
+        Ok(PrometheusScrape {
+            origin,
+            cfg,
+            rules,
+            last,
+            started: now,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &PrometheusSource {
+        &self.cfg
+    }
+
+    /// Static targets plus the selected pods (running, with an IP) among `pods`.
+    pub fn targets(&self, pods: &[Pod]) -> Vec<Target> {
+        let mut out: Vec<Target> = self
+            .cfg
+            .targets
+            .iter()
+            .map(|u| Target {
+                url: u.clone(),
+                pod: None,
+            })
+            .collect();
+        if let Some(pt) = &self.cfg.pods {
+            let sel = pt.pod_selector();
+            for pod in pods {
+                let ip = pod.status.as_ref().and_then(|s| s.pod_ip.as_deref());
+                let running =
+                    pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
+                if let (Some(ip), true) = (ip, running)
+                    && selects(&sel, &self.origin.namespace, pod)
+                {
+                    let host = if ip.contains(':') {
+                        format!("[{ip}]")
+                    } else {
+                        ip.to_string()
+                    };
+                    out.push(Target {
+                        url: format!("http://{host}:{}{}", pt.port, pt.path),
+                        pod: Some(pod.clone()),
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    /// Fetches a target's exposition text.
+    pub async fn fetch(&self, client: &reqwest::Client, url: &str) -> Result<String> {
+        let fetch_err = |message: String| Error::Fetch {
+            url: url.to_string(),
+            message,
+        };
+        let resp = client
+            .get(url)
+            .header("Accept", "text/plain;version=0.0.4")
+            .timeout(std::time::Duration::from_millis(u64::from(
+                self.cfg.timeout_ms,
+            )))
+            .send()
+            .await
+            .map_err(|e| fetch_err(e.to_string()))?;
+        if !resp.status().is_success() {
+            return Err(fetch_err(format!("status {}", resp.status())));
+        }
+        resp.text().await.map_err(|e| fetch_err(e.to_string()))
+    }
+
+    /// Drops the checkpoints of pod targets that no longer exist.
+    pub fn forget_targets_except(&mut self, live: &[Target]) -> Output {
+        let mut out = Output::default();
+        let static_urls: Vec<&String> = self.cfg.targets.iter().collect();
+        self.last.retain(|url, _| {
+            let keep = static_urls.contains(&url) || live.iter().any(|t| &t.url == url);
+            if !keep {
+                out.checkpoints.insert(format!("t/{url}"), None);
+            }
+            keep
+        });
+        out
+    }
+
+    /// Turns one scrape of `target` taken at `now_ms` into events. `pod_subject` finds
+    /// the subject of a pod by (namespace, name), if the agent knows it.
+    pub fn process(
+        &mut self,
+        target: &Target,
+        body: &str,
+        now_ms: i64,
+        pod_subject: &dyn Fn(&str, &str) -> Option<String>,
+    ) -> Result<Output> {
+        let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string())))
+            .map_err(|e| Error::Parse {
+                url: target.url.clone(),
+                message: e.to_string(),
+            })?;
+        let known_target = self.last.contains_key(&target.url);
+        let fresh_pod = target.pod.as_ref().is_some_and(|p| {
+            p.status
+                .as_ref()
+                .and_then(|s| s.start_time.as_ref())
+                .is_some_and(|t| t.0.as_second() >= self.started)
+        });
+        let count_from_zero = known_target || fresh_pod;
+        let mut last = self.last.remove(&target.url).unwrap_or_default();
+        let mut out = Output::default();
+        let mut changed = !known_target;
+        let now_s = now_ms.to_string();
+        for sample in &scrape.samples {
+            let value = match sample.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => v,
+                _ => continue,
+            };
+            if !value.is_finite() {
+                continue;
+            }
+            let labels: &HashMap<String, String> = &sample.labels;
+            let Some(rule) = self
+                .rules
+                .iter()
+                .find(|r| r.matches(&sample.metric, labels))
+            else {
+                continue;
+            };
+            let series = format!("{}{{{}}}", sample.metric, sample.labels);
+            let emitted = match rule.kind {
+                MetricKind::Gauge => Some(value),
+                MetricKind::Counter => {
+                    let before = last.insert(series.clone(), value);
+                    changed |= before != Some(value);
+                    let delta = match before {
+                        Some(b) if value >= b => value - b,
+                        Some(_) => value,
+                        None if count_from_zero => value,
+                        None => 0.0,
+                    };
+                    (delta > 0.0).then_some(delta)
+                }
+            };
+            let Some(v) = emitted else { continue };
+            let mut data = Map::new();
+            for (k, lv) in labels {
+                data.insert(k.clone(), Value::String(lv.clone()));
+            }
+            if let Some(p) = &target.pod {
+                let (ns, name, _) = pod_key(p);
+                data.entry("namespace").or_insert(json!(ns));
+                data.entry("pod").or_insert(json!(name));
+            }
+            data.insert("metric".into(), json!(sample.metric));
+            data.insert("value".into(), json!(v));
+            let subject = self.subject(labels, target, pod_subject);
+            out.events.push(self.origin.event(
+                event_id(&[&target.url, &series, &now_s]),
+                subject,
+                now_ms,
+                data,
+            ));
+        }
+        if changed {
+            out.checkpoints.insert(
+                format!("t/{}", target.url),
+                Some(serde_json::to_string(&last).expect("numbers serialize")),
+            );
+        }
+        self.last.insert(target.url.clone(), last);
+        Ok(out)
+    }
+
+    fn subject(
+        &self,
+        labels: &HashMap<String, String>,
+        target: &Target,
+        pod_subject: &dyn Fn(&str, &str) -> Option<String>,
+    ) -> String {
+        if let Some(s) = self.cfg.subject_label.as_ref().and_then(|l| labels.get(l)) {
+            return s.clone();
+        }
+        if let (Some(ns), Some(pod)) = (labels.get("namespace"), labels.get("pod"))
+            && let Some(s) = pod_subject(ns, pod)
+        {
+            return s;
+        }
+        if let Some(p) = &target.pod {
+            return subject_of(p, None);
+        }
+        self.cfg
+            .default_subject
+            .clone()
+            .unwrap_or_else(|| self.origin.namespace.clone())
+    }
+}
