@@ -236,7 +236,12 @@ fn truncate(v: &Value) -> String {
 
 /// At most `n` bytes of `s` (cut at a character boundary), marked when cut.
 fn clip(s: &str, n: usize) -> String {
-    match s.char_indices().map(|(i, _)| i).take_while(|i| *i <= n).last() {
+    match s
+        .char_indices()
+        .map(|(i, _)| i)
+        .take_while(|i| *i <= n)
+        .last()
+    {
         Some(end) if s.len() > n => format!("{}…", &s[..end]),
         _ => s.to_string(),
     }
