@@ -1,10 +1,12 @@
 //! Errors of the data plane.
+#[cfg(feature = "server")]
 use crate::query::QueryError;
 
 /// Errors of `tally-pipeline`.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The embedded database failed.
+    #[cfg(feature = "server")]
     #[error("failed to {step} in the embedded store")]
     Sqlite {
         /// What was being done.
@@ -23,6 +25,7 @@ pub enum Error {
     #[error("failed to reach the store writer: it has stopped")]
     WriterGone,
     /// ClickHouse failed or could not be reached.
+    #[cfg(feature = "server")]
     #[error("failed to {step} in ClickHouse: {source}")]
     ClickHouse {
         /// What was being done.
@@ -35,6 +38,7 @@ pub enum Error {
     #[error("{0}")]
     Unavailable(String),
     /// A query could not be answered as asked.
+    #[cfg(feature = "server")]
     #[error(transparent)]
     Query(#[from] QueryError),
     /// Reading a file failed.
@@ -52,10 +56,12 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Attaches the failed step to a rusqlite error.
+#[cfg(feature = "server")]
 pub(crate) trait SqliteStep<T> {
     fn step(self, step: &'static str) -> Result<T>;
 }
 
+#[cfg(feature = "server")]
 impl<T> SqliteStep<T> for rusqlite::Result<T> {
     fn step(self, step: &'static str) -> Result<T> {
         self.map_err(|source| Error::Sqlite { step, source })

@@ -12,16 +12,26 @@
 //! - [`server`]: `tally-server` wiring.
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "server")]
 pub mod api;
+#[cfg(feature = "server")]
 pub mod clickhouse;
+#[cfg(feature = "server")]
 pub mod engine;
 pub mod error;
+#[cfg(feature = "producer")]
 pub mod kafka;
+#[cfg(feature = "server")]
 pub mod manifests;
+#[cfg(feature = "server")]
 pub mod metrics;
+#[cfg(feature = "server")]
 pub mod query;
+#[cfg(feature = "server")]
 pub mod server;
+#[cfg(feature = "server")]
 pub mod sink;
+#[cfg(feature = "server")]
 pub mod store;
 
 pub use error::{Error, Result};

@@ -149,6 +149,19 @@ impl PodRuntime {
         }
     }
 
+    /// Marks every tracked pod that is not in `present` (uids) as gone at `now`.
+    pub fn retain_present(&mut self, present: &std::collections::HashSet<String>, now: i64) {
+        let gone: Vec<String> = self
+            .pods
+            .iter()
+            .filter(|(uid, t)| t.gone_at.is_none() && !present.contains(*uid))
+            .map(|(uid, _)| uid.clone())
+            .collect();
+        for uid in gone {
+            self.remove(&uid, now);
+        }
+    }
+
     /// The initial pod listing is complete: checkpoints of pods that no longer exist
     /// are dropped (their unshipped time is lost with their status).
     pub fn synced(&mut self) -> Output {

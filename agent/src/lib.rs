@@ -1,0 +1,237 @@
+//! `tally-agent`: runs collectors, keeps what they produce in a bounded disk spool,
+//! and ships it to Kafka or the ingest API.
+//!
+//! Data flow and the exactly-once argument:
+//! 1. A collector step produces an [`Output`](tally_collectors::Output): events with
+//!    deterministic ids plus checkpoint changes.
+//! 2. [`spool::Spool::commit`] stores both in one SQLite transaction. Only then does
+//!    the collector take its next step. A crash before the commit loses nothing (the
+//!    collector redoes the step from its old checkpoint, with the same ids).
+//! 3. The shipper ([`ship`]) sends spooled events and deletes them after the sink
+//!    acknowledged them. A crash in between re-sends them; the pipeline deduplicates
+//!    by (namespace, source, id).
+//!
+//! Configuration: `--config FILE` ([`AgentConfig`], the form the operator renders),
+//! re-read when its content changes (checked every 2 s; a ConfigMap update swaps a
+//! symlink, which a content check sees). An invalid new configuration is logged and
+//! the running one kept. `--scope node|cluster` runs only node- or cluster-scoped
+//! collectors (the DaemonSet and the cluster agent); by default all run.
+//!
+//! Shutdown (SIGTERM/SIGINT): collectors stop, then the shipper delivers what is
+//! spooled for up to 10 s; the rest stays in the spool for the next start.
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::routing::get;
+use prometheus_client::registry::Registry;
+use tally_crds::collector::{AgentConfig, Scope};
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinSet;
+
+pub mod error;
+pub mod metrics;
+pub mod pods;
+pub mod run;
+pub mod ship;
+pub mod spool;
+
+pub use error::{Error, Result};
+
+/// How long the shipper keeps delivering after a stop signal.
+const DRAIN: Duration = Duration::from_secs(10);
+
+/// Command-line arguments.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(
+    name = "tally-agent",
+    version,
+    about = "Runs tally collectors and ships their usage events"
+)]
+pub struct Args {
+    /// The configuration file (YAML).
+    #[arg(long, env = "TALLY_AGENT_CONFIG")]
+    pub config: PathBuf,
+    /// This node's name (from the downward API in a DaemonSet).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Run only node-scoped or only cluster-scoped collectors.
+    #[arg(long, value_parser = ["node", "cluster"])]
+    pub scope: Option<String>,
+}
+
+/// Reads and validates a configuration file; errors name the file and the field.
+pub fn load_config(path: &Path) -> Result<(AgentConfig, String)> {
+    let text = std::fs::read_to_string(path).map_err(|source| Error::ReadConfig {
+        path: path.display().to_string(),
+        source,
+    })?;
+    let bad = |message: String| Error::Config {
+        path: path.display().to_string(),
+        message,
+    };
+    let cfg: AgentConfig = serde_yaml::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    cfg.validate().map_err(|e| bad(e.to_string()))?;
+    Ok((cfg, text))
+}
+
+/// Runs the agent until a stop signal.
+pub async fn run(args: Args) -> Result<()> {
+    let (mut cfg, mut text) = load_config(&args.config)?;
+    let scope = match args.scope.as_deref() {
+        Some("node") => Some(Scope::Node),
+        Some("cluster") => Some(Scope::Cluster),
+        _ => None,
+    };
+    let metrics = Arc::new(metrics::Metrics::default());
+    let mut registry = Registry::default();
+    metrics.register(&mut registry);
+    let listen = cfg.metrics_listen.clone();
+    serve_metrics(&listen, Arc::new(registry)).await?;
+    let spool = Arc::new(spool::Spool::open(
+        Path::new(&cfg.spool.path),
+        cfg.spool.max_bytes,
+    )?);
+    tracing::info!(spool = %cfg.spool.path, undelivered = spool.len(), "Spool open");
+    let wake = Arc::new(Notify::new());
+    let mut pod_cache: Option<pods::PodCache> = None;
+    let mut terminate = std::pin::pin!(shutdown_signal());
+    loop {
+        let collectors = run::selected(&cfg.collectors, scope);
+        if pod_cache.is_none()
+            && let Some(c) = collectors.iter().find(|c| run::needs_pods(c))
+        {
+            let needed_by = format!("{}/{}", c.namespace, c.name);
+            let node = args.node_name.clone().ok_or_else(|| Error::NodeName {
+                needed_by: needed_by.clone(),
+            })?;
+            let client = kube::Client::try_default()
+                .await
+                .map_err(|source| Error::Kube { needed_by, source })?;
+            pod_cache = Some(pods::PodCache::start(client, &node));
+        }
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let ctx = run::Ctx {
+            spool: spool.clone(),
+            metrics: metrics.clone(),
+            wake: wake.clone(),
+            stop: stop_rx.clone(),
+            pods: pod_cache
+                .clone()
+                .unwrap_or_else(|| pods::PodCache::fixed(Vec::new())),
+            node: args.node_name.clone(),
+            http: reqwest::Client::new(),
+        };
+        let mut tasks = JoinSet::new();
+        run::start(&collectors, &ctx, &mut tasks)?;
+        let sink = ship::Sink::new(&cfg.sink)?;
+        let shipper = tokio::spawn(ship::run(
+            spool.clone(),
+            sink,
+            ship::Sink::batch_events(&cfg.sink),
+            metrics.clone(),
+            wake.clone(),
+            stop_rx,
+            DRAIN,
+        ));
+        tracing::info!(collectors = collectors.len(), "Agent running");
+        let reload = loop {
+            tokio::select! {
+                _ = &mut terminate => break None,
+                Some(res) = tasks.join_next() => {
+                    if let Ok(Err(e)) = res {
+                        tracing::error!(error = %e, "A collector stopped; stopping the agent");
+                        let _ = stop_tx.send(true);
+                        let _ = shipper.await;
+                        return Err(e);
+                    }
+                }
+                _ = tokio::time::sleep(Duration::from_secs(2)) => {
+                    match changed_config(&args.config, &text) {
+                        Some(Ok(new)) => break Some(new),
+                        Some(Err(e)) => tracing::error!(error = %e, "New configuration is invalid; keeping the running one"),
+                        None => {}
+                    }
+                }
+            }
+        };
+        let _ = stop_tx.send(true);
+        while tasks.join_next().await.is_some() {}
+        match shipper.await {
+            Ok(r) => r?,
+            Err(e) => tracing::error!(error = %e, "Shipper task failed"),
+        }
+        match reload {
+            None => {
+                tracing::info!(undelivered = spool.len(), "Agent stopped");
+                return Ok(());
+            }
+            Some((new, new_text)) => {
+                if new.metrics_listen != listen || new.spool != cfg.spool {
+                    tracing::warn!(
+                        "metricsListen and spool changes take effect at the next restart"
+                    );
+                }
+                tracing::info!("Configuration changed; collectors restarted");
+                cfg = new;
+                text = new_text;
+            }
+        }
+    }
+}
+
+fn changed_config(path: &Path, current: &str) -> Option<Result<(AgentConfig, String)>> {
+    let text = std::fs::read_to_string(path).ok()?;
+    (text != current).then(|| load_config(path))
+}
+
+async fn serve_metrics(listen: &str, registry: Arc<Registry>) -> Result<()> {
+    let addr: SocketAddr = listen.parse().map_err(|e| Error::Config {
+        path: "metricsListen".into(),
+        message: format!("{listen:?} is not a host:port address: {e}"),
+    })?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| Error::Listen {
+            addr: listen.to_string(),
+            source,
+        })?;
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/metrics",
+            get(move || {
+                let registry = registry.clone();
+                async move {
+                    let mut out = String::new();
+                    let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
+                    (
+                        [(
+                            "content-type",
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        out,
+                    )
+                }
+            }),
+        );
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "Metrics server stopped");
+        }
+    });
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler installs");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
