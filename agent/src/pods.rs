@@ -143,3 +143,88 @@ fn apply(state: &RwLock<State>, ev: Event<Pod>) -> bool {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use http::{Request, Response};
+    use kube::client::Body;
+
+    use super::*;
+
+    fn pod(name: &str, uid: &str) -> serde_json::Value {
+        serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": "team-a", "uid": uid, "resourceVersion": "5",
+                         "managedFields": [{"manager": "kubelet", "operation": "Update"}]},
+            "spec": {"nodeName": "node-1", "containers": [{"name": "c", "image": "x"}]}
+        })
+    }
+
+    /// The exact requests of the pod watch: a list and then a watch, both restricted
+    /// to this node by field selector; managedFields are stripped; a deleted pod stays
+    /// resolvable.
+    #[tokio::test]
+    async fn the_pod_cache_lists_then_watches_only_this_node() {
+        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let client = kube::Client::new(service, "default");
+        let api = tokio::spawn(async move {
+            let (req, send) = handle.next_request().await.expect("a list request");
+            let q = req.uri().query().unwrap_or_default().to_string();
+            assert_eq!(req.uri().path(), "/api/v1/pods");
+            assert!(q.contains("fieldSelector=spec.nodeName%3Dnode-1"), "{q}");
+            assert!(!q.contains("watch=true"), "{q}");
+            let list = serde_json::json!({
+                "apiVersion": "v1", "kind": "PodList", "metadata": {"resourceVersion": "10"},
+                "items": [pod("a", "uid-a"), pod("b", "uid-b")]
+            });
+            send.send_response(Response::new(Body::from(
+                serde_json::to_vec(&list).unwrap(),
+            )));
+            let (req, send) = handle.next_request().await.expect("a watch request");
+            let q = req.uri().query().unwrap_or_default().to_string();
+            assert!(
+                q.contains("watch=true") && q.contains("resourceVersion=10"),
+                "{q}"
+            );
+            assert!(q.contains("fieldSelector=spec.nodeName%3Dnode-1"), "{q}");
+            let mut lines = Vec::new();
+            for (ty, obj) in [("ADDED", pod("c", "uid-c")), ("DELETED", pod("a", "uid-a"))] {
+                lines.extend(
+                    serde_json::to_vec(&serde_json::json!({"type": ty, "object": obj})).unwrap(),
+                );
+                lines.push(b'\n');
+            }
+            send.send_response(Response::new(Body::from(lines)));
+            // Keep the mock alive: the watcher re-watches after the stream ends.
+            let _next = handle.next_request().await;
+            std::future::pending::<()>().await;
+        });
+        let cache = PodCache::start(client, "node-1");
+        tokio::time::timeout(Duration::from_secs(5), cache.wait_synced())
+            .await
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let mut names: Vec<String> = cache.pods().iter().map(|p| p.name_any()).collect();
+            names.sort();
+            if names == ["b", "c"] {
+                break;
+            }
+            assert!(Instant::now() < deadline, "pods: {names:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(
+            cache.pods().iter().all(|p| p
+                .metadata
+                .managed_fields
+                .as_ref()
+                .is_none_or(Vec::is_empty))
+        );
+        let gone = cache
+            .find("team-a", "a")
+            .expect("a deleted pod stays resolvable for a while");
+        assert_eq!(gone.uid().as_deref(), Some("uid-a"));
+        assert!(cache.find("team-a", "zzz").is_none());
+        api.abort();
+    }
+}

@@ -1,5 +1,6 @@
 //! The one Kafka producer of usage events (the server's ingest API and `tally-agent`
-//! use it; the agent links only this module, through the `producer` feature), the topic set-up, and the settings the sink consumes with.
+//! use it; the agent links only this module, through the `producer` feature), the
+//! topic set-up, and the settings the sink consumes with.
 //!
 //! - Idempotent producer, `acks=all`, lz4, with a bounded delivery timeout: a request is
 //!   answered 2xx only after Kafka acknowledged every one of its events, and 503 (never a

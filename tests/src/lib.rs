@@ -5,8 +5,11 @@
 //! package's binaries): [`bin`] runs `cargo build` for the workspace's binaries once
 //! per test process (a no-op when `make test` already built them) and returns the path.
 //!
-//! Not yet here: the in-memory Kubernetes API server (the operator issue adds it).
+//! [`pods_api`] is a small stand-in for the Kubernetes API (pods list and watch) for
+//! the node agent; the full in-memory API server comes with the operator issue.
 #![forbid(unsafe_code)]
+
+pub mod pods_api;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -188,4 +191,69 @@ pub fn cpu_time_of(pid: u32) -> Duration {
     // utime and stime are fields 14 and 15 of stat, i.e. 11 and 12 after the ')'.
     let total = ticks(11) + ticks(12);
     Duration::from_millis(total * 10) // USER_HZ is 100 on Linux
+}
+
+/// The Kafka broker of `make services` (or `TALLY_TEST_KAFKA`), or `None` after
+/// printing why the test is skipped. Under `CI` a missing broker fails the test
+/// instead: CI never passes by skipping.
+pub fn kafka(test: &str) -> Option<String> {
+    let addr = std::env::var("TALLY_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:9092".into());
+    let up = addr
+        .parse()
+        .ok()
+        .and_then(|a| std::net::TcpStream::connect_timeout(&a, Duration::from_secs(1)).ok())
+        .is_some();
+    if up {
+        return Some(addr);
+    }
+    let why = format!("{test}: Kafka at {addr} not reachable (start it with `make services`)");
+    if std::env::var_os("CI").is_some() {
+        panic!("{why}; CI must not skip");
+    }
+    eprintln!("SKIPPED {why}");
+    None
+}
+
+/// Subjects of [`write_usage_lines`].
+pub const USERS: [&str; 3] = ["acme", "globex", "initech"];
+
+/// Appends JSON usage lines `from..to` (`{"n", "user", "tokens"}`) to `file`, a few at a
+/// time, adding each line's tokens to `expected[user]`.
+pub fn write_usage_lines(
+    file: &Path,
+    from: u64,
+    to: u64,
+    expected: &mut std::collections::BTreeMap<String, u64>,
+) {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(file)
+        .unwrap();
+    for i in from..to {
+        let user = USERS[(i % 3) as usize];
+        let tokens = i % 97 + 1;
+        writeln!(
+            f,
+            "{{\"n\": {i}, \"user\": \"{user}\", \"tokens\": {tokens}}}"
+        )
+        .unwrap();
+        *expected.entry(user.to_string()).or_default() += tokens;
+        if i % 25 == 0 {
+            f.flush().unwrap();
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// An agent configuration with one `logs` collector (namespace `team-a`, name
+/// `app-logs`, event type `llm-tokens`) reading `<logs>/*.log*` as JSON lines, subject
+/// `$.user`, data `tokens`; `sink` is the YAML of the sink block.
+pub fn log_agent_config(sink: &str, spool: &Path, metrics: &str, logs: &Path) -> String {
+    format!(
+        "sink:\n  {sink}\nspool: {{path: '{}'}}\nmetricsListen: '{metrics}'\ncollectors:\n- namespace: team-a\n  name: app-logs\n  spec:\n    eventType: llm-tokens\n    logs:\n      paths: ['{}/*.log*']\n      parser: {{kind: json}}\n      mapping: {{subject: $.user, data: {{tokens: $.tokens}}}}\n",
+        spool.display(),
+        logs.display()
+    )
 }

@@ -2,12 +2,10 @@
 //! restarted, with a 30-second ingest outage (and a log rotation inside it), the query
 //! API still reports exact totals.
 use std::collections::BTreeMap;
-use std::io::Write;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use tally_tests::{Proc, bin, free_port, wait_for};
+use tally_tests::{Proc, bin, free_port, log_agent_config, wait_for, write_usage_lines};
 
 const METER: &str = "apiVersion: tally.dev/v1alpha1
 kind: Meter
@@ -19,31 +17,6 @@ spec:
   aggregation: SUM
   valueProperty: $.tokens
 ";
-
-const USERS: [&str; 3] = ["acme", "globex", "initech"];
-
-/// Appends lines `from..to` to `file`, a few at a time, and adds them to `expected`.
-fn write_lines(file: &Path, from: u64, to: u64, expected: &mut BTreeMap<String, u64>) {
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(file)
-        .unwrap();
-    for i in from..to {
-        let user = USERS[(i % 3) as usize];
-        let tokens = i % 97 + 1;
-        writeln!(
-            f,
-            "{{\"n\": {i}, \"user\": \"{user}\", \"tokens\": {tokens}}}"
-        )
-        .unwrap();
-        *expected.entry(user.to_string()).or_default() += tokens;
-        if i % 25 == 0 {
-            f.flush().unwrap();
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
 
 async fn totals(client: &reqwest::Client, addr: &str) -> Option<BTreeMap<String, u64>> {
     let url =
@@ -98,10 +71,11 @@ async fn the_agent_survives_sigkill_and_a_30s_ingest_outage_with_exact_totals() 
     let config = root.join("agent.yaml");
     std::fs::write(
         &config,
-        format!(
-            "sink:\n  ingest: {{url: 'http://{addr}', batchEvents: 50, timeoutMs: 2000}}\nspool: {{path: '{}'}}\nmetricsListen: '{metrics}'\ncollectors:\n- namespace: team-a\n  name: app-logs\n  spec:\n    eventType: llm-tokens\n    logs:\n      paths: ['{}/*.log*']\n      parser: {{kind: json}}\n      mapping: {{subject: $.user, data: {{tokens: $.tokens}}}}\n",
-            root.join("spool").display(),
-            logs.display()
+        log_agent_config(
+            &format!("ingest: {{url: 'http://{addr}', batchEvents: 50, timeoutMs: 2000}}"),
+            &root.join("spool"),
+            &metrics,
+            &logs,
         ),
     )
     .unwrap();
@@ -118,23 +92,23 @@ async fn the_agent_survives_sigkill_and_a_30s_ingest_outage_with_exact_totals() 
 
     let file = logs.join("app.log");
     let mut expected = BTreeMap::new();
-    write_lines(&file, 0, 400, &mut expected);
+    write_usage_lines(&file, 0, 400, &mut expected);
     // SIGKILL while it is reading and shipping, then restart.
     agent.kill9();
-    write_lines(&file, 400, 600, &mut expected);
+    write_usage_lines(&file, 400, 600, &mut expected);
     agent.spawn();
-    write_lines(&file, 600, 900, &mut expected);
+    write_usage_lines(&file, 600, 900, &mut expected);
 
     // The ingest API goes away for 30 s; the agent keeps reading into its spool, and
     // the log rotates meanwhile.
     server.kill9();
     let outage = Instant::now();
-    write_lines(&file, 900, 1200, &mut expected);
+    write_usage_lines(&file, 900, 1200, &mut expected);
     std::fs::rename(&file, logs.join("app.log.1")).unwrap();
-    write_lines(&file, 1200, 1500, &mut expected);
+    write_usage_lines(&file, 1200, 1500, &mut expected);
     agent.kill9(); // and the agent dies once more during the outage
     agent.spawn();
-    write_lines(&file, 1500, 1600, &mut expected);
+    write_usage_lines(&file, 1500, 1600, &mut expected);
     let left = Duration::from_secs(30).saturating_sub(outage.elapsed());
     tokio::time::sleep(left).await;
     server.spawn();
@@ -143,7 +117,7 @@ async fn the_agent_survives_sigkill_and_a_30s_ingest_outage_with_exact_totals() 
         "tally-server to listen again",
         || up(&addr),
     );
-    write_lines(&file, 1600, 2000, &mut expected);
+    write_usage_lines(&file, 1600, 2000, &mut expected);
 
     let client = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(90);
