@@ -38,23 +38,35 @@ fn target_dir() -> PathBuf {
     PathBuf::from(meta["target_directory"].as_str().expect("target_directory"))
 }
 
-/// Path of a workspace binary (`tally-server`, `tally-agent`), built if needed.
+/// Path of a workspace binary (`tally-server`, `tally-agent`), debug build, built if
+/// needed.
 pub fn bin(name: &str) -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    let dir = BUILT.get_or_init(|| {
+    built(&BUILT, false).join(name)
+}
+
+/// Path of a workspace binary, release build (for benchmarks), built if needed.
+pub fn release_bin(name: &str) -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    built(&BUILT, true).join(name)
+}
+
+fn built(once: &OnceLock<PathBuf>, release: bool) -> &Path {
+    once.get_or_init(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let ok = Command::new(cargo)
-            .args(["build", "-q", "--workspace", "--bins"])
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "-q", "--workspace", "--bins"]);
+        if release {
+            cmd.arg("--release");
+        }
+        let ok = cmd
             .current_dir(repo())
             .status()
             .expect("cargo build runs")
             .success();
         assert!(ok, "building the workspace's binaries failed");
-        target_dir().join("debug")
-    });
-    let path = dir.join(name);
-    assert!(path.exists(), "{} was not built", path.display());
-    path
+        target_dir().join(if release { "release" } else { "debug" })
+    })
 }
 
 /// A free TCP port on 127.0.0.1.
@@ -176,6 +188,20 @@ pub fn rss_of(pid: u32) -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
+/// Anonymous and file-backed resident memory of a process in bytes (`RssAnon`,
+/// `RssFile`): heap and stacks versus the binary's mapped code.
+pub fn rss_split_of(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
+    };
+    (field("RssAnon:"), field("RssFile:"))
+}
+
 /// CPU time (user + system) a process has used, from `/proc/<pid>/stat`.
 pub fn cpu_time_of(pid: u32) -> Duration {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -256,4 +282,43 @@ pub fn log_agent_config(sink: &str, spool: &Path, metrics: &str, logs: &Path) ->
         spool.display(),
         logs.display()
     )
+}
+
+/// Unix seconds now.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("the clock is after 1970")
+        .as_secs() as i64
+}
+
+/// RFC 3339 (UTC, seconds) of Unix seconds, as Kubernetes writes times; the civil date
+/// comes from Howard Hinnant's days-from-civil inverse, so the kit needs no chrono.
+pub fn rfc3339(t: i64) -> String {
+    let (days, secs) = (t.div_euclid(86400), t.rem_euclid(86400));
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        secs / 3600,
+        secs % 3600 / 60,
+        secs % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn rfc3339_matches_known_dates() {
+        assert_eq!(super::rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(super::rfc3339(1_767_225_600), "2026-01-01T00:00:00Z");
+        assert_eq!(super::rfc3339(951_782_400 + 3661), "2000-02-29T01:01:01Z");
+    }
 }

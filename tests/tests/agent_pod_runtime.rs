@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use tally_tests::pods_api::PodsApi;
-use tally_tests::{Proc, bin, free_port, wait_for};
+use tally_tests::{Proc, bin, free_port, rfc3339, unix_now as now, wait_for};
 
 const METER: &str = "apiVersion: tally.dev/v1alpha1
 kind: Meter
@@ -20,42 +20,8 @@ spec:
   valueProperty: $.gpu_seconds
 ";
 
-fn rfc(t: i64) -> String {
-    chrono_like(t)
-}
-
-/// RFC 3339 of Unix seconds, without pulling chrono into the test kit.
-fn chrono_like(t: i64) -> String {
-    let days = t.div_euclid(86400);
-    let secs = t.rem_euclid(86400);
-    // Civil date from days since the epoch (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = if m <= 2 { y + 1 } else { y };
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        secs / 3600,
-        secs % 3600 / 60,
-        secs % 60
-    )
-}
-
-fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
-}
-
 fn terminated(start: i64, end: i64) -> Value {
-    json!({"terminated": {"exitCode": 0, "startedAt": rfc(start), "finishedAt": rfc(end)}})
+    json!({"terminated": {"exitCode": 0, "startedAt": rfc3339(start), "finishedAt": rfc3339(end)}})
 }
 
 fn pod(
@@ -155,7 +121,7 @@ async fn gpu_seconds_per_subject_are_exact_across_an_agent_sigkill() {
         "node-1",
         t,
         4,
-        json!({"running": {"startedAt": rfc(c_start)}}),
+        json!({"running": {"startedAt": rfc3339(c_start)}}),
         none.clone(),
     ));
     // Not ours: another node, another namespace.

@@ -41,9 +41,10 @@ pub mod runs;
 use cgroup::CgroupSample;
 use runs::Runs;
 
-/// Most windows one pod emits per tick, so a long backlog is shipped in bounded
-/// batches (the rest follows on the next ticks).
-const MAX_WINDOWS_PER_TICK: i64 = 1440;
+/// Most events one tick emits over all pods, so a long backlog (a new Collector over
+/// long-running pods, or an agent that was down for hours) is spooled in bounded
+/// batches; the rest follows on the next ticks.
+const MAX_EVENTS_PER_TICK: usize = 500;
 
 /// The durable state of one pod.
 #[derive(Debug, Default, Clone, Serialize, Deserialize, PartialEq)]
@@ -118,7 +119,9 @@ impl PodRuntime {
             return;
         }
         let restored = self.restored.remove(&uid);
+        let mut fresh = false;
         let t = self.pods.entry(uid).or_insert_with(|| {
+            fresh = true;
             let (until, runs) = match restored {
                 Some(c) => (
                     Some(c.until),
@@ -134,8 +137,13 @@ impl PodRuntime {
                 samples: BTreeMap::new(),
             }
         });
-        t.pod = pod.clone();
-        runs::observe(pod, &mut t.runs);
+        // Unchanged pods (same resourceVersion) need no work.
+        let unchanged = pod.metadata.resource_version.is_some()
+            && t.pod.metadata.resource_version == pod.metadata.resource_version;
+        if fresh || !unchanged {
+            t.pod = pod.clone();
+            runs::observe(pod, &mut t.runs);
+        }
     }
 
     /// The pod left the API (or this node) at `now`: open runs end there, and the pod
@@ -208,10 +216,9 @@ impl PodRuntime {
                 continue;
             };
             let start = t.until.unwrap_or(first.div_euclid(w) * w);
-            let end = closed_end.min(start + MAX_WINDOWS_PER_TICK * w);
             let open_until = t.gone_at.unwrap_or(i64::MAX);
             let mut a = start;
-            while a < end {
+            while a < closed_end && out.events.len() < MAX_EVENTS_PER_TICK {
                 let secs = runs::running_seconds(&t.runs, a, a + w, open_until);
                 if secs > 0 {
                     out.events.push(window_event(
@@ -227,8 +234,9 @@ impl PodRuntime {
                 }
                 a += w;
             }
+            let end = a.max(start);
             if end > start || t.until.is_none() {
-                t.until = Some(end.max(start));
+                t.until = Some(end);
                 t.runs.retain(|_, e| e.is_none_or(|e| e > end));
                 t.samples = t.samples.split_off(&(end - w));
                 let done = t.gone_at.is_some_and(|g| end >= g);
@@ -236,7 +244,7 @@ impl PodRuntime {
                     finished.push(uid.clone());
                 } else {
                     let c = Checkpoint {
-                        until: end.max(start),
+                        until: end,
                         runs: t
                             .runs
                             .iter()

@@ -307,3 +307,69 @@ fn cpu_usage_is_the_delta_between_window_boundaries() {
             .is_none()
     );
 }
+
+#[test]
+fn a_long_backlog_is_emitted_in_bounded_ticks_without_loss() {
+    let mut c = collector("{}", &BTreeMap::new());
+    let mut pods = Vec::new();
+    for i in 0..3 {
+        let mut p = fixture("three-seconds");
+        p.metadata.uid = Some(format!("uid-{i}"));
+        p.metadata.name = Some(format!("p{i}"));
+        let cs = &mut p
+            .status
+            .as_mut()
+            .unwrap()
+            .container_statuses
+            .as_mut()
+            .unwrap()[0];
+        cs.state = Some(
+            serde_json::from_value(
+                serde_json::json!({"running": {"startedAt": "2026-01-01T00:00:00Z"}}),
+            )
+            .unwrap(),
+        );
+        pods.push(p);
+    }
+    for p in &pods {
+        c.observe(p);
+    }
+    // Ten hours of running: 600 windows per pod, 1800 events in all.
+    let now = T0 + 36_000 + 15;
+    let mut total = 0;
+    let mut ticks = 0;
+    loop {
+        let out = c.tick(now);
+        assert!(out.events.len() <= MAX_EVENTS_PER_TICK);
+        ticks += 1;
+        if out.events.is_empty() {
+            break;
+        }
+        total += out
+            .events
+            .iter()
+            .map(|e| {
+                e.data.as_ref().unwrap()["duration_seconds"]
+                    .as_i64()
+                    .unwrap()
+            })
+            .sum::<i64>();
+    }
+    assert_eq!(total, 3 * 36_000);
+    assert!(ticks >= 4, "{ticks}");
+}
+
+#[test]
+fn a_restored_pod_with_the_same_resource_version_is_still_read() {
+    let mut pod = fixture("ended-while-down");
+    pod.metadata.resource_version = Some("7".into());
+    let uid = pod.metadata.uid.clone().unwrap();
+    let state = BTreeMap::from([(
+        format!("pod/{uid}"),
+        format!(r#"{{"until":{},"runs":[]}}"#, T0 + 60),
+    )]);
+    let mut c = collector("{}", &state);
+    c.observe(&pod);
+    c.observe(&pod);
+    assert_eq!(durations(&c.tick(T0 + 400)), vec![(60, 60), (120, 45)]);
+}
