@@ -17,6 +17,9 @@
 //! the running one kept. `--scope node|cluster` runs only node- or cluster-scoped
 //! collectors (the DaemonSet and the cluster agent); by default all run.
 //!
+//! With `--lease-name`, cluster-scoped collectors run only while this replica holds
+//! the Lease ([`lease`]); node-scoped ones always run.
+//!
 //! Shutdown (SIGTERM/SIGINT): collectors stop, then the shipper delivers what is
 //! spooled for up to 10 s; the rest stays in the spool for the next start.
 #![forbid(unsafe_code)]
@@ -34,6 +37,7 @@ use tokio::sync::{Notify, watch};
 use tokio::task::JoinSet;
 
 pub mod error;
+pub mod lease;
 pub mod metrics;
 pub mod pods;
 pub mod run;
@@ -62,6 +66,16 @@ pub struct Args {
     /// Run only node-scoped or only cluster-scoped collectors.
     #[arg(long, value_parser = ["node", "cluster"])]
     pub scope: Option<String>,
+    /// Run cluster-scoped collectors only while holding this Lease (for a cluster
+    /// agent with more than one replica).
+    #[arg(long, env = "TALLY_AGENT_LEASE")]
+    pub lease_name: Option<String>,
+    /// Namespace of the Lease (the agent's own, from the downward API).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    pub lease_namespace: String,
+    /// This replica's identity in the Lease.
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
 }
 
 /// Reads and validates a configuration file; errors name the file and the field.
@@ -100,8 +114,33 @@ pub async fn run(args: Args) -> Result<()> {
     let wake = Arc::new(Notify::new());
     let mut pod_cache: Option<pods::PodCache> = None;
     let mut terminate = std::pin::pin!(shutdown_signal());
+    let (leader_tx, mut leader) = watch::channel(args.lease_name.is_none());
+    if let Some(name) = &args.lease_name {
+        let client = kube::Client::try_default()
+            .await
+            .map_err(|source| Error::Kube {
+                needed_by: format!("leader election (Lease {name})"),
+                source,
+            })?;
+        let identity = args
+            .identity
+            .clone()
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .unwrap_or_else(|| format!("tally-agent-{}", std::process::id()));
+        let cfg = lease::LeaseConfig {
+            name: name.clone(),
+            namespace: args.lease_namespace.clone(),
+            identity,
+            duration: Duration::from_secs(15),
+        };
+        tokio::spawn(lease::campaign(client, cfg, leader_tx));
+    }
     loop {
-        let collectors = run::selected(&cfg.collectors, scope);
+        let leading = *leader.borrow_and_update();
+        let collectors: Vec<_> = run::selected(&cfg.collectors, scope)
+            .into_iter()
+            .filter(|c| leading || c.spec.source().is_ok_and(|s| s.scope() == Scope::Node))
+            .collect();
         if pod_cache.is_none()
             && let Some(c) = collectors.iter().find(|c| run::needs_pods(c))
         {
@@ -142,6 +181,7 @@ pub async fn run(args: Args) -> Result<()> {
         let reload = loop {
             tokio::select! {
                 _ = &mut terminate => break None,
+                Ok(()) = leader.changed() => break Some((cfg.clone(), text.clone())),
                 Some(res) = tasks.join_next() => {
                     if let Ok(Err(e)) = res {
                         tracing::error!(error = %e, "A collector stopped; stopping the agent");
