@@ -6,7 +6,7 @@ LISTEN ?= 127.0.0.1:8080
 DATA ?= ./data
 
 .DEFAULT_GOAL := help
-.PHONY: help build run test test-unit lint fmt generate bench clean-data services services-stop services-status
+.PHONY: help build run run-agent test test-unit lint fmt generate bench clean-data services services-stop services-status
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
@@ -16,6 +16,9 @@ build: ## Build every binary (debug)
 
 run: ## Start the standalone server on 127.0.0.1:8080 with examples/quickstart (embedded store in ./data)
 	$(CARGO) run -p tally-pipeline --bin tally-server -- --listen $(LISTEN) --data $(DATA) --manifests examples/quickstart
+
+run-agent: ## Run tally-agent with examples/agent/agent.yaml, shipping to `make run`'s server
+	$(CARGO) run -p tally-agent -- --config examples/agent/agent.yaml
 
 test: lint services ## Check formatting and clippy, start the services, then run every test
 	$(CARGO) test --workspace
@@ -42,9 +45,10 @@ fmt: ## Format the code
 generate: ## Regenerate the CRD YAML (crds/*.yaml) from the Rust types
 	$(CARGO) run -q -p tally-crds --bin crdgen -- crds
 
-bench: services ## Benchmarks (release build): standalone vs bare SQLite; Kafka ingest, sink and ClickHouse queries vs their raw limits
+bench: services ## Benchmarks (release build): standalone vs bare SQLite; Kafka ingest, sink and ClickHouse queries vs their raw limits; agent RSS and CPU
 	$(CARGO) bench -p tally-pipeline --bench standalone
 	$(CARGO) bench -p tally-pipeline --bench scaleout
+	$(CARGO) bench -p tally-tests --bench agent
 
 clean-data: ## Delete the standalone server's ./data
 	rm -rf $(DATA)
