@@ -168,7 +168,7 @@ pub async fn run(args: Args) -> Result<()> {
         let mut tasks = JoinSet::new();
         run::start(&collectors, &ctx, &mut tasks)?;
         let sink = ship::Sink::new(&cfg.sink)?;
-        let shipper = tokio::spawn(ship::run(
+        tasks.spawn(ship::run(
             spool.clone(),
             sink,
             ship::Sink::batch_events(&cfg.sink),
@@ -184,9 +184,9 @@ pub async fn run(args: Args) -> Result<()> {
                 Ok(()) = leader.changed() => break Some((cfg.clone(), text.clone())),
                 Some(res) = tasks.join_next() => {
                     if let Ok(Err(e)) = res {
-                        tracing::error!(error = %e, "A collector stopped; stopping the agent");
+                        tracing::error!(error = %e, "A collector or the shipper stopped; stopping the agent");
                         let _ = stop_tx.send(true);
-                        let _ = shipper.await;
+                        while tasks.join_next().await.is_some() {}
                         return Err(e);
                     }
                 }
@@ -199,11 +199,13 @@ pub async fn run(args: Args) -> Result<()> {
                 }
             }
         };
+        // Collectors stop at once; the shipper delivers what it can for DRAIN.
         let _ = stop_tx.send(true);
-        while tasks.join_next().await.is_some() {}
-        match shipper.await {
-            Ok(r) => r?,
-            Err(e) => tracing::error!(error = %e, "Shipper task failed"),
+        while let Some(res) = tasks.join_next().await {
+            match res {
+                Ok(r) => r?,
+                Err(e) => tracing::error!(error = %e, "An agent task panicked"),
+            }
         }
         match reload {
             None => {
