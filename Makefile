@@ -48,7 +48,8 @@ generate: ## Regenerate the CRD YAML (crds/*.yaml) from the Rust types
 bench: services ## Benchmarks (release build): standalone vs bare SQLite; Kafka ingest, sink and ClickHouse queries vs their raw limits; agent RSS and CPU
 	$(CARGO) bench -p tally-pipeline --bench standalone
 	$(CARGO) bench -p tally-pipeline --bench scaleout
-	$(CARGO) bench -p tally-tests --bench agent
+	$(CARGO) build -q --profile agent -p tally-agent
+	TALLY_BENCH_AGENT_BIN=$(CARGO_TARGET_DIR)/agent/tally-agent $(CARGO) bench -p tally-tests --bench agent
 
 clean-data: ## Delete the standalone server's ./data
 	rm -rf $(DATA)

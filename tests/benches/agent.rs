@@ -3,6 +3,8 @@
 //! to Kafka. Measures peak and mean RSS and CPU as a share of one core, after a 10 s
 //! warm-up, over `TALLY_BENCH_AGENT_SECS` (default 90) seconds. Release build.
 //!
+//! `TALLY_BENCH_AGENT_BIN` measures another build of the agent (e.g. `--profile agent`).
+//!
 //! Goals (from the issue, reported, not asserted): ≤ 15 MiB RSS with the ingest sink,
 //! ≤ 40 MiB with Kafka, ≤ 1 % of one core. The agent runs with `MALLOC_ARENA_MAX=1`,
 //! as the agent's DaemonSet sets it: glibc's per-thread arenas otherwise hold a few MiB
@@ -84,8 +86,11 @@ async fn measure(label: &str, sink: &str, exporters: &str, api: &PodsApi, secs: 
     )
     .unwrap();
     let kubeconfig = api.kubeconfig(root);
+    let agent_bin = std::env::var("TALLY_BENCH_AGENT_BIN")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| release_bin("tally-agent"));
     let mut agent = Proc::start(
-        release_bin("tally-agent"),
+        agent_bin,
         &["--config", config.to_str().unwrap()],
         &[
             ("KUBECONFIG", kubeconfig.to_str().unwrap()),
