@@ -87,13 +87,13 @@ impl PodCache {
         *self.synced.borrow()
     }
 
-    /// The pods that currently exist.
-    pub fn pods(&self) -> Vec<Pod> {
+    /// The pods that currently exist (shared, not copied).
+    pub fn pods(&self) -> Vec<Arc<Pod>> {
         let s = self.state.read().unwrap_or_else(|p| p.into_inner());
         s.pods
             .values()
             .filter(|(_, gone)| gone.is_none())
-            .map(|(p, _)| (**p).clone())
+            .map(|(p, _)| Arc::clone(p))
             .collect()
     }
 

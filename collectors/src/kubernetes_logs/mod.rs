@@ -21,6 +21,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Pod;
 use regex::Regex;
@@ -49,7 +50,7 @@ pub struct LogFile {
     /// The file.
     pub path: PathBuf,
     /// Its pod, for container logs.
-    pub pod: Option<Pod>,
+    pub pod: Option<Arc<Pod>>,
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq)]
@@ -154,7 +155,7 @@ impl LogTailer {
 
     /// The files to read: the selected pods' container logs under the pod log root,
     /// or the configured globs.
-    pub fn files(&self, pods: &[Pod]) -> Vec<LogFile> {
+    pub fn files(&self, pods: &[Arc<Pod>]) -> Vec<LogFile> {
         let mut out = Vec::new();
         if let Some(lp) = &self.cfg.pods {
             let sel = lp.pod_selector();
@@ -180,7 +181,7 @@ impl LogTailer {
                         if is_container_log(&fname) {
                             out.push(LogFile {
                                 path: f.path(),
-                                pod: Some(pod.clone()),
+                                pod: Some(Arc::clone(pod)),
                             });
                         }
                     }

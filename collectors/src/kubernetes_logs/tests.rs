@@ -64,7 +64,7 @@ fn pod_setup() -> (tempfile::TempDir, std::path::PathBuf, String) {
 
 fn files(t: &LogTailer) -> Vec<LogFile> {
     let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_str(POD).unwrap();
-    t.files(&[pod])
+    t.files(&[std::sync::Arc::new(pod)])
 }
 
 #[test]

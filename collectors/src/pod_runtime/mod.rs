@@ -25,6 +25,7 @@
 //! `memory_current_bytes` and `memory_peak_bytes` at the window's end.
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Pod;
 use serde::{Deserialize, Serialize};
@@ -57,7 +58,7 @@ struct Checkpoint {
 
 #[derive(Debug)]
 struct Tracked {
-    pod: Pod,
+    pod: Arc<Pod>,
     runs: Runs,
     /// Start of the first window not yet emitted (`None`: from the first run).
     until: Option<i64>,
@@ -110,8 +111,8 @@ impl PodRuntime {
             && selects(&self.cfg.pods, &self.origin.namespace, pod)
     }
 
-    /// Takes a pod's latest state (from a watch or list).
-    pub fn observe(&mut self, pod: &Pod) {
+    /// Takes a pod's latest state (from a watch or list); shared, not copied.
+    pub fn observe(&mut self, pod: &Arc<Pod>) {
         let Some(uid) = pod.metadata.uid.clone() else {
             return;
         };
@@ -130,7 +131,7 @@ impl PodRuntime {
                 None => (None, Runs::new()),
             };
             Tracked {
-                pod: pod.clone(),
+                pod: Arc::clone(pod),
                 runs,
                 until,
                 gone_at: None,
@@ -141,7 +142,7 @@ impl PodRuntime {
         let unchanged = pod.metadata.resource_version.is_some()
             && t.pod.metadata.resource_version == pod.metadata.resource_version;
         if fresh || !unchanged {
-            t.pod = pod.clone();
+            t.pod = Arc::clone(pod);
             runs::observe(pod, &mut t.runs);
         }
     }

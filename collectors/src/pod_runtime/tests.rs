@@ -11,12 +11,12 @@ use super::*;
 /// 2026-01-01T00:00:00Z
 const T0: i64 = 1_767_225_600;
 
-fn fixture(name: &str) -> Pod {
+fn fixture(name: &str) -> std::sync::Arc<Pod> {
     let path = format!(
         "{}/tests/fixtures/pods/{name}.json",
         std::env::var("CARGO_MANIFEST_DIR").unwrap()
     );
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    std::sync::Arc::new(serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap())
 }
 
 fn collector(cfg: &str, checkpoints: &BTreeMap<String, String>) -> PodRuntime {
@@ -169,7 +169,10 @@ fn restarting_from_checkpoints_neither_loses_nor_repeats() {
     assert_eq!(durations(&second), vec![(180, 60), (240, 3)]);
     applied(&mut state, &second);
     // The pod is finished and its last window emitted; once deleted, its checkpoint goes.
-    b.remove(&fixture("train-finished").metadata.uid.unwrap(), T0 + 330);
+    b.remove(
+        fixture("train-finished").metadata.uid.as_deref().unwrap(),
+        T0 + 330,
+    );
     let last = b.tick(T0 + 400);
     assert!(last.events.is_empty());
     applied(&mut state, &last);
@@ -201,8 +204,9 @@ fn pods_of_other_nodes_namespaces_or_labels_are_ignored() {
     );
     c.observe(&fixture("train-running"));
     assert_eq!(c.tracked(), 0);
-    let mut other = fixture("train-running");
+    let mut other = (*fixture("train-running")).clone();
     other.spec.as_mut().unwrap().node_name = Some("node-2".into());
+    let other = std::sync::Arc::new(other);
     let mut c = collector("{}", &BTreeMap::new());
     c.observe(&other);
     assert_eq!(c.tracked(), 0);
@@ -313,7 +317,7 @@ fn a_long_backlog_is_emitted_in_bounded_ticks_without_loss() {
     let mut c = collector("{}", &BTreeMap::new());
     let mut pods = Vec::new();
     for i in 0..3 {
-        let mut p = fixture("three-seconds");
+        let mut p = (*fixture("three-seconds")).clone();
         p.metadata.uid = Some(format!("uid-{i}"));
         p.metadata.name = Some(format!("p{i}"));
         let cs = &mut p
@@ -329,7 +333,7 @@ fn a_long_backlog_is_emitted_in_bounded_ticks_without_loss() {
             )
             .unwrap(),
         );
-        pods.push(p);
+        pods.push(std::sync::Arc::new(p));
     }
     for p in &pods {
         c.observe(p);
@@ -361,8 +365,9 @@ fn a_long_backlog_is_emitted_in_bounded_ticks_without_loss() {
 
 #[test]
 fn a_restored_pod_with_the_same_resource_version_is_still_read() {
-    let mut pod = fixture("ended-while-down");
+    let mut pod = (*fixture("ended-while-down")).clone();
     pod.metadata.resource_version = Some("7".into());
+    let pod = std::sync::Arc::new(pod);
     let uid = pod.metadata.uid.clone().unwrap();
     let state = BTreeMap::from([(
         format!("pod/{uid}"),

@@ -21,6 +21,7 @@
 //! Collector's namespace. The series' other labels become data, with `metric` and
 //! `value`.
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Pod;
 use regex::Regex;
@@ -39,7 +40,7 @@ pub struct Target {
     /// The URL.
     pub url: String,
     /// The pod serving it, for pod targets.
-    pub pod: Option<Pod>,
+    pub pod: Option<Arc<Pod>>,
 }
 
 #[derive(Debug)]
@@ -131,7 +132,7 @@ impl PrometheusScrape {
     }
 
     /// Static targets plus the selected pods (running, with an IP) among `pods`.
-    pub fn targets(&self, pods: &[Pod]) -> Vec<Target> {
+    pub fn targets(&self, pods: &[Arc<Pod>]) -> Vec<Target> {
         let mut out: Vec<Target> = self
             .cfg
             .targets
@@ -157,7 +158,7 @@ impl PrometheusScrape {
                     };
                     out.push(Target {
                         url: format!("http://{host}:{}{}", pt.port, pt.path),
-                        pod: Some(pod.clone()),
+                        pod: Some(Arc::clone(pod)),
                     });
                 }
             }

@@ -190,12 +190,14 @@ fn pod_targets_are_the_running_selected_pods() {
         "  pods: {port: 9400, selector: {matchLabels: {app: dcgm}}}\n  metrics: [{name: a, kind: gauge}]\n",
         &BTreeMap::new(),
     );
-    let pod = |name: &str, app: &str, phase: &str| -> Pod {
-        serde_json::from_value(serde_json::json!({
-            "metadata": {"name": name, "namespace": "team-a", "labels": {"app": app}},
-            "status": {"phase": phase, "podIP": "10.0.0.7"}
-        }))
-        .unwrap()
+    let pod = |name: &str, app: &str, phase: &str| -> Arc<Pod> {
+        Arc::new(
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": name, "namespace": "team-a", "labels": {"app": app}},
+                "status": {"phase": phase, "podIP": "10.0.0.7"}
+            }))
+            .unwrap(),
+        )
     };
     let t = c.targets(&[
         pod("a", "dcgm", "Running"),
