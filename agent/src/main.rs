@@ -8,9 +8,10 @@ fn main() -> anyhow::Result<()> {
         )
         .init();
     let args = tally_agent::Args::parse();
-    // Two workers: the agent is mostly idle and must stay small.
+    // One worker: the agent is mostly idle and must stay small (file reading runs on
+    // the blocking pool, librdkafka on its own threads).
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(1)
         .enable_all()
         .build()?;
     rt.block_on(tally_agent::run(args))?;
