@@ -26,6 +26,25 @@ pub use meter::{
     canonical_f64, canonical_number, canonical_string,
 };
 
+/// A spec (Meter, Collector, agent configuration) that breaks a rule the schema
+/// cannot express, naming the field.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SpecError {
+    /// Path of the offending field, e.g. `spec.valueProperty` or
+    /// `spec.prometheus.metrics[0]`.
+    pub field: String,
+    /// What is wrong and how to fix it.
+    pub message: String,
+}
+
+impl std::fmt::Display for SpecError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+impl std::error::Error for SpecError {}
+
 /// The API group of every tally custom resource.
 pub const GROUP: &str = "tally.dev";
 

@@ -24,6 +24,8 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+pub use crate::SpecError;
+
 mod agent;
 mod http_api;
 mod logs;
@@ -131,23 +133,6 @@ impl Source<'_> {
         }
     }
 }
-
-/// A spec that breaks a rule the schema cannot express, naming the field.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SpecError {
-    /// Path of the offending field, e.g. `spec.prometheus.metrics[0].nameRegex`.
-    pub field: String,
-    /// What is wrong and how to fix it.
-    pub message: String,
-}
-
-impl std::fmt::Display for SpecError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}: {}", self.field, self.message)
-    }
-}
-
-impl std::error::Error for SpecError {}
 
 pub(crate) fn spec_error(field: impl Into<String>, message: impl Into<String>) -> SpecError {
     SpecError {

@@ -61,20 +61,9 @@ struct Filter {
     number: Option<f64>,
 }
 
-/// A problem with a meter definition, naming the field.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SpecError {
-    /// e.g. `spec.valueProperty`.
-    pub field: String,
-    /// What is wrong and how to fix it.
-    pub message: String,
-}
-
-impl std::fmt::Display for SpecError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}: {}", self.field, self.message)
-    }
-}
+/// A problem with a meter definition, naming the field (shared with the Collector
+/// checks in `tally-crds`).
+pub use tally_crds::SpecError;
 
 /// What one event contributes to one meter.
 #[derive(Clone, Debug, PartialEq)]
