@@ -59,6 +59,35 @@ fn llm_event(i: u64) -> Value {
            "data": {"tokens": (i % 97) + 1, "model": if i.is_multiple_of(3) { "small" } else { "large" }, "user": format!("u{}", i % 1234)}})
 }
 
+/// Posts events `range` to `server_url` in the background, `per` at a time with a
+/// `pause_ms` pause after each batch; every batch must be accepted (204).
+fn paced_sender(
+    server_url: String,
+    range: std::ops::Range<u64>,
+    per: u64,
+    pause_ms: u64,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let c = client();
+        for start in range.clone().step_by(per as usize) {
+            let body = Value::Array(
+                (start..(start + per).min(range.end))
+                    .map(llm_event)
+                    .collect(),
+            );
+            let res = c
+                .post(format!("{server_url}/api/v1/events"))
+                .header("content-type", "application/json")
+                .body(body.to_string())
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(res.status().as_u16(), 204);
+            tokio::time::sleep(Duration::from_millis(pause_ms)).await;
+        }
+    })
+}
+
 /// Hand-computed totals of events `0..n`: (SUM of tokens, COUNT, UNIQUE users).
 fn totals(n: u64) -> (u64, u64, u64) {
     let sum = (0..n).map(|i| (i % 97) + 1).sum();
@@ -503,25 +532,8 @@ async fn clickhouse_killed_mid_stream_loses_and_doubles_nothing() {
     let mut stack = Stack::start(svc, &url, METERS, &["--batch-rows", "2000"]);
     const N: u64 = 40_000;
     stack.send(0..10_000, 500).await;
-    let sender = {
-        let (kafka_server_url, n) = (stack.server.url(""), N);
-        tokio::spawn(async move {
-            // keep ingesting while ClickHouse is down: ingest only needs Kafka
-            let c = client();
-            for start in (10_000..n).step_by(500) {
-                let body = Value::Array((start..(start + 500).min(n)).map(llm_event).collect());
-                let res = c
-                    .post(format!("{kafka_server_url}/api/v1/events"))
-                    .header("content-type", "application/json")
-                    .body(body.to_string())
-                    .send()
-                    .await
-                    .unwrap();
-                assert_eq!(res.status().as_u16(), 204);
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-    };
+    // keep ingesting while ClickHouse is down: ingest only needs Kafka
+    let sender = paced_sender(stack.server.url(""), 10_000..N, 500, 20);
     tokio::time::sleep(Duration::from_millis(700)).await;
     private.kill9();
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -550,24 +562,7 @@ async fn a_meter_created_later_is_backfilled_exactly_while_ingestion_continues()
     const N: u64 = 130_000;
     stack.send(0..BEFORE, 2000).await;
     stack.drained(Duration::from_secs(120)).await;
-    let sender = {
-        let server_url = stack.server.url("");
-        tokio::spawn(async move {
-            let c = client();
-            for start in (BEFORE..N).step_by(250) {
-                let body = Value::Array((start..start + 250).map(llm_event).collect());
-                let res = c
-                    .post(format!("{server_url}/api/v1/events"))
-                    .header("content-type", "application/json")
-                    .body(body.to_string())
-                    .send()
-                    .await
-                    .unwrap();
-                assert_eq!(res.status().as_u16(), 204);
-                tokio::time::sleep(Duration::from_millis(25)).await;
-            }
-        })
-    };
+    let sender = paced_sender(stack.server.url(""), BEFORE..N, 250, 25);
     tokio::time::sleep(Duration::from_millis(300)).await;
     std::fs::write(stack.server.manifests.join("late.yaml"), LATE_METER).unwrap();
     // the server reloads, provisions the rollup (cutover ~1 s ahead) and backfills

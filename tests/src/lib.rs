@@ -219,6 +219,113 @@ pub fn cpu_time_of(pid: u32) -> Duration {
     Duration::from_millis(total * 10) // USER_HZ is 100 on Linux
 }
 
+/// A standalone `tally-server` (embedded store) on a free 127.0.0.1 port, its data and
+/// log in a folder of the test's; it can be killed and started again on the same port
+/// and data.
+#[derive(Debug)]
+pub struct Standalone {
+    /// `127.0.0.1:port`.
+    pub addr: String,
+    proc: Proc,
+}
+
+impl Standalone {
+    /// Starts a server over `manifests`, keeping its data and log in `dir`, and waits
+    /// until it listens.
+    pub fn start(dir: &Path, manifests: &Path) -> Standalone {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let data = dir.join("data");
+        let proc = Proc::start(
+            bin("tally-server"),
+            &[
+                "--listen",
+                &addr,
+                "--data",
+                data.to_str().expect("UTF-8 path"),
+                "--manifests",
+                manifests.to_str().expect("UTF-8 path"),
+            ],
+            &[("RUST_LOG", "warn")],
+            dir.join("server.log"),
+        );
+        let server = Standalone { addr, proc };
+        server.wait_listening();
+        server
+    }
+
+    /// Starts a server whose only manifest is `meter` (written to `dir/manifests`).
+    pub fn with_meter(dir: &Path, meter: &str) -> Standalone {
+        let manifests = dir.join("manifests");
+        std::fs::create_dir_all(&manifests).unwrap();
+        std::fs::write(manifests.join("meter.yaml"), meter).unwrap();
+        Standalone::start(dir, &manifests)
+    }
+
+    /// SIGKILL (an ingest outage).
+    pub fn kill9(&mut self) {
+        self.proc.kill9();
+    }
+
+    /// Starts it again on the same port and data, and waits until it listens.
+    pub fn restart(&mut self) {
+        self.proc.spawn();
+        self.wait_listening();
+    }
+
+    fn wait_listening(&self) {
+        let addr = &self.addr;
+        wait_for(
+            Duration::from_secs(30),
+            &format!("tally-server on {addr}"),
+            || std::net::TcpStream::connect(addr).is_ok(),
+        );
+    }
+}
+
+/// Usage per subject of meter `slug` in `namespace`, over all time
+/// (`…/query?groupBy=subject`); `None` while the server does not answer.
+pub async fn subject_totals(
+    client: &reqwest::Client,
+    addr: &str,
+    namespace: &str,
+    slug: &str,
+) -> Option<std::collections::BTreeMap<String, u64>> {
+    let url =
+        format!("http://{addr}/api/v1/namespaces/{namespace}/meters/{slug}/query?groupBy=subject");
+    let body: serde_json::Value = client.get(url).send().await.ok()?.json().await.ok()?;
+    Some(
+        body["data"]
+            .as_array()?
+            .iter()
+            .map(|row| {
+                (
+                    row["subject"].as_str().unwrap_or_default().to_string(),
+                    row["value"].as_f64().unwrap_or_default() as u64,
+                )
+            })
+            .collect(),
+    )
+}
+
+/// Polls `subject_totals` every 300 ms until it equals `expected` or `limit` passes;
+/// returns the last answer for the caller to assert on.
+pub async fn await_subject_totals(
+    client: &reqwest::Client,
+    addr: &str,
+    (namespace, slug): (&str, &str),
+    expected: &std::collections::BTreeMap<String, u64>,
+    limit: Duration,
+) -> Option<std::collections::BTreeMap<String, u64>> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let got = subject_totals(client, addr, namespace, slug).await;
+        if got.as_ref() == Some(expected) || Instant::now() >= deadline {
+            return got;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
 /// The Kafka broker of `make services` (or `TALLY_TEST_KAFKA`), or `None` after
 /// printing why the test is skipped. Under `CI` a missing broker fails the test
 /// instead: CI never passes by skipping.

@@ -7,7 +7,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use tally_tests::pods_api::PodsApi;
-use tally_tests::{Proc, bin, free_port, rfc3339, unix_now as now, wait_for};
+use tally_tests::{
+    Proc, Standalone, await_subject_totals, bin, free_port, rfc3339, subject_totals,
+    unix_now as now,
+};
 
 const METER: &str = "apiVersion: tally.dev/v1alpha1
 kind: Meter
@@ -45,49 +48,12 @@ fn pod(
     })
 }
 
-async fn totals(client: &reqwest::Client, addr: &str) -> Option<BTreeMap<String, i64>> {
-    let url =
-        format!("http://{addr}/api/v1/namespaces/team-a/meters/gpu_seconds/query?groupBy=subject");
-    let body: Value = client.get(url).send().await.ok()?.json().await.ok()?;
-    Some(
-        body["data"]
-            .as_array()?
-            .iter()
-            .map(|r| {
-                (
-                    r["subject"].as_str().unwrap_or_default().to_string(),
-                    r["value"].as_f64().unwrap_or(0.0) as i64,
-                )
-            })
-            .collect(),
-    )
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn gpu_seconds_per_subject_are_exact_across_an_agent_sigkill() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
-    let manifests = root.join("manifests");
-    std::fs::create_dir_all(&manifests).unwrap();
-    std::fs::write(manifests.join("meter.yaml"), METER).unwrap();
-    let addr = format!("127.0.0.1:{}", free_port());
-    let data = root.join("data");
-    let mut server = Proc::start(
-        bin("tally-server"),
-        &[
-            "--listen",
-            &addr,
-            "--data",
-            data.to_str().unwrap(),
-            "--manifests",
-            manifests.to_str().unwrap(),
-        ],
-        &[("RUST_LOG", "warn")],
-        root.join("server.log"),
-    );
-    wait_for(Duration::from_secs(30), "tally-server", || {
-        std::net::TcpStream::connect(&addr).is_ok()
-    });
+    let mut server = Standalone::with_meter(root, METER);
+    let addr = server.addr.clone();
 
     let api = PodsApi::start().await;
     let base = now().div_euclid(60) * 60 - 900;
@@ -186,25 +152,23 @@ async fn gpu_seconds_per_subject_are_exact_across_an_agent_sigkill() {
     api.put(c);
 
     let expected = BTreeMap::from([
-        ("customer-a".to_string(), 120 * 2 + (c_end - c_start) * 4),
+        (
+            "customer-a".to_string(),
+            120 * 2 + (c_end - c_start) as u64 * 4,
+        ),
         ("customer-b".to_string(), 50 + 145),
     ]);
     let client = reqwest::Client::new();
     let waited = Instant::now();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut got = None;
-    while Instant::now() < deadline {
-        got = totals(&client, &addr).await;
-        if got.as_ref() == Some(&expected) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    let query = ("team-a", "gpu_seconds");
+    let got = await_subject_totals(&client, &addr, query, &expected, Duration::from_secs(60)).await;
     assert_eq!(got.as_ref(), Some(&expected), "agent log:\n{}", agent.log());
     eprintln!("totals exact {:?} after pod c finished", waited.elapsed());
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(
-        totals(&client, &addr).await.as_ref(),
+        subject_totals(&client, &addr, query.0, query.1)
+            .await
+            .as_ref(),
         Some(&expected),
         "nothing arrives twice"
     );

@@ -1,14 +1,16 @@
 //! The agent binary scraping a counter, SIGKILLed between scrapes and restarted: the
 //! total shipped is exactly the counter's growth since the first scrape (the baseline),
 //! with nothing lost or counted twice across the restart and a counter reset.
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
 use axum::routing::get;
-use serde_json::Value;
-use tally_tests::{Proc, bin, free_port, wait_for};
+use tally_tests::{
+    Proc, Standalone, await_subject_totals, bin, free_port, subject_totals, wait_for,
+};
 
 const METER: &str = "apiVersion: tally.dev/v1alpha1
 kind: Meter
@@ -37,15 +39,6 @@ async fn metrics(State(e): State<Arc<Mutex<Exporter>>>) -> String {
     )
 }
 
-async fn total(client: &reqwest::Client, addr: &str) -> u64 {
-    let url = format!("http://{addr}/api/v1/namespaces/team-a/meters/tokens/query");
-    let Ok(resp) = client.get(url).send().await else {
-        return 0;
-    };
-    let body: Value = resp.json().await.unwrap_or_default();
-    body["data"][0]["value"].as_f64().unwrap_or(0.0) as u64
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn counter_increases_are_exact_across_an_agent_sigkill_and_a_reset() {
     let exporter = Arc::new(Mutex::new(Exporter {
@@ -62,26 +55,8 @@ async fn counter_increases_are_exact_across_an_agent_sigkill_and_a_reset() {
 
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
-    let manifests = root.join("m");
-    std::fs::create_dir_all(&manifests).unwrap();
-    std::fs::write(manifests.join("meter.yaml"), METER).unwrap();
-    let addr = format!("127.0.0.1:{}", free_port());
-    let _server = Proc::start(
-        bin("tally-server"),
-        &[
-            "--listen",
-            &addr,
-            "--data",
-            root.join("data").to_str().unwrap(),
-            "--manifests",
-            manifests.to_str().unwrap(),
-        ],
-        &[("RUST_LOG", "warn")],
-        root.join("server.log"),
-    );
-    wait_for(Duration::from_secs(30), "tally-server", || {
-        std::net::TcpStream::connect(&addr).is_ok()
-    });
+    let server = Standalone::with_meter(root, METER);
+    let addr = &server.addr;
     let config = root.join("agent.yaml");
     std::fs::write(
         &config,
@@ -116,22 +91,23 @@ async fn counter_increases_are_exact_across_an_agent_sigkill_and_a_reset() {
     // everything after the reset. The scrape that the SIGKILL interrupted before its
     // commit is simply redone from the checkpoint.
     let reset_at = served.windows(2).position(|w| w[1] < w[0]).unwrap() + 1;
-    let expected = (served[reset_at - 1] - served[0]) + exporter.lock().unwrap().value;
+    let growth = (served[reset_at - 1] - served[0]) + exporter.lock().unwrap().value;
+    let expected = BTreeMap::from([("acme".to_string(), growth)]);
     let client = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut got = 0;
-    while Instant::now() < deadline {
-        got = total(&client, &addr).await;
-        if got == expected {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
-    assert_eq!(got, expected, "served {served:?}\n{}", agent.log());
+    let query = ("team-a", "tokens");
+    let got = await_subject_totals(&client, addr, query, &expected, Duration::from_secs(30)).await;
+    assert_eq!(
+        got.as_ref(),
+        Some(&expected),
+        "served {served:?}\n{}",
+        agent.log()
+    );
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(
-        total(&client, &addr).await,
-        expected,
+        subject_totals(&client, addr, query.0, query.1)
+            .await
+            .as_ref(),
+        Some(&expected),
         "nothing counted twice"
     );
 }

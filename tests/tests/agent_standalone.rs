@@ -4,8 +4,10 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
-use tally_tests::{Proc, bin, free_port, log_agent_config, wait_for, write_usage_lines};
+use tally_tests::{
+    Proc, Standalone, await_subject_totals, bin, free_port, log_agent_config, subject_totals,
+    wait_for, write_usage_lines,
+};
 
 const METER: &str = "apiVersion: tally.dev/v1alpha1
 kind: Meter
@@ -18,54 +20,14 @@ spec:
   valueProperty: $.tokens
 ";
 
-async fn totals(client: &reqwest::Client, addr: &str) -> Option<BTreeMap<String, u64>> {
-    let url =
-        format!("http://{addr}/api/v1/namespaces/team-a/meters/llm_tokens/query?groupBy=subject");
-    let body: Value = client.get(url).send().await.ok()?.json().await.ok()?;
-    Some(
-        body["data"]
-            .as_array()?
-            .iter()
-            .map(|row| {
-                (
-                    row["subject"].as_str().unwrap_or_default().to_string(),
-                    row["value"].as_f64().unwrap_or_default() as u64,
-                )
-            })
-            .collect(),
-    )
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn the_agent_survives_sigkill_and_a_30s_ingest_outage_with_exact_totals() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
-    let manifests = root.join("manifests");
     let logs = root.join("logs");
-    std::fs::create_dir_all(&manifests).unwrap();
     std::fs::create_dir_all(&logs).unwrap();
-    std::fs::write(manifests.join("meter.yaml"), METER).unwrap();
-
-    let addr = format!("127.0.0.1:{}", free_port());
-    let data = root.join("data");
-    let server_args = [
-        "--listen",
-        addr.as_str(),
-        "--data",
-        data.to_str().unwrap(),
-        "--manifests",
-        manifests.to_str().unwrap(),
-    ];
-    let mut server = Proc::start(
-        bin("tally-server"),
-        &server_args,
-        &[("RUST_LOG", "warn")],
-        root.join("server.log"),
-    );
-    let up = |a: &str| std::net::TcpStream::connect(a).is_ok();
-    wait_for(Duration::from_secs(30), "tally-server to listen", || {
-        up(&addr)
-    });
+    let mut server = Standalone::with_meter(root, METER);
+    let addr = server.addr.clone();
 
     let metrics = format!("127.0.0.1:{}", free_port());
     let config = root.join("agent.yaml");
@@ -87,7 +49,7 @@ async fn the_agent_survives_sigkill_and_a_30s_ingest_outage_with_exact_totals() 
         root.join("agent.log"),
     );
     wait_for(Duration::from_secs(30), "the agent's /metrics", || {
-        up(&metrics)
+        std::net::TcpStream::connect(&metrics).is_ok()
     });
 
     let file = logs.join("app.log");
@@ -111,24 +73,12 @@ async fn the_agent_survives_sigkill_and_a_30s_ingest_outage_with_exact_totals() 
     write_usage_lines(&file, 1500, 1600, &mut expected);
     let left = Duration::from_secs(30).saturating_sub(outage.elapsed());
     tokio::time::sleep(left).await;
-    server.spawn();
-    wait_for(
-        Duration::from_secs(30),
-        "tally-server to listen again",
-        || up(&addr),
-    );
+    server.restart();
     write_usage_lines(&file, 1600, 2000, &mut expected);
 
     let client = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(90);
-    let mut got = None;
-    while Instant::now() < deadline {
-        got = totals(&client, &addr).await;
-        if got.as_ref() == Some(&expected) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    let query = ("team-a", "llm_tokens");
+    let got = await_subject_totals(&client, &addr, query, &expected, Duration::from_secs(90)).await;
     assert_eq!(
         got.as_ref(),
         Some(&expected),
@@ -137,7 +87,12 @@ async fn the_agent_survives_sigkill_and_a_30s_ingest_outage_with_exact_totals() 
     );
     // Nothing more arrives later (no double count from re-sent batches).
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(totals(&client, &addr).await.as_ref(), Some(&expected));
+    assert_eq!(
+        subject_totals(&client, &addr, query.0, query.1)
+            .await
+            .as_ref(),
+        Some(&expected)
+    );
 
     let m = client
         .get(format!("http://{metrics}/metrics"))

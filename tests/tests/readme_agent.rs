@@ -4,7 +4,7 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use tally_tests::{Proc, bin, free_port, repo, wait_for};
+use tally_tests::{Proc, Standalone, bin, free_port, repo};
 
 #[test]
 fn readme_agent_walkthrough_output_is_real() {
@@ -31,23 +31,8 @@ fn readme_agent_walkthrough_output_is_real() {
         .join("\n");
 
     let tmp = tempfile::tempdir().unwrap();
-    let addr = format!("127.0.0.1:{}", free_port());
-    let _server = Proc::start(
-        bin("tally-server"),
-        &[
-            "--listen",
-            &addr,
-            "--data",
-            tmp.path().join("data").to_str().unwrap(),
-            "--manifests",
-            root.join("examples/quickstart").to_str().unwrap(),
-        ],
-        &[],
-        tmp.path().join("server.log"),
-    );
-    wait_for(Duration::from_secs(30), "tally-server", || {
-        std::net::TcpStream::connect(&addr).is_ok()
-    });
+    let server = Standalone::start(tmp.path(), &root.join("examples/quickstart"));
+    let addr = &server.addr;
     // The example configuration, pointed at this server and at private paths.
     let example = std::fs::read_to_string(root.join("examples/agent/agent.yaml")).unwrap();
     let config = example
@@ -70,7 +55,7 @@ fn readme_agent_walkthrough_output_is_real() {
         tmp.path().join("agent.log"),
     );
 
-    let cmd_here = cmd.replace("localhost:8080", &addr);
+    let cmd_here = cmd.replace("localhost:8080", addr);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let out = Command::new("sh")
