@@ -5,10 +5,10 @@
 //! package's binaries): [`bin`] runs `cargo build` for the workspace's binaries once
 //! per test process (a no-op when `make test` already built them) and returns the path.
 //!
-//! [`pods_api`] is a small stand-in for the Kubernetes API (pods list and watch) for
-//! the node agent; the full in-memory API server comes with the operator issue.
+//! [`kube`] is the in-memory Kubernetes API server tests (and CI) run against.
 #![forbid(unsafe_code)]
 
+pub mod kube;
 pub mod pods_api;
 
 use std::net::TcpListener;
