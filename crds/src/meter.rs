@@ -38,6 +38,10 @@ pub const MAX_SLUG_LEN: usize = 64;
     printcolumn = r#"{"name":"Event Type","type":"string","jsonPath":".spec.eventType"}"#,
     printcolumn = r#"{"name":"Aggregation","type":"string","jsonPath":".spec.aggregation"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Status","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason","description":"Why the meter is (not) ready"}"#,
+    printcolumn = r#"{"name":"Backfill","type":"string","priority":1,"jsonPath":".status.storage.backfill"}"#,
+    printcolumn = r#"{"name":"Rollup","type":"string","priority":1,"jsonPath":".status.storage.rollupTable"}"#,
+    printcolumn = r#"{"name":"Message","type":"string","priority":1,"jsonPath":".status.conditions[?(@.type==\"Ready\")].message"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -214,12 +218,29 @@ pub struct MeterStatus {
 pub struct MeterStorage {
     /// `embedded` or `clickhouse`.
     pub store: String,
-    /// Table holding the one-minute rollup.
+    /// Table holding the one-minute rollup the query API reads.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollup_table: Option<String>,
-    /// Whether the backfill from raw events has completed.
+    /// Whether the backfill from raw events has completed for `rollupTable`.
     #[serde(default)]
     pub backfilled: bool,
+    /// Events stored from this time on reach the rollup through its view; earlier ones
+    /// were backfilled from the raw table.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cutover: Option<DateTime<Utc>>,
+    /// A rollup being built (a new meter, or a changed `groupBy`) and not yet served.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_rollup_table: Option<String>,
+    /// Progress of the backfill of the pending rollup, in words.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backfill: Option<String>,
+    /// The previously served rollup, kept until `retireAt` so queries already planned
+    /// on it finish; then dropped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retiring_rollup_table: Option<String>,
+    /// When `retiringRollupTable` is dropped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retire_at: Option<DateTime<Utc>>,
 }
 
 impl Meter {

@@ -36,6 +36,8 @@ pub struct KafkaConfig {
     pub linger_ms: u64,
     /// Extra librdkafka settings (`security.protocol`, `sasl.*`, …).
     pub extra: Vec<(String, String)>,
+    /// `retention.ms` of the topic when tally creates it (`None`: the broker's default).
+    pub retention_ms: Option<i64>,
 }
 
 impl KafkaConfig {
@@ -47,6 +49,7 @@ impl KafkaConfig {
             message_timeout_ms: 10_000,
             linger_ms: 5,
             extra: Vec::new(),
+            retention_ms: None,
         }
     }
 
@@ -90,11 +93,15 @@ impl KafkaConfig {
         let admin: AdminClient<DefaultClientContext> = self.base().create().map_err(|e| {
             Error::Unavailable(format!("Kafka admin client for {}: {e}", self.brokers))
         })?;
-        let topic = NewTopic::new(
+        let retention = self.retention_ms.map(|r| r.to_string());
+        let mut topic = NewTopic::new(
             &self.topic,
             partitions,
             TopicReplication::Fixed(replication),
         );
+        if let Some(r) = &retention {
+            topic = topic.set("retention.ms", r);
+        }
         let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
         let res = admin.create_topics([&topic], &opts).await.map_err(|e| {
             Error::Unavailable(format!(

@@ -128,6 +128,61 @@ fn definition(m: &CompiledMeter) -> String {
     serde_json::to_string(&meter).unwrap_or_default()
 }
 
+/// Makes sure `m`'s rollup tables, views and `meters` record exist, creating them with a
+/// new cutover when any is missing (step 1 of the module docs). Read-only when all
+/// exist. Returns the record (its `backfilled` says whether steps 2–3 remain).
+pub async fn prepare(ch: &Ch, m: &CompiledMeter, cfg: &CutoverConfig) -> Result<MeterRecord> {
+    let sql = RollupSql::new(m);
+    let rec = record(ch, &sql.table).await?;
+    let mut view_ok = rec.is_some();
+    for grain in Grain::ALL {
+        view_ok = view_ok && exists(ch, &view_name(&grain.table(&sql.table))).await?;
+    }
+    if let (true, Some(rec)) = (view_ok, rec) {
+        return Ok(rec);
+    }
+    let cutover = ch.now().await? + cfg.margin_secs;
+    let r = MeterRecord {
+        rollup: sql.table.clone(),
+        namespace: m.namespace.clone(),
+        name: m.name.clone(),
+        slug: m.slug.clone(),
+        definition: definition(m),
+        cutover: cutover as u32,
+        backfilled: 0,
+        dropped: 0,
+        version: 0,
+    };
+    write_record(ch, &r).await?;
+    for grain in Grain::ALL {
+        ch.exec("create a rollup", &sql.create_table(ch.db(), grain))
+            .await?;
+        ch.exec(
+            "create a rollup view",
+            &sql.create_view(ch.db(), cutover, grain),
+        )
+        .await?;
+    }
+    tracing::info!(meter = %m.slug, namespace = %m.namespace, rollup = %sql.table, cutover, "Created rollup and view");
+    Ok(r)
+}
+
+/// The live record of the rollup `table`, if any.
+pub async fn record(ch: &Ch, table: &str) -> Result<Option<MeterRecord>> {
+    let rows: Vec<MeterRecord> = ch
+        .fetch(
+            "read a provisioned meter",
+            &format!(
+                "SELECT rollup, namespace, name, slug, definition, toUInt32(cutover), backfilled, dropped, version \
+                 FROM {}.meters FINAL WHERE dropped = 0 AND rollup = {}",
+                ch.db(),
+                lit(table)
+            ),
+        )
+        .await?;
+    Ok(rows.into_iter().next())
+}
+
 /// Makes ClickHouse maintain exactly a rollup for each of `meters` (creating and
 /// backfilling missing ones). Returns them with their rollup ids, in order, and the
 /// rollups no meter uses any more (drop them with [`drop_rollups`] once the new set is
@@ -145,39 +200,7 @@ pub async fn provision(
         .collect();
     let mut pending = Vec::new();
     for m in meters {
-        let sql = RollupSql::new(m);
-        let mut rec = existing.get(&sql.table).cloned();
-        let mut view_ok = rec.is_some();
-        for grain in Grain::ALL {
-            view_ok = view_ok && exists(ch, &view_name(&grain.table(&sql.table))).await?;
-        }
-        if !view_ok {
-            let cutover = ch.now().await? + cfg.margin_secs;
-            let r = MeterRecord {
-                rollup: sql.table.clone(),
-                namespace: m.namespace.clone(),
-                name: m.name.clone(),
-                slug: m.slug.clone(),
-                definition: definition(m),
-                cutover: cutover as u32,
-                backfilled: 0,
-                dropped: 0,
-                version: 0,
-            };
-            write_record(ch, &r).await?;
-            for grain in Grain::ALL {
-                ch.exec("create a rollup", &sql.create_table(ch.db(), grain))
-                    .await?;
-                ch.exec(
-                    "create a rollup view",
-                    &sql.create_view(ch.db(), cutover, grain),
-                )
-                .await?;
-            }
-            tracing::info!(meter = %m.slug, namespace = %m.namespace, rollup = %sql.table, cutover, "Created rollup and view");
-            rec = Some(r);
-        }
-        let rec = rec.expect("set above");
+        let rec = prepare(ch, m, cfg).await?;
         if rec.backfilled == 0 {
             pending.push((m.clone(), rec));
         }
@@ -193,8 +216,7 @@ pub async fn provision(
     let stale = existing
         .keys()
         .filter(|t| !live.contains(*t))
-        .filter_map(|t| u64::from_str_radix(t.trim_start_matches("rollup_"), 16).ok())
-        .map(|id| id as i64)
+        .filter_map(|t| super::rollup::id_of_table(t))
         .collect();
     let stored = meters
         .iter()
@@ -204,6 +226,40 @@ pub async fn provision(
         })
         .collect();
     Ok((stored, stale))
+}
+
+/// Whether a backfill at `cutover` may run now (steps 2 of the module docs, without
+/// waiting): `Ok(None)` when it may, else what it waits for.
+pub async fn cutover_passed(ch: &Ch, cutover: i64, cfg: &CutoverConfig) -> Result<Option<String>> {
+    let now = ch.now().await?;
+    if now < cutover + cfg.grace_secs {
+        return Ok(Some(format!(
+            "waiting until the cutover at {} plus {} s of grace has passed",
+            tally_crds::event::format_ms(cutover * 1000),
+            cfg.grace_secs
+        )));
+    }
+    let open = open_batches(ch, cutover).await?;
+    Ok(open.first().map(|(p, s)| {
+        format!(
+            "waiting for the sink to finish the batch it began at {} on Kafka partition {p}",
+            tally_crds::event::format_ms(*s as i64 * 1000)
+        )
+    }))
+}
+
+async fn open_batches(ch: &Ch, cutover: i64) -> Result<Vec<(i32, u32)>> {
+    ch.fetch(
+        "read the sink log",
+        &format!(
+            "SELECT kafka_partition, toUInt32(s) FROM (SELECT kafka_partition, \
+             argMax(phase, tuple(start_offset, rank, logged_ms)) AS p, \
+             argMax(inserted_at, tuple(start_offset, rank, logged_ms)) AS s \
+             FROM {}.sink_log GROUP BY topic, kafka_partition) WHERE p = 'begin' AND s < toDateTime({cutover})",
+            ch.db()
+        ),
+    )
+    .await
 }
 
 /// Waits until every row with `inserted_at < cutover` is in `events` (see the module
@@ -222,18 +278,7 @@ async fn wait_for_cutover(ch: &Ch, cutover: i64, cfg: &CutoverConfig) -> Result<
         .await;
     }
     loop {
-        let open: Vec<(i32, u32)> = ch
-            .fetch(
-                "read the sink log",
-                &format!(
-                    "SELECT kafka_partition, toUInt32(s) FROM (SELECT kafka_partition, \
-                     argMax(phase, tuple(start_offset, rank, logged_ms)) AS p, \
-                     argMax(inserted_at, tuple(start_offset, rank, logged_ms)) AS s \
-                     FROM {}.sink_log GROUP BY topic, kafka_partition) WHERE p = 'begin' AND s < toDateTime({cutover})",
-                    ch.db()
-                ),
-            )
-            .await?;
+        let open = open_batches(ch, cutover).await?;
         if open.is_empty() {
             return Ok(());
         }
@@ -286,7 +331,9 @@ pub async fn delete_where(ch: &Ch, table: &str, cond: &str) -> Result<()> {
     wait_mutations(ch, table).await
 }
 
-async fn backfill(ch: &Ch, m: &CompiledMeter, mut rec: MeterRecord) -> Result<()> {
+/// Step 3: fills the rollup with the events stored before the cutover and marks the
+/// record backfilled. Call only once [`cutover_passed`] says so.
+pub async fn backfill(ch: &Ch, m: &CompiledMeter, mut rec: MeterRecord) -> Result<()> {
     let sql = RollupSql::new(m);
     let started = Instant::now();
     for grain in Grain::ALL {

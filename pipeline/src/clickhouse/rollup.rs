@@ -79,6 +79,12 @@ pub fn rollup_id(meter: &CompiledMeter) -> i64 {
     xxhash_rust::xxh3::xxh3_64(def.as_bytes()) as i64
 }
 
+/// The rollup id of a table name (`rollup_<hex>`).
+pub fn id_of_table(table: &str) -> Option<i64> {
+    let hex = table.strip_prefix("rollup_")?;
+    u64::from_str_radix(hex, 16).ok().map(|id| id as i64)
+}
+
 /// The table name of a rollup id.
 pub fn table_name(id: i64) -> String {
     format!("rollup_{:016x}", id as u64)

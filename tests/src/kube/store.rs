@@ -637,7 +637,8 @@ impl State {
                 .filter(|p| at(&new, p) != at(&old, p))
                 .collect();
             for (_, (_, set)) in owned.iter_mut() {
-                set.retain(|p| !changed.contains(p));
+                // A changed field moves to this manager; a removed field is owned by nobody.
+                set.retain(|p| !changed.contains(p) && at(&new, p).is_some());
             }
             owned
                 .entry(opts.manager.clone())

@@ -1,0 +1,275 @@
+//! tally-operator: the control plane of tally in a cluster.
+//!
+//! - Leader election over a Lease (`kube-lease-manager`): any number of replicas run;
+//!   only the holder reconciles, a replica that loses the Lease stops its controllers
+//!   before another can act, so two replicas are safe.
+//! - Pipeline provisioning ([`pipeline`]): the Kafka topic and ClickHouse's tables,
+//!   idempotent, retried with backoff; problems show on every Meter's conditions.
+//! - The Meter controller ([`meter`]): rollups with exact backfill, status, finalizer.
+//! - `/metrics` and `/healthz` on `--metrics-listen`; SIGTERM/SIGINT stop it, releasing
+//!   the Lease so a standby takes over at once.
+#![forbid(unsafe_code)]
+pub mod error;
+pub mod meter;
+pub mod metrics;
+pub mod pipeline;
+pub mod status;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Parser;
+use futures::StreamExt;
+use kube::api::Api;
+use kube::core::DeserializeGuard;
+use kube::runtime::controller::{self, Controller};
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::watcher;
+use tally_crds::Meter;
+use tally_pipeline::clickhouse::provision::CutoverConfig;
+use tally_pipeline::clickhouse::{Ch, ChConfig};
+use tally_pipeline::kafka::KafkaConfig;
+
+pub use error::{Error, Result};
+
+/// tally-operator: reconciles Meters into ClickHouse rollups and provisions the pipeline.
+#[derive(Parser, Debug, Clone)]
+#[command(version, about)]
+pub struct Args {
+    /// ClickHouse HTTP URL.
+    #[arg(
+        long,
+        env = "TALLY_CLICKHOUSE",
+        default_value = "http://127.0.0.1:8123"
+    )]
+    pub clickhouse: String,
+    /// ClickHouse database.
+    #[arg(long, env = "TALLY_CLICKHOUSE_DATABASE", default_value = "tally")]
+    pub clickhouse_database: String,
+    /// ClickHouse user.
+    #[arg(long, env = "TALLY_CLICKHOUSE_USER", default_value = "")]
+    pub clickhouse_user: String,
+    /// ClickHouse password.
+    #[arg(
+        long,
+        env = "TALLY_CLICKHOUSE_PASSWORD",
+        default_value = "",
+        hide_env_values = true
+    )]
+    pub clickhouse_password: String,
+    /// Kafka brokers; when set, the events topic is provisioned.
+    #[arg(long, env = "TALLY_KAFKA")]
+    pub kafka: Option<String>,
+    /// The events topic.
+    #[arg(long, env = "TALLY_TOPIC", default_value = "tally-events")]
+    pub topic: String,
+    /// Partitions of the events topic when created.
+    #[arg(long, env = "TALLY_TOPIC_PARTITIONS", default_value_t = 8)]
+    pub topic_partitions: i32,
+    /// Replication factor of the events topic when created.
+    #[arg(long, env = "TALLY_TOPIC_REPLICATION", default_value_t = 1)]
+    pub topic_replication: i32,
+    /// Retention of the events topic when created, hours (0: the broker's default).
+    #[arg(long, env = "TALLY_TOPIC_RETENTION_HOURS", default_value_t = 168)]
+    pub topic_retention_hours: i64,
+    /// How far ahead a new rollup's cutover is set, seconds.
+    #[arg(long, env = "TALLY_CUTOVER_MARGIN_SECS", default_value_t = 5)]
+    pub cutover_margin_secs: i64,
+    /// The sink's bound between reading ClickHouse's clock and logging a batch, seconds.
+    #[arg(long, env = "TALLY_CUTOVER_GRACE_SECS", default_value_t = 5)]
+    pub cutover_grace_secs: i64,
+    /// How long a replaced rollup keeps existing after the swap, seconds.
+    #[arg(long, env = "TALLY_ROLLUP_DRAIN_SECS", default_value_t = 60)]
+    pub rollup_drain_secs: u64,
+    /// How often a ready meter is re-checked (reads only), seconds.
+    #[arg(long, env = "TALLY_RESYNC_SECS", default_value_t = 300)]
+    pub resync_secs: u64,
+    /// Meters reconciled at once.
+    #[arg(long, env = "TALLY_CONCURRENCY", default_value_t = 16)]
+    pub concurrency: u16,
+    /// Namespace of the leader Lease (the operator's own namespace).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "tally-system")]
+    pub namespace: String,
+    /// Name of the leader Lease.
+    #[arg(long, env = "TALLY_LEASE_NAME", default_value = "tally-operator")]
+    pub lease_name: String,
+    /// This replica's identity in the Lease (default: pod name or host name + pid).
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+    /// Lease duration, seconds: how long a crashed leader blocks a standby.
+    #[arg(long, env = "TALLY_LEASE_SECS", default_value_t = 15)]
+    pub lease_secs: u64,
+    /// Where `/metrics` and `/healthz` are served.
+    #[arg(long, env = "TALLY_METRICS_LISTEN", default_value = "127.0.0.1:9466")]
+    pub metrics_listen: SocketAddr,
+}
+
+fn identity(args: &Args) -> String {
+    args.identity.clone().unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        format!("{}-{}", host.trim(), std::process::id())
+    })
+}
+
+/// Runs until SIGTERM/SIGINT.
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let client = kube::Client::try_default()
+        .await
+        .context("failed to configure the Kubernetes client (KUBECONFIG or in-cluster)")?;
+    let metrics = Arc::new(metrics::Metrics::default());
+    let listener = tokio::net::TcpListener::bind(args.metrics_listen)
+        .await
+        .with_context(|| format!("failed to listen on {} for metrics", args.metrics_listen))?;
+    let served = metrics.clone();
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            axum::routing::get(move || {
+                let m = served.clone();
+                async move { m.encode() }
+            }),
+        )
+        .route("/healthz", axum::routing::get(|| async { "ok" }));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let me = identity(&args);
+    let lease = kube_lease_manager::LeaseManagerBuilder::new(client.clone(), &args.lease_name)
+        .with_namespace(&args.namespace)
+        .with_identity(&me)
+        .with_duration(args.lease_secs)
+        .with_grace(2.min(args.lease_secs / 3).max(1))
+        .with_field_manager(format!("{}-lease", meter::FIELD_MANAGER))
+        .build()
+        .await
+        .with_context(|| {
+            format!(
+                "failed to set up the leader Lease {}/{}",
+                args.namespace, args.lease_name
+            )
+        })?;
+    let (mut leading, lease_task) = lease.watch().await;
+    tracing::info!(identity = %me, lease = %format!("{}/{}", args.namespace, args.lease_name), "tally-operator started; waiting for leadership");
+    let stop = shutdown();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            () = &mut stop => break,
+            r = leading.wait_for(|l| *l) => { r.context("the Lease task stopped")?; }
+        }
+        tracing::info!(identity = %me, "Leading: starting the controllers");
+        metrics.leader.set(1);
+        let work = lead(client.clone(), args.clone(), metrics.clone(), me.clone());
+        tokio::pin!(work);
+        let mut finished = false;
+        tokio::select! {
+            () = &mut stop => finished = true,
+            r = leading.wait_for(|l| !*l) => {
+                r.context("the Lease task stopped")?;
+                tracing::warn!(identity = %me, "Lost the Lease: stopping the controllers");
+            }
+            r = &mut work => { r?; }
+        }
+        metrics.leader.set(0);
+        if finished {
+            break;
+        }
+    }
+    tracing::info!("Stopping: releasing the Lease");
+    drop(leading);
+    let _ = tokio::time::timeout(Duration::from_secs(5), lease_task).await;
+    Ok(())
+}
+
+/// What the leader runs: provisioning and the controllers (until dropped).
+async fn lead(
+    client: kube::Client,
+    args: Args,
+    metrics: Arc<metrics::Metrics>,
+    me: String,
+) -> anyhow::Result<()> {
+    let ch = Ch::new(&ChConfig {
+        url: args.clickhouse.clone(),
+        database: args.clickhouse_database.clone(),
+        user: args.clickhouse_user.clone(),
+        password: args.clickhouse_password.clone(),
+    })?;
+    let kafka = args.kafka.as_ref().map(|brokers| {
+        let mut k = KafkaConfig::new(brokers);
+        k.topic = args.topic.clone();
+        k.retention_ms =
+            (args.topic_retention_hours > 0).then(|| args.topic_retention_hours * 3_600_000);
+        (k, args.topic_partitions, args.topic_replication)
+    });
+    let (health, changed) = pipeline::Health::new();
+    let health = Arc::new(health);
+    let provisioning = {
+        let (ch, health) = (ch.clone(), health.clone());
+        async move { pipeline::keep_provisioned(ch, kafka, &health).await }
+    };
+    let meters: Api<DeserializeGuard<Meter>> = Api::all(client.clone());
+    let controller = Controller::new(meters, watcher::Config::default().any_semantic())
+        .with_config(controller::Config::default().concurrency(args.concurrency));
+    let ctx = Arc::new(meter::Context {
+        client: client.clone(),
+        ch,
+        cutover: CutoverConfig {
+            margin_secs: args.cutover_margin_secs,
+            grace_secs: args.cutover_grace_secs,
+            ..CutoverConfig::default()
+        },
+        health,
+        metrics,
+        recorder: Recorder::new(
+            client,
+            Reporter {
+                controller: "tally-operator".into(),
+                instance: Some(me),
+            },
+        ),
+        store: controller.store(),
+        drain: Duration::from_secs(args.rollup_drain_secs),
+        resync: Duration::from_secs(args.resync_secs.max(1)),
+        failures: Mutex::new(Default::default()),
+    });
+    // Re-reconcile every meter when the pipeline's health changes.
+    let health_changes = tokio_stream_of(changed);
+    let controllers = controller
+        .reconcile_all_on(health_changes)
+        .run(meter::reconcile, meter::error_policy, ctx)
+        .for_each(|r| async move {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "Controller event");
+            }
+        });
+    tokio::select! {
+        () = provisioning => {}
+        () = controllers => {}
+    }
+    Ok(())
+}
+
+fn tokio_stream_of(
+    rx: tokio::sync::watch::Receiver<u64>,
+) -> impl futures::Stream<Item = ()> + Send + 'static {
+    futures::stream::unfold(rx, |mut rx| async move {
+        rx.changed().await.ok()?;
+        Some(((), rx))
+    })
+}
+
+async fn shutdown() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! { () = ctrl_c => {}, () = term => {} }
+}
