@@ -126,7 +126,14 @@ pub fn error_policy(obj: Arc<DeserializeGuard<Meter>>, err: &Error, ctx: Arc<Con
     let n = failures.entry(name.clone()).or_default();
     *n += 1;
     let wait = Duration::from_secs(1u64 << (*n - 1).min(8)).min(Duration::from_secs(300));
-    tracing::warn!(meter = %name, error = %format!("{err:#}"), source = ?std::error::Error::source(err).map(|s| s.to_string()), retry_in_s = wait.as_secs(), "Meter reconcile failed");
+    let mut chain = err.to_string();
+    let mut cause = std::error::Error::source(err);
+    while let Some(c) = cause {
+        chain.push_str(": ");
+        chain.push_str(&c.to_string());
+        cause = c.source();
+    }
+    tracing::warn!(meter = %name, error = %chain, retry_in_s = wait.as_secs(), "Meter reconcile failed");
     Action::requeue(wait)
 }
 

@@ -22,6 +22,8 @@ pub mod error;
 #[cfg(feature = "producer")]
 pub mod kafka;
 #[cfg(feature = "server")]
+pub mod kubernetes;
+#[cfg(feature = "server")]
 pub mod manifests;
 #[cfg(feature = "server")]
 pub mod metrics;

@@ -111,6 +111,10 @@ pub struct Args {
     /// Folder of Meter manifests (YAML, as for `kubectl apply`), reloaded on change.
     #[arg(long, env = "TALLY_MANIFESTS")]
     pub manifests: Option<PathBuf>,
+    /// Serve the Meters of the Kubernetes API that the operator made Ready (KUBECONFIG or
+    /// in-cluster config) instead of `--manifests`. Needs `--clickhouse`.
+    #[arg(long, env = "TALLY_KUBERNETES", conflicts_with = "manifests")]
+    pub kubernetes: bool,
     /// How often the manifests folder is checked for changes, in milliseconds.
     #[arg(long, env = "TALLY_RELOAD_INTERVAL_MS", default_value_t = 1000)]
     pub reload_interval_ms: u64,
@@ -316,7 +320,23 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         max_query_rows: args.max_query_rows,
     };
     let state = AppState::new(store.clone(), limits, Arc::new(Metrics::default()));
-    if let Some(dir) = args.manifests.clone() {
+    if args.kubernetes {
+        let Some(url) = &args.clickhouse else {
+            anyhow::bail!(
+                "--kubernetes needs --clickhouse URL (the operator provisions meters in ClickHouse)"
+            );
+        };
+        let client = kube::Client::try_default()
+            .await
+            .context("failed to configure the Kubernetes client (KUBECONFIG or in-cluster)")?;
+        let ch = Ch::new(&args.clickhouse_config(url))?;
+        tokio::spawn(crate::kubernetes::serve_meters(
+            client,
+            ch,
+            store.clone(),
+            state.clone(),
+        ));
+    } else if let Some(dir) = args.manifests.clone() {
         let served = reload(&dir, &store, &state, Vec::new()).await?;
         tracing::info!(dir = %dir.display(), meters = served.len(), "Loaded meter manifests");
         tokio::spawn(watch(

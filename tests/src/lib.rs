@@ -347,6 +347,64 @@ pub fn kafka(test: &str) -> Option<String> {
     None
 }
 
+/// A test's temporary folder, kept (not deleted) when `TALLY_KEEP_LOGS` is set, so
+/// the logs of a failed run can be read.
+#[derive(Debug)]
+pub struct KeptDir(pub Option<tempfile::TempDir>);
+
+impl KeptDir {
+    /// The folder.
+    pub fn path(&self) -> &Path {
+        self.0.as_ref().expect("present until dropped").path()
+    }
+}
+
+impl Drop for KeptDir {
+    fn drop(&mut self) {
+        if std::env::var_os("TALLY_KEEP_LOGS").is_some()
+            && let Some(d) = self.0.take()
+        {
+            let _ = d.keep();
+        }
+    }
+}
+
+/// The ClickHouse of `make services` (or `TALLY_TEST_CLICKHOUSE`), as an HTTP URL, or
+/// `None` after printing why the test is skipped (under `CI`, a failure instead).
+pub fn clickhouse(test: &str) -> Option<String> {
+    let url =
+        std::env::var("TALLY_TEST_CLICKHOUSE").unwrap_or_else(|_| "http://127.0.0.1:8123".into());
+    let host = url.trim_start_matches("http://").trim_end_matches('/');
+    let up = host
+        .parse()
+        .ok()
+        .and_then(|a| std::net::TcpStream::connect_timeout(&a, Duration::from_secs(1)).ok())
+        .is_some();
+    if up {
+        return Some(url);
+    }
+    let why = format!("{test}: ClickHouse at {url} not reachable (start it with `make services`)");
+    if std::env::var_os("CI").is_some() {
+        panic!("{why}; CI must not skip");
+    }
+    eprintln!("SKIPPED {why}");
+    None
+}
+
+/// Runs `sql` on ClickHouse at `url` and returns the trimmed text answer.
+pub async fn ch_query(client: &reqwest::Client, url: &str, sql: &str) -> String {
+    let r = client
+        .post(url)
+        .body(sql.to_string())
+        .send()
+        .await
+        .expect("ClickHouse answers");
+    let ok = r.status().is_success();
+    let text = r.text().await.unwrap_or_default();
+    assert!(ok, "ClickHouse refused {sql}: {text}");
+    text.trim().to_string()
+}
+
 /// Subjects of [`write_usage_lines`].
 pub const USERS: [&str; 3] = ["acme", "globex", "initech"];
 

@@ -689,9 +689,20 @@ impl State {
                 json_patch::merge(&mut new, body);
             }
             "json" => {
-                let p: json_patch::Patch = serde_json::from_value(body.clone()).map_err(|e| {
-                    ApiError::new(400, "BadRequest", format!("invalid JSON patch: {e}"))
-                })?;
+                // As in the real server, `test` of a missing path against null succeeds
+                // (kube's finalizer helper relies on it); the json-patch crate fails it.
+                let mut ops = body.as_array().cloned().unwrap_or_default();
+                ops.retain(|op| {
+                    !(op["op"] == "test"
+                        && op["value"].is_null()
+                        && op["path"]
+                            .as_str()
+                            .is_some_and(|p| new.pointer(p).is_none()))
+                });
+                let p: json_patch::Patch =
+                    serde_json::from_value(Value::Array(ops)).map_err(|e| {
+                        ApiError::new(400, "BadRequest", format!("invalid JSON patch: {e}"))
+                    })?;
                 json_patch::patch(&mut new, &p).map_err(|e| {
                     ApiError::new(
                         422,

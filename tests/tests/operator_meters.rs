@@ -1,0 +1,525 @@
+//! The Meter controller end to end: two `tally-operator` replicas (one leads), a
+//! `tally-server --kubernetes` (ingest to Kafka, queries from ClickHouse, meters from the
+//! API) and `tally-server sink`, against the test kit's API server (or `TALLY_KUBECONFIG`)
+//! with real tansu and ClickHouse.
+//!
+//! One story, in order: events before the Meter exist → apply it → Ready, rollup in
+//! ClickHouse, the old events counted exactly; an invalid Meter → `Ready=False` naming
+//! the field; a changed `groupBy` → rebuilt while every query answer stays exact; the
+//! operator at rest writes nothing; the leader is SIGKILLed and the standby takes over;
+//! delete → views and rollups dropped, finalizer removed, raw events kept.
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::{CustomResourceExt, ResourceExt};
+use serde_json::json;
+use tally_crds::Meter;
+use tally_tests::kube::Cluster;
+use tally_tests::{Proc, bin, ch_query, clickhouse, free_port, kafka};
+
+struct Stack {
+    server: String,
+    operators: Vec<(Proc, String)>,
+    _sink: Proc,
+    _server: Proc,
+}
+
+fn start(dir: &Path, kubeconfig: &Path, brokers: &str, ch: &str, db: &str, topic: &str) -> Stack {
+    let kc = kubeconfig.to_str().unwrap();
+    let common = |extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = [
+            "--kafka",
+            brokers,
+            "--clickhouse",
+            ch,
+            "--clickhouse-database",
+            db,
+            "--topic",
+            topic,
+            "--cutover-margin-secs",
+            "1",
+            "--cutover-grace-secs",
+            "2",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let mut operators = Vec::new();
+    for i in 0..2 {
+        let metrics = format!("127.0.0.1:{}", free_port());
+        let args = common(&[
+            "--topic-partitions",
+            "2",
+            "--rollup-drain-secs",
+            "2",
+            "--lease-secs",
+            "4",
+            "--metrics-listen",
+            &metrics,
+            "--identity",
+            &format!("op-{i}"),
+        ]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let p = Proc::start(
+            bin("tally-operator"),
+            &args,
+            &[
+                ("KUBECONFIG", kc),
+                ("POD_NAMESPACE", "tally-system"),
+                ("RUST_LOG", "info"),
+            ],
+            dir.join(format!("operator-{i}.log")),
+        );
+        operators.push((p, metrics));
+    }
+    // The operator creates the topic; the sink and server wait for it by retrying their start.
+    let ready = Instant::now() + Duration::from_secs(60);
+    let sink_metrics = format!("127.0.0.1:{}", free_port());
+    let sink_args = common(&[
+        "sink",
+        "--group",
+        &format!("{topic}-sink"),
+        "--metrics-listen",
+        &sink_metrics,
+        "--batch-ms",
+        "200",
+    ]);
+    let sink_args: Vec<&str> = sink_args.iter().map(String::as_str).collect();
+    let sink = Proc::start(
+        bin("tally-server"),
+        &sink_args,
+        &[("RUST_LOG", "info")],
+        dir.join("sink.log"),
+    );
+    let addr = format!("127.0.0.1:{}", free_port());
+    let server_args = common(&["--kubernetes", "--listen", &addr]);
+    let server_args: Vec<&str> = server_args.iter().map(String::as_str).collect();
+    let server = Proc::start(
+        bin("tally-server"),
+        &server_args,
+        &[("KUBECONFIG", kc), ("RUST_LOG", "info")],
+        dir.join("server.log"),
+    );
+    while std::net::TcpStream::connect(&addr).is_err() {
+        assert!(
+            Instant::now() < ready,
+            "tally-server did not listen:\n{}",
+            server.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Stack {
+        server: addr,
+        operators,
+        _sink: sink,
+        _server: server,
+    }
+}
+
+fn event(id: &str, subject: &str, model: &str, region: &str, tokens: u64) -> serde_json::Value {
+    json!({"specversion": "1.0", "id": id, "source": "test", "type": "llm", "subject": subject,
+           "time": "2026-01-01T00:00:00Z", "data": {"tokens": tokens, "model": model, "region": region}})
+}
+
+async fn ingest(http: &reqwest::Client, server: &str, events: &[serde_json::Value]) {
+    let r = http
+        .post(format!("http://{server}/api/v1/namespaces/acme/events"))
+        .header("content-type", "application/cloudevents-batch+json")
+        .json(events)
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        r.status().is_success(),
+        "ingest: {} {}",
+        r.status(),
+        r.text().await.unwrap_or_default()
+    );
+}
+
+/// Totals by `dim` of meter `tokens`; `Err` with the HTTP status when not answered.
+async fn totals(
+    http: &reqwest::Client,
+    server: &str,
+    dim: &str,
+) -> Result<BTreeMap<String, u64>, String> {
+    let url = format!("http://{server}/api/v1/namespaces/acme/meters/tokens/query?groupBy={dim}");
+    let r = http.get(url).send().await.map_err(|e| e.to_string())?;
+    if !r.status().is_success() {
+        return Err(format!(
+            "{} {}",
+            r.status(),
+            r.text().await.unwrap_or_default()
+        ));
+    }
+    let body: serde_json::Value = r.json().await.map_err(|e| e.to_string())?;
+    Ok(body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| {
+            let key = row["groupBy"][dim]
+                .as_str()
+                .or(row[dim].as_str())
+                .unwrap_or_default()
+                .to_string();
+            (key, row["value"].as_f64().unwrap_or_default() as u64)
+        })
+        .collect())
+}
+
+async fn wait_for<T>(limit: Duration, what: &str, mut probe: impl AsyncFnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = probe().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn ready(m: &Meter) -> Option<(String, String, String)> {
+    let c = m
+        .status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")?;
+    Some((c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
+async fn leader_of(http: &reqwest::Client, stack: &Stack) -> Option<usize> {
+    for (i, (_, metrics)) in stack.operators.iter().enumerate() {
+        if let Ok(r) = http.get(format!("http://{metrics}/metrics")).send().await
+            && r.text()
+                .await
+                .unwrap_or_default()
+                .contains("tally_operator_leader 1")
+        {
+            return Some(i);
+        }
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn meters_are_provisioned_backfilled_rebuilt_and_cleaned_up_by_the_operator() {
+    let test = "operator_meters";
+    let (Some(brokers), Some(ch)) = (kafka(test), clickhouse(test)) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    eprintln!(
+        "logs in {} (kept with TALLY_KEEP_LOGS=1)",
+        dir.path().display()
+    );
+    let dir = tally_tests::KeptDir(Some(dir));
+    let cluster = Cluster::connect(dir.path());
+    let client = cluster.client().await;
+    let http = reqwest::Client::new();
+    let unique = format!("{}_{}", std::process::id(), tally_tests::unix_now());
+    let (db, topic) = (format!("tally_op_{unique}"), format!("tally-op-{unique}"));
+
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let _ = crds.create(&PostParams::default(), &Meter::crd()).await;
+    let mut stack = start(dir.path(), &cluster.kubeconfig, &brokers, &ch, &db, &topic);
+    let leader = wait_for(Duration::from_secs(30), "a leader", async || {
+        leader_of(&http, &stack).await
+    })
+    .await;
+
+    // Events before the Meter exists.
+    let mut expected_by_model: BTreeMap<String, u64> = BTreeMap::new();
+    let mut early = Vec::new();
+    for i in 0..300u64 {
+        let (model, region) = (
+            ["gpt", "claude"][(i % 2) as usize],
+            ["eu", "us", "ap"][(i % 3) as usize],
+        );
+        early.push(event(
+            &format!("e{i}"),
+            &format!("s{}", i % 5),
+            model,
+            region,
+            i + 1,
+        ));
+        *expected_by_model.entry(model.into()).or_default() += i + 1;
+    }
+    ingest(&http, &stack.server, &early).await;
+    let count_sql = format!("SELECT count() FROM {db}.events");
+    wait_for(
+        Duration::from_secs(60),
+        "the early events in ClickHouse",
+        async || (ch_query(&http, &ch, &count_sql).await == "300").then_some(()),
+    )
+    .await;
+
+    // Apply the Meter → Ready, rollup exists, the early events are counted exactly.
+    let meters: Api<Meter> = Api::namespaced(client.clone(), "acme");
+    let m: Meter = serde_json::from_value(json!({"apiVersion": "tally.dev/v1alpha1", "kind": "Meter",
+        "metadata": {"name": "tokens"},
+        "spec": {"eventType": "llm", "aggregation": "SUM", "valueProperty": "$.tokens", "groupBy": {"model": "$.model"}}})).unwrap();
+    meters.create(&PostParams::default(), &m).await.unwrap();
+    let first = wait_for(
+        Duration::from_secs(60),
+        "the Meter to be Ready",
+        async || {
+            let m = meters.get("tokens").await.ok()?;
+            (ready(&m)?.0 == "True").then_some(m)
+        },
+    )
+    .await;
+    let status = first.status.clone().unwrap();
+    assert_eq!(status.observed_generation, first.metadata.generation);
+    let storage = status.storage.clone().unwrap();
+    let rollup = storage.rollup_table.clone().unwrap();
+    assert!(
+        storage.backfilled && storage.cutover.is_some(),
+        "{storage:?}"
+    );
+    assert!(first.finalizers().iter().any(|f| f == "tally.dev/rollup"));
+    assert_eq!(
+        ch_query(&http, &ch, &format!("EXISTS TABLE {db}.{rollup}")).await,
+        "1"
+    );
+    let got = wait_for(
+        Duration::from_secs(30),
+        "the query API to serve the meter",
+        async || {
+            totals(&http, &stack.server, "model")
+                .await
+                .ok()
+                .filter(|t| *t == expected_by_model)
+        },
+    )
+    .await;
+    assert_eq!(
+        got, expected_by_model,
+        "events ingested before the Meter existed are counted once"
+    );
+
+    // More events flow through the view.
+    let mut late = Vec::new();
+    for i in 300..400u64 {
+        let (model, region) = (
+            ["gpt", "claude"][(i % 2) as usize],
+            ["eu", "us", "ap"][(i % 3) as usize],
+        );
+        late.push(event(
+            &format!("e{i}"),
+            &format!("s{}", i % 5),
+            model,
+            region,
+            i + 1,
+        ));
+        *expected_by_model.entry(model.into()).or_default() += i + 1;
+    }
+    ingest(&http, &stack.server, &late).await;
+    wait_for(
+        Duration::from_secs(30),
+        "the late events in the totals",
+        async || {
+            (totals(&http, &stack.server, "model").await.ok()? == expected_by_model).then_some(())
+        },
+    )
+    .await;
+
+    // An invalid Meter (passes the schema, not the engine) → Ready=False naming the field.
+    let bad: Meter = serde_json::from_value(json!({"apiVersion": "tally.dev/v1alpha1", "kind": "Meter",
+        "metadata": {"name": "bad"}, "spec": {"eventType": "llm", "aggregation": "SUM", "valueProperty": "$.items[*].tokens"}})).unwrap();
+    meters.create(&PostParams::default(), &bad).await.unwrap();
+    let (_, reason, message) = wait_for(
+        Duration::from_secs(30),
+        "the invalid Meter's status",
+        async || ready(&meters.get("bad").await.ok()?).filter(|r| r.0 == "False"),
+    )
+    .await;
+    assert_eq!(reason, "InvalidSpec");
+    assert!(message.contains("spec.valueProperty"), "{message}");
+    let r = http
+        .get(format!(
+            "http://{}/api/v1/namespaces/acme/meters/bad/query",
+            stack.server
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404, "an invalid meter is not served");
+
+    // Change groupBy → a new rollup is backfilled while every answer stays exact.
+    let patch =
+        Patch::Merge(json!({"spec": {"groupBy": {"model": "$.model", "region": "$.region"}}}));
+    meters
+        .patch("tokens", &PatchParams::default(), &patch)
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut answers = 0;
+    let new_rollup = loop {
+        let t = totals(&http, &stack.server, "model").await;
+        assert_eq!(
+            t.as_ref(),
+            Ok(&expected_by_model),
+            "answer {answers} during the rebuild"
+        );
+        answers += 1;
+        let m = meters.get("tokens").await.unwrap();
+        let s = m.status.clone().unwrap();
+        let table = s
+            .storage
+            .as_ref()
+            .and_then(|s| s.rollup_table.clone())
+            .unwrap();
+        if table != rollup && s.observed_generation == m.metadata.generation {
+            break table;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the rebuild did not finish: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(answers > 5, "the rebuild was observed ({answers} answers)");
+    let mut by_region: BTreeMap<String, u64> = BTreeMap::new();
+    for (i, e) in early.iter().chain(&late).enumerate() {
+        let _ = i;
+        *by_region
+            .entry(e["data"]["region"].as_str().unwrap().into())
+            .or_default() += e["data"]["tokens"].as_u64().unwrap();
+    }
+    let got = wait_for(
+        Duration::from_secs(30),
+        "the new groupBy to be served",
+        async || {
+            totals(&http, &stack.server, "region")
+                .await
+                .ok()
+                .filter(|t| *t == by_region)
+        },
+    )
+    .await;
+    assert_eq!(got, by_region);
+    assert_eq!(
+        totals(&http, &stack.server, "model").await.unwrap(),
+        expected_by_model,
+        "exact after the swap"
+    );
+    wait_for(
+        Duration::from_secs(30),
+        "the replaced rollup to be dropped after its drain",
+        async || {
+            (ch_query(&http, &ch, &format!("EXISTS TABLE {db}.{rollup}")).await == "0")
+                .then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        ch_query(&http, &ch, &format!("EXISTS TABLE {db}.{new_rollup}")).await,
+        "1"
+    );
+
+    // At rest: no writes but the Lease's renewals.
+    if let Some(kit) = &cluster.kit {
+        wait_for(
+            Duration::from_secs(30),
+            "the retiring rollup to leave the status",
+            async || {
+                let m = meters.get("tokens").await.ok()?;
+                m.status?
+                    .storage?
+                    .retiring_rollup_table
+                    .is_none()
+                    .then_some(())
+            },
+        )
+        .await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let count = |w: &[tally_tests::kube::Write]| {
+            w.iter().filter(|w| !w.gvr.ends_with("/leases")).count()
+        };
+        let before = kit.writes();
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        let after = kit.writes();
+        assert_eq!(
+            count(&after),
+            count(&before),
+            "writes at rest: {:?}",
+            &after[before.len()..]
+        );
+    }
+
+    // The leader dies; the standby takes over and handles the delete.
+    stack.operators[leader].0.kill9();
+    let standby = 1 - leader;
+    wait_for(Duration::from_secs(30), "the standby to lead", async || {
+        (leader_of(&http, &stack).await == Some(standby)).then_some(())
+    })
+    .await;
+    meters
+        .delete("tokens", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_for(
+        Duration::from_secs(60),
+        "the Meter to be gone",
+        async || {
+            matches!(meters.get("tokens").await, Err(kube::Error::Api(e)) if e.code == 404)
+                .then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        ch_query(&http, &ch, &format!("EXISTS TABLE {db}.{new_rollup}")).await,
+        "0",
+        "rollup dropped"
+    );
+    let views = ch_query(
+        &http,
+        &ch,
+        &format!(
+            "SELECT count() FROM system.tables WHERE database = '{db}' AND name LIKE '%{}%'",
+            new_rollup
+        ),
+    )
+    .await;
+    assert_eq!(views, "0", "views dropped too");
+    assert_eq!(
+        ch_query(&http, &ch, &count_sql).await,
+        "400",
+        "raw events stay"
+    );
+    let r = http
+        .get(format!(
+            "http://{}/api/v1/namespaces/acme/meters/tokens/query",
+            stack.server
+        ))
+        .send()
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut status = r.status();
+    while status != 404 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        status = http
+            .get(format!(
+                "http://{}/api/v1/namespaces/acme/meters/tokens/query",
+                stack.server
+            ))
+            .send()
+            .await
+            .unwrap()
+            .status();
+    }
+    assert_eq!(status, 404, "a deleted meter is not served");
+    let _ = ch_query(&http, &ch, &format!("DROP DATABASE IF EXISTS {db}")).await;
+    for (p, _) in &mut stack.operators {
+        p.terminate();
+    }
+}
