@@ -6,10 +6,10 @@ LISTEN ?= 127.0.0.1:8080
 DATA ?= ./data
 
 .DEFAULT_GOAL := help
-.PHONY: help build run run-agent test test-unit lint fmt generate bench clean-data services services-stop services-status
+.PHONY: help build run run-agent test test-unit test-e2e lint fmt generate bench clean-data services services-stop services-status
 
 help: ## List the targets
-	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
+	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
 
 build: ## Build every binary (debug)
 	$(CARGO) build --workspace --bins
@@ -22,6 +22,9 @@ run-agent: ## Run tally-agent with examples/agent/agent.yaml, shipping to `make 
 
 test: lint services ## Check formatting and clippy, start the services, then run every test
 	$(CARGO) test --workspace
+
+test-e2e: services ## Tests that need a Kubernetes API: against KUBECONFIG when set, else the in-memory test kit
+	TALLY_KUBECONFIG=$(KUBECONFIG) $(CARGO) test -p tally-tests --test kube_kit --test operator_meters
 
 services: ## Install (if missing) and start tansu (Kafka API, :9092) and ClickHouse (:8123) on 127.0.0.1
 	scripts/services.sh start
@@ -45,11 +48,12 @@ fmt: ## Format the code
 generate: ## Regenerate the CRD YAML (crds/*.yaml) from the Rust types
 	$(CARGO) run -q -p tally-crds --bin crdgen -- crds
 
-bench: services ## Benchmarks (release build): standalone vs bare SQLite; Kafka ingest, sink and ClickHouse queries vs their raw limits; agent RSS and CPU
+bench: services ## Benchmarks (release build): standalone vs bare SQLite; Kafka ingest, sink and ClickHouse queries vs their raw limits; agent RSS and CPU; operator time to 200 Ready Meters
 	$(CARGO) bench -p tally-pipeline --bench standalone
 	$(CARGO) bench -p tally-pipeline --bench scaleout
 	$(CARGO) build -q --profile agent -p tally-agent
 	TALLY_BENCH_AGENT_BIN=$(CARGO_TARGET_DIR)/agent/tally-agent $(CARGO) bench -p tally-tests --bench agent
+	$(CARGO) bench -p tally-tests --bench operator
 
 clean-data: ## Delete the standalone server's ./data
 	rm -rf $(DATA)

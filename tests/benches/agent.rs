@@ -20,7 +20,7 @@ use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use serde_json::json;
-use tally_tests::pods_api::PodsApi;
+use tally_tests::kube::{Cluster, put_pod};
 use tally_tests::{
     Proc, cpu_time_of, free_port, kafka, release_bin, rfc3339, rss_of, rss_split_of,
     unix_now as now, wait_for,
@@ -72,7 +72,13 @@ struct Footprint {
     sent: String,
 }
 
-async fn measure(label: &str, sink: &str, exporters: &str, api: &PodsApi, secs: u64) -> Footprint {
+async fn measure(
+    label: &str,
+    sink: &str,
+    exporters: &str,
+    kubeconfig: &std::path::Path,
+    secs: u64,
+) -> Footprint {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
     let metrics = format!("127.0.0.1:{}", free_port());
@@ -85,7 +91,6 @@ async fn measure(label: &str, sink: &str, exporters: &str, api: &PodsApi, secs: 
         ),
     )
     .unwrap();
-    let kubeconfig = api.kubeconfig(root);
     let agent_bin = std::env::var("TALLY_BENCH_AGENT_BIN")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|_| release_bin("tally-agent"));
@@ -159,10 +164,12 @@ fn main() {
         .unwrap_or(90);
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let api = PodsApi::start().await;
+        let cluster_dir = tempfile::tempdir().unwrap();
+        let cluster = Cluster::connect(cluster_dir.path());
+        let kube = cluster.client().await;
         let started = now() - 3600;
         for i in 0..PODS {
-            api.put(pod(i, started));
+            put_pod(&kube, pod(i, started)).await;
         }
         let exporters = exporters().await;
         let tmp = tempfile::tempdir().unwrap();
@@ -177,7 +184,7 @@ fn main() {
         );
         wait_for(Duration::from_secs(30), "tally-server", || std::net::TcpStream::connect(&addr).is_ok());
         println!("agent footprint: {PODS} pods, 3 targets × {SERIES_PER_TARGET} counters every 10 s, {secs} s measured");
-        let ingest = measure("ingest", &format!("ingest: {{url: 'http://{addr}'}}"), &exporters, &api, secs).await;
+        let ingest = measure("ingest", &format!("ingest: {{url: 'http://{addr}'}}"), &exporters, &cluster.kubeconfig, secs).await;
         report("ingest URL", &ingest, 15.0);
         match kafka("agent bench (Kafka sink)") {
             Some(brokers) => {
@@ -188,7 +195,7 @@ fn main() {
                     .create_topics(&[NewTopic::new(&topic, 1, TopicReplication::Fixed(1))], &AdminOptions::new())
                     .await
                     .unwrap();
-                let k = measure("kafka", &format!("kafka: {{brokers: '{brokers}', topic: '{topic}'}}"), &exporters, &api, secs).await;
+                let k = measure("kafka", &format!("kafka: {{brokers: '{brokers}', topic: '{topic}'}}"), &exporters, &cluster.kubeconfig, secs).await;
                 report("Kafka", &k, 40.0);
             }
             None => println!("Kafka       skipped: no broker (run `make services`)"),

@@ -9,7 +9,6 @@
 #![forbid(unsafe_code)]
 
 pub mod kube;
-pub mod pods_api;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};

@@ -1,4 +1,5 @@
-//! The agent binary measuring pod runtime from the (stand-in) Kubernetes API, shipping
+//! The agent binary measuring pod runtime from the Kubernetes API (the test kit, or
+//! `TALLY_KUBECONFIG`), the test acting as kubelet, shipping
 //! to the standalone server: GPU-seconds per subject are exact to the second, across a
 //! SIGKILL of the agent, with restarts, a pod finishing mid-run, and pods that must be
 //! ignored (other node, other namespace).
@@ -6,7 +7,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use tally_tests::pods_api::PodsApi;
+use tally_tests::kube::{Cluster, put_pod};
 use tally_tests::{
     Proc, Standalone, await_subject_totals, bin, free_port, rfc3339, subject_totals,
     unix_now as now,
@@ -55,60 +56,81 @@ async fn gpu_seconds_per_subject_are_exact_across_an_agent_sigkill() {
     let mut server = Standalone::with_meter(root, METER);
     let addr = server.addr.clone();
 
-    let api = PodsApi::start().await;
+    let cluster = Cluster::connect(root);
+    let kube = cluster.client().await;
     let base = now().div_euclid(60) * 60 - 900;
     let none = json!({});
     let t = ("tally.dev/subject", "customer-a");
     // 120 s × 2 GPUs, long finished.
-    api.put(pod(
-        "a",
-        "team-a",
-        "node-1",
-        t,
-        2,
-        terminated(base + 10, base + 130),
-        none.clone(),
-    ));
+    put_pod(
+        &kube,
+        pod(
+            "a",
+            "team-a",
+            "node-1",
+            t,
+            2,
+            terminated(base + 10, base + 130),
+            none.clone(),
+        ),
+    )
+    .await;
     // Restarted once: 50 s + 145 s, × 1 GPU; subject from OpenMeter's annotation.
-    api.put(pod(
-        "b",
-        "team-a",
-        "node-1",
-        ("openmeter.io/subject", "customer-b"),
-        1,
-        terminated(base + 55, base + 200),
-        terminated(base, base + 50),
-    ));
+    put_pod(
+        &kube,
+        pod(
+            "b",
+            "team-a",
+            "node-1",
+            ("openmeter.io/subject", "customer-b"),
+            1,
+            terminated(base + 55, base + 200),
+            terminated(base, base + 50),
+        ),
+    )
+    .await;
     // Running now; finishes during the test.
     let c_start = now() - 20;
-    api.put(pod(
-        "c",
-        "team-a",
-        "node-1",
-        t,
-        4,
-        json!({"running": {"startedAt": rfc3339(c_start)}}),
-        none.clone(),
-    ));
+    put_pod(
+        &kube,
+        pod(
+            "c",
+            "team-a",
+            "node-1",
+            t,
+            4,
+            json!({"running": {"startedAt": rfc3339(c_start)}}),
+            none.clone(),
+        ),
+    )
+    .await;
     // Not ours: another node, another namespace.
-    api.put(pod(
-        "d",
-        "team-a",
-        "node-2",
-        ("tally.dev/subject", "customer-x"),
-        8,
-        terminated(base, base + 300),
-        none.clone(),
-    ));
-    api.put(pod(
-        "e",
-        "other",
-        "node-1",
-        ("tally.dev/subject", "customer-x"),
-        8,
-        terminated(base, base + 300),
-        none.clone(),
-    ));
+    put_pod(
+        &kube,
+        pod(
+            "d",
+            "team-a",
+            "node-2",
+            ("tally.dev/subject", "customer-x"),
+            8,
+            terminated(base, base + 300),
+            none.clone(),
+        ),
+    )
+    .await;
+    put_pod(
+        &kube,
+        pod(
+            "e",
+            "other",
+            "node-1",
+            ("tally.dev/subject", "customer-x"),
+            8,
+            terminated(base, base + 300),
+            none.clone(),
+        ),
+    )
+    .await;
 
     let config = root.join("agent.yaml");
     std::fs::write(
@@ -120,7 +142,7 @@ async fn gpu_seconds_per_subject_are_exact_across_an_agent_sigkill() {
         ),
     )
     .unwrap();
-    let kubeconfig = api.kubeconfig(root);
+    let kubeconfig = cluster.kubeconfig.clone();
     let envs = [
         ("KUBECONFIG", kubeconfig.to_str().unwrap()),
         ("NODE_NAME", "node-1"),
@@ -149,7 +171,7 @@ async fn gpu_seconds_per_subject_are_exact_across_an_agent_sigkill() {
         none.clone(),
     );
     c["status"]["phase"] = json!("Succeeded");
-    api.put(c);
+    put_pod(&kube, c).await;
 
     let expected = BTreeMap::from([
         (

@@ -229,6 +229,16 @@ async fn meters_are_provisioned_backfilled_rebuilt_and_cleaned_up_by_the_operato
 
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     let _ = crds.create(&PostParams::default(), &Meter::crd()).await;
+    // On a real cluster the namespaces must exist (the kit does not require them).
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+    for ns in ["acme", "tally-system"] {
+        let _ = namespaces
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap(),
+            )
+            .await;
+    }
     let mut stack = start(dir.path(), &cluster.kubeconfig, &brokers, &ch, &db, &topic);
     let leader = wait_for(Duration::from_secs(30), "a leader", async || {
         leader_of(&http, &stack).await

@@ -214,3 +214,37 @@ impl Cluster {
         kube::Client::try_from(config).expect("a kube client")
     }
 }
+
+/// Acts as the kubelet for a pod given as JSON (spec and status): creates it (or keeps
+/// the existing one) and writes its status through the status subresource, as a
+/// kubelet does. The server assigns the uid.
+pub async fn put_pod(client: &kube::Client, pod: serde_json::Value) {
+    use k8s_openapi::api::core::v1::Pod;
+    use kube::api::{Api, Patch, PatchParams, PostParams};
+    let ns = pod["metadata"]["namespace"]
+        .as_str()
+        .expect("pod namespace")
+        .to_string();
+    let name = pod["metadata"]["name"]
+        .as_str()
+        .expect("pod name")
+        .to_string();
+    let api: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let mut spec = pod.clone();
+    if let Some(o) = spec.as_object_mut() {
+        o.remove("status");
+    }
+    if let Some(m) = spec["metadata"].as_object_mut() {
+        m.remove("uid");
+    }
+    let created: Pod = serde_json::from_value(spec).expect("a valid pod");
+    match api.create(&PostParams::default(), &created).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(e)) if e.code == 409 => {}
+        Err(e) => panic!("creating pod {ns}/{name}: {e}"),
+    }
+    let status = serde_json::json!({"status": pod["status"].clone()});
+    api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .unwrap_or_else(|e| panic!("writing the status of pod {ns}/{name}: {e}"));
+}
