@@ -539,3 +539,95 @@ async fn server_side_apply_tracks_field_managers_and_reports_conflicts() {
     .await
     .unwrap();
 }
+
+#[tokio::test]
+async fn kubectl_get_meters_prints_the_printer_columns() {
+    if std::process::Command::new("kubectl")
+        .arg("version")
+        .arg("--client")
+        .output()
+        .is_err()
+    {
+        let why = "kubectl_get_meters: kubectl is not installed";
+        assert!(std::env::var_os("CI").is_none(), "{why}; CI must not skip");
+        eprintln!("SKIPPED {why}");
+        return;
+    }
+    let (_d, kit) = kit();
+    let client = client(&kit).await;
+    install_meter_crd(&client).await;
+    let meters: Api<Meter> = Api::namespaced(client.clone(), "acme");
+    let m = meter(
+        "llm-tokens",
+        json!({"eventType": "llm", "aggregation": "SUM", "valueProperty": "$.tokens"}),
+    );
+    meters.create(&PostParams::default(), &m).await.unwrap();
+    let status = json!({"status": {"slug": "llm_tokens", "conditions": [
+        {"type": "Ready", "status": "True", "reason": "Provisioned", "message": "queries read rollup r1", "lastTransitionTime": "2026-01-01T00:00:00Z"}],
+        "storage": {"store": "clickhouse", "rollupTable": "rollup_1", "backfilled": true, "backfill": "complete"}}});
+    meters
+        .patch_status("llm-tokens", &PatchParams::default(), &Patch::Merge(status))
+        .await
+        .unwrap();
+    let kc = kit.kubeconfig.clone();
+    let kubectl = move |wide: bool| {
+        let mut cmd = std::process::Command::new("kubectl");
+        cmd.args([
+            "--kubeconfig",
+            kc.to_str().unwrap(),
+            "get",
+            "meters",
+            "-n",
+            "acme",
+        ]);
+        if wide {
+            cmd.args(["-o", "wide"]);
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let out = tokio::task::spawn_blocking(move || (kubectl(false), kubectl(true)))
+        .await
+        .unwrap();
+    eprintln!("{}\n{}", out.0, out.1);
+    let words = |s: &str| s.split_whitespace().map(str::to_string).collect::<Vec<_>>();
+    let lines: Vec<&str> = out.0.lines().collect();
+    assert_eq!(
+        words(lines[0]),
+        [
+            "NAME",
+            "SLUG",
+            "EVENT",
+            "TYPE",
+            "AGGREGATION",
+            "READY",
+            "STATUS",
+            "AGE"
+        ],
+        "{}",
+        out.0
+    );
+    assert_eq!(
+        words(lines[1])[..6],
+        [
+            "llm-tokens",
+            "llm_tokens",
+            "llm",
+            "SUM",
+            "True",
+            "Provisioned"
+        ],
+        "{}",
+        out.0
+    );
+    assert!(
+        out.1.contains("BACKFILL") && out.1.contains("complete") && out.1.contains("rollup_1"),
+        "{}",
+        out.1
+    );
+}

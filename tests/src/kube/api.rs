@@ -231,7 +231,14 @@ pub async fn handle(
             format!("{method} is not supported on {path}"),
         )),
     };
+    let table = headers
+        .get("accept")
+        .and_then(|a| a.to_str().ok())
+        .is_some_and(|a| a.contains("as=Table"));
     match result {
+        Ok(v) if table && method == Method::GET => {
+            json_response(200, &super::table::render(&def, &v))
+        }
         Ok(v) => json_response(if method == Method::POST { 201 } else { 200 }, &v),
         Err(e) => error(&e),
     }

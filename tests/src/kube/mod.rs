@@ -30,6 +30,8 @@
 //!   managers: ownership per leaf field, 409 conflicts naming the other manager unless
 //!   `force=true`, removal of fields a manager stops applying. Strategic merge patches on
 //!   built-ins are treated as merge patches.
+//! - Server-side printing for `kubectl get` (`Accept: …;as=Table`): a CRD's
+//!   `additionalPrinterColumns` (JSONPath by `serde_json_path`), Name and Age otherwise.
 //! - Finalizers and `deletionTimestamp` (no new finalizers while deleting; the object
 //!   goes when the last finalizer is removed); ownerReference garbage collection
 //!   (background: dependents whose owners are all gone are deleted; `Orphan` removes
@@ -49,6 +51,7 @@ pub mod api;
 pub mod schema;
 pub mod select;
 pub mod store;
+pub mod table;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};

@@ -29,6 +29,8 @@ pub struct ResourceDef {
     pub schema: Option<Value>,
     /// Short names for discovery.
     pub short_names: Vec<String>,
+    /// The CRD version's `additionalPrinterColumns` (for `kubectl get` tables).
+    pub columns: Vec<Value>,
 }
 
 impl ResourceDef {
@@ -69,6 +71,7 @@ fn builtin(
         status,
         schema: None,
         short_names: Vec::new(),
+        columns: Vec::new(),
     }
 }
 
@@ -1011,6 +1014,10 @@ impl State {
                 short_names: spec["names"]["shortNames"]
                     .as_array()
                     .map(|a| a.iter().map(s).collect())
+                    .unwrap_or_default(),
+                columns: version["additionalPrinterColumns"]
+                    .as_array()
+                    .cloned()
                     .unwrap_or_default(),
             };
             self.defs.insert(d.key(), d);
