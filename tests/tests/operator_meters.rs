@@ -529,7 +529,21 @@ async fn meters_are_provisioned_backfilled_rebuilt_and_cleaned_up_by_the_operato
     }
     assert_eq!(status, 404, "a deleted meter is not served");
     let _ = ch_query(&http, &ch, &format!("DROP DATABASE IF EXISTS {db}")).await;
-    for (p, _) in &mut stack.operators {
-        p.terminate();
-    }
+    let metrics = http
+        .get(format!("http://{}/metrics", stack.operators[standby].1))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("tally_operator_reconciles_total{controller=\"meter\"}"),
+        "{metrics}"
+    );
+    let log = stack.operators[standby].0.log();
+    assert!(
+        stack.operators[standby].0.terminate(),
+        "the leader stops on SIGTERM:\n{log}"
+    );
 }

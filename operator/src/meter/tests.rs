@@ -242,3 +242,25 @@ async fn a_slug_taken_by_an_older_meter_is_a_conflict() {
         "{msg}"
     );
 }
+
+#[tokio::test]
+async fn a_meter_that_does_not_deserialize_is_skipped_without_requests() {
+    let guard: DeserializeGuard<Meter> = serde_json::from_value(json!({
+        "apiVersion": "tally.dev/v1alpha1", "kind": "Meter",
+        "metadata": {"name": "broken", "namespace": "acme"},
+        "spec": {"eventType": 7, "aggregation": "SOMETIMES"},
+    }))
+    .unwrap();
+    assert!(guard.0.is_err());
+    let (service, _handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let ctx = context(Client::new(service, "acme"), Health::healthy(), &[]);
+    let action = tokio::time::timeout(
+        Duration::from_secs(2),
+        reconcile(Arc::new(guard), ctx.clone()),
+    )
+    .await
+    .expect("no request was made")
+    .unwrap();
+    assert_eq!(action, Action::await_change());
+    assert!(ctx.metrics.encode().contains("reason=\"malformed\""));
+}
