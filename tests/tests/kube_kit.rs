@@ -631,3 +631,65 @@ async fn kubectl_get_meters_prints_the_printer_columns() {
         out.1
     );
 }
+
+/// Every example manifest is accepted as `kubectl apply` would be (schema + CEL), and a
+/// Collector with two sources is refused by its CEL rule.
+#[tokio::test]
+async fn the_example_manifests_pass_the_crds_schema_and_cel_rules() {
+    use tally_crds::Collector;
+    let (_d, kit) = kit();
+    let client = client(&kit).await;
+    install_meter_crd(&client).await;
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    crds.create(&PostParams::default(), &Collector::crd())
+        .await
+        .unwrap();
+    let repo = tally_tests::repo();
+    let mut applied = 0;
+    for dir in ["examples/quickstart", "examples/collectors"] {
+        for entry in std::fs::read_dir(repo.join(dir)).unwrap() {
+            let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+            for doc in serde_yaml::Deserializer::from_str(&text) {
+                let v: serde_json::Value = serde::Deserialize::deserialize(doc).unwrap();
+                if v.is_null() {
+                    continue;
+                }
+                let mut obj: kube::api::DynamicObject = serde_json::from_value(v.clone()).unwrap();
+                let ns = obj
+                    .metadata
+                    .namespace
+                    .clone()
+                    .unwrap_or_else(|| "default".into());
+                obj.metadata.namespace = Some(ns.clone());
+                let ar = if v["kind"] == "Meter" {
+                    kube::api::ApiResource::erase::<Meter>(&())
+                } else {
+                    kube::api::ApiResource::erase::<Collector>(&())
+                };
+                let api =
+                    Api::<kube::api::DynamicObject>::namespaced_with(client.clone(), &ns, &ar);
+                api.create(&PostParams::default(), &obj)
+                    .await
+                    .unwrap_or_else(|e| panic!("{dir}: {} refused: {e}", obj.name_any()));
+                applied += 1;
+            }
+        }
+    }
+    assert!(applied >= 7, "{applied} manifests applied");
+    let two: Collector = serde_json::from_value(json!({"apiVersion": "tally.dev/v1alpha1", "kind": "Collector",
+        "metadata": {"name": "two", "namespace": "default"},
+        "spec": {"eventType": "x", "podRuntime": {}, "prometheus": {"targets": ["http://127.0.0.1:9400/metrics"], "metrics": [{"name": "up", "kind": "gauge"}]}}}))
+    .unwrap();
+    let collectors: Api<Collector> = Api::namespaced(client.clone(), "default");
+    let e = api_error(
+        collectors
+            .create(&PostParams::default(), &two)
+            .await
+            .unwrap_err(),
+    );
+    assert!(
+        e.message.contains("set exactly one source"),
+        "{}",
+        e.message
+    );
+}
