@@ -277,15 +277,56 @@ async fn meters_are_provisioned_backfilled_rebuilt_and_cleaned_up_by_the_operato
         "metadata": {"name": "tokens"},
         "spec": {"eventType": "llm", "aggregation": "SUM", "valueProperty": "$.tokens", "groupBy": {"model": "$.model"}}})).unwrap();
     meters.create(&PostParams::default(), &m).await.unwrap();
+    let mut seen: Vec<(String, Option<String>)> = Vec::new();
     let first = wait_for(
         Duration::from_secs(60),
         "the Meter to be Ready",
         async || {
             let m = meters.get("tokens").await.ok()?;
-            (ready(&m)?.0 == "True").then_some(m)
+            let (status, reason, _) = ready(&m)?;
+            let progress = m
+                .status
+                .as_ref()?
+                .storage
+                .as_ref()
+                .and_then(|s| s.backfill.clone());
+            if seen.last() != Some(&(reason.clone(), progress.clone())) {
+                seen.push((reason, progress));
+            }
+            (status == "True").then_some(m)
         },
     )
     .await;
+    let backfilling = seen
+        .iter()
+        .find(|(r, _)| r == "Backfilling")
+        .unwrap_or_else(|| panic!("backfill progress was shown: {seen:?}"));
+    assert!(
+        backfilling
+            .1
+            .as_deref()
+            .is_some_and(|p| p.contains("cutover")),
+        "{seen:?}"
+    );
+    assert_eq!(
+        seen.last().unwrap(),
+        &("Provisioned".to_string(), Some("complete".to_string()))
+    );
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), "acme");
+    let reasons: Vec<String> = events
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("tokens"))
+        .filter_map(|e| e.reason)
+        .collect();
+    assert!(
+        reasons.contains(&"Backfilling".to_string())
+            && reasons.contains(&"Provisioned".to_string()),
+        "Kubernetes Events: {reasons:?}"
+    );
     let status = first.status.clone().unwrap();
     assert_eq!(status.observed_generation, first.metadata.generation);
     let storage = status.storage.clone().unwrap();
