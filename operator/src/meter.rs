@@ -219,12 +219,31 @@ async fn apply(meter: &Meter, ctx: &Context) -> Result<Action> {
         write_status(meter, ctx, &v, storage0).await?;
         return Ok(Action::requeue(Duration::from_secs(30)));
     }
+    if !ctx.health.checked() {
+        // A new leader has not reached ClickHouse yet: change nothing.
+        return Ok(Action::requeue(Duration::from_millis(500)));
+    }
     if let Some(problem) = ctx.health.clickhouse() {
-        let v = Verdict {
-            ready: false,
-            reason: "StorageUnavailable",
-            message: format!("{problem}; the operator retries with backoff"),
-            degraded: None,
+        let problem = format!("{problem}; the operator retries with backoff");
+        // A meter already served stays Ready (its queries answer 503 while ClickHouse is
+        // down, rather than 404); Degraded says what is wrong.
+        let served = storage0
+            .as_ref()
+            .filter(|s| s.backfilled)
+            .and_then(|s| s.rollup_table.clone());
+        let v = match served {
+            Some(table) => Verdict {
+                ready: true,
+                reason: "Provisioned",
+                message: served_message(&table),
+                degraded: Some(("StorageUnavailable", problem)),
+            },
+            None => Verdict {
+                ready: false,
+                reason: "StorageUnavailable",
+                message: problem,
+                degraded: None,
+            },
         };
         write_status(meter, ctx, &v, storage0).await?;
         return Ok(Action::requeue(Duration::from_secs(10)));
@@ -317,13 +336,15 @@ async fn apply(meter: &Meter, ctx: &Context) -> Result<Action> {
     let v = Verdict {
         ready: true,
         reason: "Provisioned",
-        message: format!(
-            "queries read rollup {wanted}; events stored before its cutover were backfilled"
-        ),
+        message: served_message(&wanted),
         degraded: kafka,
     };
     write_status(meter, ctx, &v, Some(storage)).await?;
     Ok(Action::requeue(requeue))
+}
+
+fn served_message(table: &str) -> String {
+    format!("queries read rollup {table}; events stored before its cutover were backfilled")
 }
 
 /// Writes the status if it changed; publishes an Event when the `Ready` reason changed.
@@ -354,6 +375,21 @@ async fn write_status(
     )
     .await
     .map_err(|e| Error::ApplyStatus(key(meter), e))?;
+    let degraded_before = meter
+        .status
+        .as_ref()
+        .and_then(|s| {
+            s.conditions
+                .iter()
+                .find(|c| c.type_ == "Degraded" && c.status == "True")
+        })
+        .map(|c| c.reason.clone());
+    if let Some((reason, message)) = &verdict.degraded
+        && degraded_before.as_deref() != Some(*reason)
+    {
+        tracing::warn!(meter = %key(meter), reason, message = %message, "Meter degraded");
+        publish(meter, ctx, EventType::Warning, reason, message).await;
+    }
     let before = status::ready(meter.status.as_ref()).map(|c| c.reason.clone());
     if before.as_deref() != Some(verdict.reason) {
         tracing::info!(meter = %key(meter), ready = verdict.ready, reason = verdict.reason, message = %verdict.message, "Meter status changed");

@@ -62,7 +62,11 @@ impl Default for Metrics {
             "Reconcile duration",
             m.duration.clone(),
         );
-        r.register("leader", "1 while this replica leads", m.leader.clone());
+        r.register(
+            "leader",
+            "Whether this replica holds the leader Lease",
+            m.leader.clone(),
+        );
         m
     }
 }

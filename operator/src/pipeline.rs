@@ -5,6 +5,7 @@
 //! back empty is set up again. What is wrong is kept in [`Health`] (Meters show it as a
 //! condition) and logged naming the endpoint.
 use std::sync::RwLock;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tally_pipeline::clickhouse::Ch;
@@ -17,6 +18,7 @@ pub const RECHECK: Duration = Duration::from_secs(30);
 /// The pipeline's health: `None` when fine, else what is wrong.
 #[derive(Debug, Default)]
 pub struct Health {
+    checked: AtomicBool,
     clickhouse: RwLock<Option<String>>,
     kafka: RwLock<Option<String>>,
     changed: Option<watch::Sender<u64>>,
@@ -27,7 +29,8 @@ impl Health {
     pub fn new() -> (Health, watch::Receiver<u64>) {
         let (tx, rx) = watch::channel(0);
         let h = Health {
-            clickhouse: RwLock::new(Some("not checked yet".into())),
+            checked: AtomicBool::new(false),
+            clickhouse: RwLock::new(None),
             kafka: RwLock::new(None),
             changed: Some(tx),
         };
@@ -36,7 +39,25 @@ impl Health {
 
     /// A health where everything is fine (tests).
     pub fn healthy() -> Health {
-        Health::default()
+        let h = Health::default();
+        h.checked.store(true, Ordering::SeqCst);
+        h
+    }
+
+    /// Whether ClickHouse has been checked at least once. Until then nothing is known,
+    /// and meters are left as they are (a new leader must not flip served meters).
+    pub fn checked(&self) -> bool {
+        self.checked.load(Ordering::SeqCst)
+    }
+
+    /// Records the outcome of a ClickHouse check (`None`: fine).
+    pub fn report_clickhouse(&self, problem: Option<String>) {
+        self.set(&self.clickhouse, problem);
+        if !self.checked.swap(true, Ordering::SeqCst)
+            && let Some(tx) = &self.changed
+        {
+            tx.send_modify(|n| *n += 1);
+        }
     }
 
     /// What is wrong with ClickHouse, if anything.
@@ -80,13 +101,13 @@ pub async fn keep_provisioned(ch: Ch, kafka: Option<(KafkaConfig, i32, i32)>, he
                     tracing::info!(clickhouse = %ch.url(), database = %ch.db(), "ClickHouse schema provisioned");
                 }
                 schema_ok = true;
-                health.set(&health.clickhouse, None);
+                health.report_clickhouse(None);
             }
             Err(e) => {
                 schema_ok = false;
                 let msg = format!("ClickHouse at {} is unavailable: {e}", ch.url());
                 tracing::error!(clickhouse = %ch.url(), error = %e, "ClickHouse unavailable; retrying");
-                health.set(&health.clickhouse, Some(msg));
+                health.report_clickhouse(Some(msg));
             }
         }
         if let Some((k, partitions, replication)) = kafka.as_ref().filter(|_| !topic_ok) {

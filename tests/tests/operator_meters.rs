@@ -5,9 +5,10 @@
 //!
 //! One story, in order: events before the Meter exist → apply it → Ready, rollup in
 //! ClickHouse, the old events counted exactly; an invalid Meter → `Ready=False` naming
-//! the field; a changed `groupBy` → rebuilt while every query answer stays exact; the
-//! operator at rest writes nothing; the leader is SIGKILLed and the standby takes over;
-//! delete → views and rollups dropped, finalizer removed, raw events kept.
+//! the field; a changed `groupBy` → rebuilt while every query answer stays exact, the
+//! leader SIGKILLed in the middle of it and the standby finishing it; the operator at
+//! rest writes nothing; delete → views and rollups dropped, finalizer removed, raw
+//! events kept.
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -201,7 +202,8 @@ async fn leader_of(http: &reqwest::Client, stack: &Stack) -> Option<usize> {
             && r.text()
                 .await
                 .unwrap_or_default()
-                .contains("tally_operator_leader 1")
+                .lines()
+                .any(|l| l.trim() == "tally_operator_leader 1")
         {
             return Some(i);
         }
@@ -411,8 +413,11 @@ async fn meters_are_provisioned_backfilled_rebuilt_and_cleaned_up_by_the_operato
         .patch("tokens", &PatchParams::default(), &patch)
         .await
         .unwrap();
+    // The leader is SIGKILLed in the middle of the rebuild; the standby finishes it.
     let deadline = Instant::now() + Duration::from_secs(90);
     let mut answers = 0;
+    let standby = 1 - leader;
+    let mut killed_while_rebuilding = false;
     let new_rollup = loop {
         let t = totals(&http, &stack.server, "model").await;
         assert_eq!(
@@ -431,6 +436,14 @@ async fn meters_are_provisioned_backfilled_rebuilt_and_cleaned_up_by_the_operato
         if table != rollup && s.observed_generation == m.metadata.generation {
             break table;
         }
+        let rebuilding = s
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.reason == "Rebuilding");
+        if rebuilding && !killed_while_rebuilding {
+            stack.operators[leader].0.kill9();
+            killed_while_rebuilding = true;
+        }
         assert!(
             Instant::now() < deadline,
             "the rebuild did not finish: {s:?}"
@@ -438,6 +451,15 @@ async fn meters_are_provisioned_backfilled_rebuilt_and_cleaned_up_by_the_operato
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert!(answers > 5, "the rebuild was observed ({answers} answers)");
+    assert!(
+        killed_while_rebuilding,
+        "the leader was killed while Rebuilding"
+    );
+    assert_eq!(
+        leader_of(&http, &stack).await,
+        Some(standby),
+        "the standby finished the rebuild"
+    );
     let mut by_region: BTreeMap<String, u64> = BTreeMap::new();
     for (i, e) in early.iter().chain(&late).enumerate() {
         let _ = i;
@@ -506,13 +528,7 @@ async fn meters_are_provisioned_backfilled_rebuilt_and_cleaned_up_by_the_operato
         );
     }
 
-    // The leader dies; the standby takes over and handles the delete.
-    stack.operators[leader].0.kill9();
-    let standby = 1 - leader;
-    wait_for(Duration::from_secs(30), "the standby to lead", async || {
-        (leader_of(&http, &stack).await == Some(standby)).then_some(())
-    })
-    .await;
+    // The standby, now leading, handles the delete.
     meters
         .delete("tokens", &DeleteParams::default())
         .await

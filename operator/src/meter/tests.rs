@@ -207,6 +207,9 @@ async fn an_invalid_meter_gets_ready_false_naming_the_field_and_a_warning_event(
 async fn an_unreachable_clickhouse_shows_as_a_condition_naming_the_endpoint() {
     let m = meter("calls", "$.tokens", &[FINALIZER], "2026-01-01T00:00:00Z");
     let (health, _rx) = Health::new();
+    health.report_clickhouse(Some(
+        "ClickHouse at http://127.0.0.1:9 is unavailable: refused".into(),
+    ));
     let mut applied = Value::Null;
     let action = run(m.clone(), health, &[], async |h: &mut Handle| {
         applied = expect_status_apply(h, &m).await;
@@ -216,6 +219,54 @@ async fn an_unreachable_clickhouse_shows_as_a_condition_naming_the_endpoint() {
     assert_eq!(action, Action::requeue(Duration::from_secs(10)));
     let ready = &applied["status"]["conditions"][0];
     assert_eq!(ready["reason"], "StorageUnavailable");
+    assert!(
+        ready["message"]
+            .as_str()
+            .unwrap()
+            .contains("http://127.0.0.1:9"),
+        "{ready}"
+    );
+}
+
+#[tokio::test]
+async fn a_served_meter_stays_ready_and_degraded_while_clickhouse_is_down_and_a_new_leader_waits() {
+    let mut m = meter("calls", "$.tokens", &[FINALIZER], "2026-01-01T00:00:00Z");
+    m.status = Some(
+        serde_json::from_value(json!({"slug": "tokens", "observedGeneration": 3,
+        "storage": {"store": "clickhouse", "rollupTable": "rollup_1", "backfilled": true}}))
+        .unwrap(),
+    );
+    // Not checked yet: nothing is written.
+    let (unknown, _rx) = Health::new();
+    let action = run(m.clone(), unknown, &[], async |_h: &mut Handle| {}).await;
+    assert_eq!(action, Action::requeue(Duration::from_millis(500)));
+    // Down: Ready stays True, Degraded says why, with a warning Event.
+    let (down, _rx) = Health::new();
+    down.report_clickhouse(Some(
+        "ClickHouse at http://127.0.0.1:9 is unavailable".into(),
+    ));
+    let mut applied = Value::Null;
+    run(m.clone(), down, &[], async |h: &mut Handle| {
+        applied = expect_status_apply(h, &m).await;
+        expect_event(h, "StorageUnavailable").await;
+        expect_event(h, "Provisioned").await;
+    })
+    .await;
+    let conditions = &applied["status"]["conditions"];
+    assert_eq!(
+        (
+            conditions[0]["status"].as_str(),
+            conditions[0]["reason"].as_str()
+        ),
+        (Some("True"), Some("Provisioned"))
+    );
+    assert_eq!(
+        (
+            conditions[1]["status"].as_str(),
+            conditions[1]["reason"].as_str()
+        ),
+        (Some("True"), Some("StorageUnavailable"))
+    );
 }
 
 #[tokio::test]
