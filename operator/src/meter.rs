@@ -7,7 +7,10 @@
 //!   the field. Nothing is provisioned; an older rollup stays until the Meter is fixed or
 //!   deleted.
 //! - `SlugConflict`: an older Meter in the namespace serves the slug.
-//! - `StorageUnavailable`: ClickHouse cannot be reached (the message names it).
+//! - `StorageUnavailable`: ClickHouse cannot be reached (the message names it) and the
+//!   meter was never served. A served meter stays Ready (its queries answer 503, not
+//!   404) with `Degraded=True` for the same reason. A new leader changes nothing until
+//!   it has reached ClickHouse once.
 //! - `Backfilling`: the rollup and its view exist; the events stored before the
 //!   cutover are backfilled once the sink has passed it (see
 //!   `tally_pipeline::clickhouse::provision`). Not ready: queries would be incomplete.
