@@ -9,6 +9,7 @@
 //! - `/metrics` and `/healthz` on `--metrics-listen`; SIGTERM/SIGINT stop it, releasing
 //!   the Lease so a standby takes over at once.
 #![forbid(unsafe_code)]
+pub mod agents;
 pub mod error;
 pub mod meter;
 pub mod metrics;
