@@ -6,10 +6,13 @@
 //! - Pipeline provisioning ([`pipeline`]): the Kafka topic and ClickHouse's tables,
 //!   idempotent, retried with backoff; problems show on every Meter's conditions.
 //! - The Meter controller ([`meter`]): rollups with exact backfill, status, finalizer.
+//! - The Collector controller ([`collector`]): the agents' ConfigMaps, DaemonSet,
+//!   Deployment and RBAC ([`agents`]), and each Collector's status.
 //! - `/metrics` and `/healthz` on `--metrics-listen`; SIGTERM/SIGINT stop it, releasing
 //!   the Lease so a standby takes over at once.
 #![forbid(unsafe_code)]
 pub mod agents;
+pub mod collector;
 pub mod error;
 pub mod meter;
 pub mod metrics;
@@ -102,6 +105,20 @@ pub struct Args {
     /// Lease duration, seconds: how long a crashed leader blocks a standby.
     #[arg(long, env = "TALLY_LEASE_SECS", default_value_t = 15)]
     pub lease_secs: u64,
+    /// The image the agents run (it holds every tally binary).
+    #[arg(long, env = "TALLY_AGENT_IMAGE", default_value = "tally:latest")]
+    pub agent_image: String,
+    /// Where agents send events: the server's ingest URL. Without it, agents produce to
+    /// `--kafka`; with neither, no agents are deployed.
+    #[arg(long, env = "TALLY_AGENT_INGEST_URL")]
+    pub agent_ingest_url: Option<String>,
+    /// Host folder of the node agent's spool.
+    #[arg(
+        long,
+        env = "TALLY_AGENT_SPOOL_HOST_PATH",
+        default_value = "/var/lib/tally-agent"
+    )]
+    pub agent_spool_host_path: String,
     /// Where `/metrics` and `/healthz` are served.
     #[arg(long, env = "TALLY_METRICS_LISTEN", default_value = "127.0.0.1:9466")]
     pub metrics_listen: SocketAddr,
@@ -209,6 +226,7 @@ async fn lead(
         let (ch, health) = (ch.clone(), health.clone());
         async move { pipeline::keep_provisioned(ch, kafka, &health).await }
     };
+    let client_for_agents = client.clone();
     let meters: Api<DeserializeGuard<Meter>> = Api::all(client.clone());
     let controller = Controller::new(meters, watcher::Config::default().any_semantic())
         .with_config(controller::Config::default().concurrency(args.concurrency));
@@ -244,11 +262,45 @@ async fn lead(
                 tracing::debug!(error = %e, "Controller event");
             }
         });
+    let collectors = collector::run(client_for_agents, agent_settings(&args));
     tokio::select! {
         () = provisioning => {}
         () = controllers => {}
+        () = collectors => {}
     }
     Ok(())
+}
+
+/// How agents are deployed, or `None` without a sink.
+fn agent_settings(args: &Args) -> Option<agents::AgentSettings> {
+    use tally_crds::collector::{IngestSink, KafkaSink, SinkConfig};
+    let sink = match (&args.agent_ingest_url, &args.kafka) {
+        (Some(url), _) => SinkConfig {
+            ingest: Some(IngestSink {
+                url: url.clone(),
+                token_file: None,
+                batch_events: 500,
+                timeout_ms: 10_000,
+            }),
+            kafka: None,
+        },
+        (None, Some(brokers)) => SinkConfig {
+            ingest: None,
+            kafka: Some(KafkaSink {
+                brokers: brokers.clone(),
+                topic: args.topic.clone(),
+                timeout_ms: 10_000,
+                batch_events: 5000,
+            }),
+        },
+        (None, None) => return None,
+    };
+    Some(agents::AgentSettings {
+        namespace: args.namespace.clone(),
+        image: args.agent_image.clone(),
+        sink,
+        spool_host_path: args.agent_spool_host_path.clone(),
+    })
 }
 
 fn tokio_stream_of(

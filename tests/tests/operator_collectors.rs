@@ -1,0 +1,238 @@
+//! The Collector controller against the test kit (or `TALLY_KUBECONFIG`): Collectors →
+//! one ConfigMap + DaemonSet for node-scoped ones, one ConfigMap + Deployment for
+//! cluster-scoped ones, RBAC; the config hash in the pod template follows every change;
+//! statuses follow the workloads; deleting the last Collector of a scope removes its
+//! objects; at rest nothing is written.
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
+use k8s_openapi::api::core::v1::{ConfigMap, ServiceAccount};
+use k8s_openapi::api::rbac::v1::ClusterRole;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::CustomResourceExt;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use serde_json::json;
+use tally_crds::Collector;
+use tally_tests::kube::Cluster;
+use tally_tests::{KeptDir, Proc, bin, free_port};
+
+async fn eventually<T>(what: &str, mut probe: impl AsyncFnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(v) = probe().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn hash_of(cm: &ConfigMap) -> String {
+    cm.metadata.annotations.as_ref().unwrap()["tally.dev/config-hash"].clone()
+}
+
+fn template_hash(ds: &serde_json::Value) -> String {
+    ds["spec"]["template"]["metadata"]["annotations"]["tally.dev/config-hash"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn collectors_become_agent_workloads_that_follow_every_change() {
+    let dir = KeptDir(Some(tempfile::tempdir().unwrap()));
+    let cluster = Cluster::connect(dir.path());
+    let client = cluster.client().await;
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let _ = crds.create(&PostParams::default(), &Collector::crd()).await;
+    let kc = cluster.kubeconfig.to_str().unwrap().to_string();
+    let dead_ch = format!("http://127.0.0.1:{}", free_port());
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let op = Proc::start(
+        bin("tally-operator"),
+        &[
+            "--clickhouse",
+            &dead_ch,
+            "--metrics-listen",
+            &metrics,
+            "--agent-ingest-url",
+            "http://tally-server.tally-system:8080",
+            "--agent-image",
+            "tally:test",
+        ],
+        &[
+            ("KUBECONFIG", kc.as_str()),
+            ("POD_NAMESPACE", "tally-system"),
+            ("RUST_LOG", "info"),
+        ],
+        dir.path().join("operator.log"),
+    );
+
+    let collectors_a: Api<Collector> = Api::namespaced(client.clone(), "team-a");
+    let gpus: Collector = serde_json::from_value(json!({"apiVersion": "tally.dev/v1alpha1", "kind": "Collector",
+        "metadata": {"name": "gpus"}, "spec": {"eventType": "pod-runtime", "podRuntime": {"windowSecs": 60}}}))
+    .unwrap();
+    collectors_a
+        .create(&PostParams::default(), &gpus)
+        .await
+        .unwrap();
+
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "tally-system");
+    let dss: Api<DaemonSet> = Api::namespaced(client.clone(), "tally-system");
+    let deps: Api<Deployment> = Api::namespaced(client.clone(), "tally-system");
+    let cm = eventually("the node agents' ConfigMap", async || {
+        cms.get_opt("tally-agent").await.unwrap()
+    })
+    .await;
+    let yaml = &cm.data.as_ref().unwrap()["agent.yaml"];
+    assert!(
+        yaml.contains("namespace: team-a") && yaml.contains("name: gpus"),
+        "{yaml}"
+    );
+    let first_hash = hash_of(&cm);
+    let ds = eventually("the DaemonSet", async || {
+        dss.get_opt("tally-agent").await.unwrap()
+    })
+    .await;
+    let ds_json = serde_json::to_value(&ds).unwrap();
+    assert_eq!(template_hash(&ds_json), first_hash);
+    assert_eq!(
+        ds_json["spec"]["template"]["spec"]["containers"][0]["image"],
+        "tally:test"
+    );
+    assert!(
+        Api::<ServiceAccount>::namespaced(client.clone(), "tally-system")
+            .get_opt("tally-agent")
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert!(
+        Api::<ClusterRole>::all(client.clone())
+            .get_opt("tally-agent")
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert!(
+        deps.get_opt("tally-cluster-agent").await.unwrap().is_none(),
+        "no cluster-scoped Collector, no cluster agent"
+    );
+
+    // Not ready until the DaemonSet's pods are; then ready, with the counts.
+    let status = eventually("the Collector's status", async || {
+        collectors_a.get("gpus").await.unwrap().status
+    })
+    .await;
+    assert_eq!(status.source.as_deref(), Some("podRuntime"));
+    assert_eq!(status.conditions[0].status, "False");
+    let ds_status = json!({"status": {"desiredNumberScheduled": 2, "currentNumberScheduled": 2, "numberMisscheduled": 0, "numberReady": 2}});
+    dss.patch_status(
+        "tally-agent",
+        &PatchParams::default(),
+        &Patch::Merge(&ds_status),
+    )
+    .await
+    .unwrap();
+    let status = eventually("the Collector to be Ready", async || {
+        collectors_a
+            .get("gpus")
+            .await
+            .unwrap()
+            .status
+            .filter(|s| s.conditions[0].status == "True")
+    })
+    .await;
+    assert_eq!(
+        (status.desired_agents, status.ready_agents),
+        (Some(2), Some(2))
+    );
+    assert_eq!(status.conditions[0].reason, "AgentsReady");
+
+    // A change of the Collector changes the hash, and so the pod template: agents roll.
+    let patch = Patch::Merge(json!({"spec": {"podRuntime": {"windowSecs": 120}}}));
+    collectors_a
+        .patch("gpus", &PatchParams::default(), &patch)
+        .await
+        .unwrap();
+    let second_hash = eventually("a new config hash", async || {
+        let cm = cms.get("tally-agent").await.unwrap();
+        (hash_of(&cm) != first_hash).then(|| hash_of(&cm))
+    })
+    .await;
+    eventually("the DaemonSet to carry it", async || {
+        let ds = serde_json::to_value(dss.get("tally-agent").await.unwrap()).unwrap();
+        (template_hash(&ds) == second_hash).then_some(())
+    })
+    .await;
+
+    // A cluster-scoped Collector brings the leader-elected cluster agent.
+    let collectors_b: Api<Collector> = Api::namespaced(client.clone(), "billing");
+    let openai: Collector = serde_json::from_value(json!({"apiVersion": "tally.dev/v1alpha1", "kind": "Collector",
+        "metadata": {"name": "openai"}, "spec": {"eventType": "llm", "httpApi": {"preset": "openai",
+        "headers": [{"name": "Authorization", "prefix": "Bearer ", "valueFromFile": "/var/run/secrets/openai/key"}]}}}))
+    .unwrap();
+    collectors_b
+        .create(&PostParams::default(), &openai)
+        .await
+        .unwrap();
+    let dep = eventually("the cluster agent", async || {
+        deps.get_opt("tally-cluster-agent").await.unwrap()
+    })
+    .await;
+    let args =
+        serde_json::to_value(&dep).unwrap()["spec"]["template"]["spec"]["containers"][0]["args"]
+            .clone();
+    assert!(args.to_string().contains("--lease-name"), "{args}");
+    let node_yaml = cms.get("tally-agent").await.unwrap().data.unwrap()["agent.yaml"].clone();
+    assert!(
+        !node_yaml.contains("openai"),
+        "the node agents do not run cluster-scoped collectors"
+    );
+
+    // At rest: no writes but the operator's Lease renewals.
+    if let Some(kit) = &cluster.kit {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let count = |w: &[tally_tests::kube::Write]| {
+            w.iter().filter(|w| !w.gvr.ends_with("/leases")).count()
+        };
+        let before = kit.writes();
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        let after = kit.writes();
+        assert_eq!(
+            count(&after),
+            count(&before),
+            "writes at rest: {:?}",
+            &after[before.len()..]
+        );
+    }
+
+    // Deleting the last Collector of a scope removes that scope's objects.
+    collectors_a
+        .delete("gpus", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("the DaemonSet and its ConfigMap to go", async || {
+        (dss.get_opt("tally-agent").await.unwrap().is_none()
+            && cms.get_opt("tally-agent").await.unwrap().is_none())
+        .then_some(())
+    })
+    .await;
+    assert!(
+        deps.get_opt("tally-cluster-agent").await.unwrap().is_some(),
+        "the other scope stays"
+    );
+    collectors_b
+        .delete("openai", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("the cluster agent to go", async || {
+        deps.get_opt("tally-cluster-agent")
+            .await
+            .unwrap()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    drop(op);
+}
