@@ -145,17 +145,17 @@ fn fingerprint<T: Serialize>(obj: &T) -> u64 {
     xxhash_rust::xxh3::xxh3_64(serde_json::to_string(obj).unwrap_or_default().as_bytes())
 }
 
+/// The key of an object in the record of what this leader applied.
+fn applied_key<T: Resource<DynamicType = ()>>(ns: &str, name: &str) -> String {
+    format!("{}/{ns}/{name}", T::kind(&()))
+}
+
 /// Applies `obj` unless this leader already applied the same content.
 async fn apply<T>(api: &Api<T>, obj: &T, applied: &mut HashMap<String, u64>) -> kube::Result<()>
 where
     T: Resource<DynamicType = ()> + Clone + Serialize + DeserializeOwned + std::fmt::Debug,
 {
-    let key = format!(
-        "{}/{}/{}",
-        T::kind(&()),
-        obj.namespace().unwrap_or_default(),
-        obj.name_any()
-    );
+    let key = applied_key::<T>(&obj.namespace().unwrap_or_default(), &obj.name_any());
     let print = fingerprint(obj);
     if applied.get(&key) == Some(&print) {
         return Ok(());
@@ -170,12 +170,17 @@ where
     Ok(())
 }
 
-/// Deletes `name` if it exists (a read first, so nothing is written at rest).
-async fn remove<T>(api: &Api<T>, name: &str, applied: &mut HashMap<String, u64>) -> kube::Result<()>
+/// Deletes `name` (in `ns`) if it exists (a read first, so nothing is written at rest).
+async fn remove<T>(
+    api: &Api<T>,
+    ns: &str,
+    name: &str,
+    applied: &mut HashMap<String, u64>,
+) -> kube::Result<()>
 where
     T: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
 {
-    applied.retain(|k, _| !k.ends_with(&format!("/{name}")) || !k.starts_with(&*T::kind(&())));
+    applied.remove(&applied_key::<T>(ns, name));
     if api.get_opt(name).await?.is_some() {
         api.delete(name, &DeleteParams::background()).await?;
         tracing::info!(kind = %T::kind(&()), name, "Deleted: no Collector of its scope is left");
@@ -202,6 +207,7 @@ async fn render(
                 Scope::Node => {
                     remove(
                         &Api::<DaemonSet>::namespaced(client.clone(), ns),
+                        ns,
                         name,
                         applied,
                     )
@@ -210,13 +216,14 @@ async fn render(
                 Scope::Cluster => {
                     remove(
                         &Api::<Deployment>::namespaced(client.clone(), ns),
+                        ns,
                         name,
                         applied,
                     )
                     .await?
                 }
             }
-            remove(&cms, name, applied).await?;
+            remove(&cms, ns, name, applied).await?;
             continue;
         }
         any = true;

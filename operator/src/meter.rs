@@ -378,14 +378,8 @@ async fn write_status(
     )
     .await
     .map_err(|e| Error::ApplyStatus(key(meter), e))?;
-    let degraded_before = meter
-        .status
-        .as_ref()
-        .and_then(|s| {
-            s.conditions
-                .iter()
-                .find(|c| c.type_ == "Degraded" && c.status == "True")
-        })
+    let degraded_before = status::find(meter.status.as_ref(), "Degraded")
+        .filter(|c| c.status == "True")
         .map(|c| c.reason.clone());
     if let Some((reason, message)) = &verdict.degraded
         && degraded_before.as_deref() != Some(*reason)
@@ -393,7 +387,7 @@ async fn write_status(
         tracing::warn!(meter = %key(meter), reason, message = %message, "Meter degraded");
         publish(meter, ctx, EventType::Warning, reason, message).await;
     }
-    let before = status::ready(meter.status.as_ref()).map(|c| c.reason.clone());
+    let before = status::find(meter.status.as_ref(), "Ready").map(|c| c.reason.clone());
     if before.as_deref() != Some(verdict.reason) {
         tracing::info!(meter = %key(meter), ready = verdict.ready, reason = verdict.reason, message = %verdict.message, "Meter status changed");
         publish(

@@ -52,12 +52,10 @@ impl Health {
 
     /// Records the outcome of a ClickHouse check (`None`: fine).
     pub fn report_clickhouse(&self, problem: Option<String>) {
-        self.set(&self.clickhouse, problem);
-        if !self.checked.swap(true, Ordering::SeqCst)
-            && let Some(tx) = &self.changed
-        {
-            tx.send_modify(|n| *n += 1);
-        }
+        // Marked checked before the change is announced, so the reconciles it triggers
+        // see it; the first check is announced even when nothing is wrong.
+        let first = !self.checked.swap(true, Ordering::SeqCst);
+        self.set(&self.clickhouse, problem, first);
     }
 
     /// What is wrong with ClickHouse, if anything.
@@ -73,9 +71,10 @@ impl Health {
         self.kafka.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    fn set(&self, which: &RwLock<Option<String>>, value: Option<String>) {
+    /// Stores `value`; announces it when it changed or `announce` is set.
+    fn set(&self, which: &RwLock<Option<String>>, value: Option<String>, announce: bool) {
         let mut cur = which.write().unwrap_or_else(|e| e.into_inner());
-        if *cur != value {
+        if *cur != value || announce {
             *cur = value;
             if let Some(tx) = &self.changed {
                 tx.send_modify(|n| *n += 1);
@@ -115,11 +114,15 @@ pub async fn keep_provisioned(ch: Ch, kafka: Option<(KafkaConfig, i32, i32)>, he
                 Ok(()) => {
                     tracing::info!(kafka = %k.brokers, topic = %k.topic, "Kafka topic provisioned");
                     topic_ok = true;
-                    health.set(&health.kafka, None)
+                    health.set(&health.kafka, None, false)
                 }
                 Err(e) => {
                     tracing::error!(kafka = %k.brokers, topic = %k.topic, error = %e, "Kafka unavailable; retrying");
-                    health.set(&health.kafka, Some(format!("Kafka at {}: {e}", k.brokers)));
+                    health.set(
+                        &health.kafka,
+                        Some(format!("Kafka at {}: {e}", k.brokers)),
+                        false,
+                    );
                 }
             }
         }

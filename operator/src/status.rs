@@ -87,9 +87,9 @@ pub fn desired(
     }
 }
 
-/// The `Ready` condition of a status, if any.
-pub fn ready(status: Option<&MeterStatus>) -> Option<&Condition> {
-    status?.conditions.iter().find(|c| c.type_ == "Ready")
+/// The condition of type `type_` in a status, if any.
+pub fn find<'a>(status: Option<&'a MeterStatus>, type_: &str) -> Option<&'a Condition> {
+    status?.conditions.iter().find(|c| c.type_ == type_)
 }
 
 #[cfg(test)]
