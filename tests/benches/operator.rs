@@ -15,7 +15,7 @@ use kube::api::{Api, ListParams, PostParams};
 use serde_json::json;
 use tally_crds::Meter;
 use tally_tests::kube::Cluster;
-use tally_tests::{Proc, ch_query, clickhouse, free_port, release_bin, rss_of};
+use tally_tests::{ch_query, clickhouse, release_bin, rss_of, start_operator};
 
 fn meter(i: usize) -> Meter {
     serde_json::from_value(json!({"apiVersion": "tally.dev/v1alpha1", "kind": "Meter",
@@ -76,23 +76,11 @@ async fn main() {
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     let _ = crds.create(&PostParams::default(), &Meter::crd()).await;
     let db = format!("tally_bench_op_{unique}");
-    let metrics = format!("127.0.0.1:{}", free_port());
-    let kc = cluster.kubeconfig.to_str().unwrap().to_string();
-    let op = Proc::start(
+    let (op, metrics) = start_operator(
         bin,
-        &[
-            "--clickhouse",
-            &ch,
-            "--clickhouse-database",
-            &db,
-            "--metrics-listen",
-            &metrics,
-        ],
-        &[
-            ("KUBECONFIG", kc.as_str()),
-            ("POD_NAMESPACE", "tally-system"),
-            ("RUST_LOG", "warn"),
-        ],
+        &cluster.kubeconfig,
+        "tally-system",
+        &["--clickhouse", &ch, "--clickhouse-database", &db],
         dir.path().join("operator.log"),
     );
     let meters: Api<Meter> = Api::namespaced(client.clone(), "bench");

@@ -68,6 +68,45 @@ fn built(once: &OnceLock<PathBuf>, release: bool) -> &Path {
     })
 }
 
+/// Polls `probe` every `every` until it returns `Some`, failing the test after `limit`
+/// with what it waited for (the async twin of [`wait_for`]).
+pub async fn eventually<T>(
+    limit: Duration,
+    every: Duration,
+    what: &str,
+    mut probe: impl AsyncFnMut() -> Option<T>,
+) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = probe().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// Starts `tally-operator` (`program`) against `kubeconfig`, its Lease in `namespace`,
+/// serving `/metrics` on a free port, logging to `log`; returns the process and the
+/// metrics address.
+pub fn start_operator(
+    program: PathBuf,
+    kubeconfig: &Path,
+    namespace: &str,
+    args: &[&str],
+    log: PathBuf,
+) -> (Proc, String) {
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let mut all = vec!["--metrics-listen", metrics.as_str()];
+    all.extend_from_slice(args);
+    let envs = [
+        ("KUBECONFIG", kubeconfig.to_str().expect("UTF-8 path")),
+        ("POD_NAMESPACE", namespace),
+        ("RUST_LOG", "info"),
+    ];
+    (Proc::start(program, &all, &envs, log), metrics)
+}
+
 /// A free TCP port on 127.0.0.1.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")

@@ -431,11 +431,6 @@ async fn finalizers_hold_deletion_and_owner_references_collect_garbage() {
     let mut kept = child.clone();
     kept.metadata.name = Some("orphan-child".into());
     cms.create(&PostParams::default(), &kept).await.unwrap();
-    let orphan_owner = cms
-        .create(&PostParams::default(), &cm("owner2", &[]))
-        .await
-        .unwrap();
-    let _ = orphan_owner;
     cms.delete("owner", &DeleteParams::default()).await.unwrap();
     assert_eq!(
         api_error(cms.get("child").await.unwrap_err()).code,

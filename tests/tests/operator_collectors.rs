@@ -3,7 +3,7 @@
 //! cluster-scoped ones, RBAC; the config hash in the pod template follows every change;
 //! statuses follow the workloads; deleting the last Collector of a scope removes its
 //! objects; at rest nothing is written.
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{ConfigMap, ServiceAccount};
@@ -14,17 +14,16 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use tally_crds::Collector;
 use tally_tests::kube::Cluster;
-use tally_tests::{KeptDir, Proc, bin, free_port};
+use tally_tests::{KeptDir, bin, eventually, free_port, start_operator};
 
-async fn eventually<T>(what: &str, mut probe: impl AsyncFnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(v) = probe().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+async fn soon<T>(what: &str, probe: impl AsyncFnMut() -> Option<T>) -> T {
+    eventually(
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        what,
+        probe,
+    )
+    .await
 }
 
 fn hash_of(cm: &ConfigMap) -> String {
@@ -45,25 +44,18 @@ async fn collectors_become_agent_workloads_that_follow_every_change() {
     let client = cluster.client().await;
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     let _ = crds.create(&PostParams::default(), &Collector::crd()).await;
-    let kc = cluster.kubeconfig.to_str().unwrap().to_string();
     let dead_ch = format!("http://127.0.0.1:{}", free_port());
-    let metrics = format!("127.0.0.1:{}", free_port());
-    let op = Proc::start(
+    let (op, _metrics) = start_operator(
         bin("tally-operator"),
+        &cluster.kubeconfig,
+        "tally-system",
         &[
             "--clickhouse",
             &dead_ch,
-            "--metrics-listen",
-            &metrics,
             "--agent-ingest-url",
             "http://tally-server.tally-system:8080",
             "--agent-image",
             "tally:test",
-        ],
-        &[
-            ("KUBECONFIG", kc.as_str()),
-            ("POD_NAMESPACE", "tally-system"),
-            ("RUST_LOG", "info"),
         ],
         dir.path().join("operator.log"),
     );
@@ -80,7 +72,7 @@ async fn collectors_become_agent_workloads_that_follow_every_change() {
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "tally-system");
     let dss: Api<DaemonSet> = Api::namespaced(client.clone(), "tally-system");
     let deps: Api<Deployment> = Api::namespaced(client.clone(), "tally-system");
-    let cm = eventually("the node agents' ConfigMap", async || {
+    let cm = soon("the node agents' ConfigMap", async || {
         cms.get_opt("tally-agent").await.unwrap()
     })
     .await;
@@ -90,7 +82,7 @@ async fn collectors_become_agent_workloads_that_follow_every_change() {
         "{yaml}"
     );
     let first_hash = hash_of(&cm);
-    let ds = eventually("the DaemonSet", async || {
+    let ds = soon("the DaemonSet", async || {
         dss.get_opt("tally-agent").await.unwrap()
     })
     .await;
@@ -120,7 +112,7 @@ async fn collectors_become_agent_workloads_that_follow_every_change() {
     );
 
     // Not ready until the DaemonSet's pods are; then ready, with the counts.
-    let status = eventually("the Collector's status", async || {
+    let status = soon("the Collector's status", async || {
         collectors_a.get("gpus").await.unwrap().status
     })
     .await;
@@ -134,7 +126,7 @@ async fn collectors_become_agent_workloads_that_follow_every_change() {
     )
     .await
     .unwrap();
-    let status = eventually("the Collector to be Ready", async || {
+    let status = soon("the Collector to be Ready", async || {
         collectors_a
             .get("gpus")
             .await
@@ -155,12 +147,12 @@ async fn collectors_become_agent_workloads_that_follow_every_change() {
         .patch("gpus", &PatchParams::default(), &patch)
         .await
         .unwrap();
-    let second_hash = eventually("a new config hash", async || {
+    let second_hash = soon("a new config hash", async || {
         let cm = cms.get("tally-agent").await.unwrap();
         (hash_of(&cm) != first_hash).then(|| hash_of(&cm))
     })
     .await;
-    eventually("the DaemonSet to carry it", async || {
+    soon("the DaemonSet to carry it", async || {
         let ds = serde_json::to_value(dss.get("tally-agent").await.unwrap()).unwrap();
         (template_hash(&ds) == second_hash).then_some(())
     })
@@ -176,7 +168,7 @@ async fn collectors_become_agent_workloads_that_follow_every_change() {
         .create(&PostParams::default(), &openai)
         .await
         .unwrap();
-    let dep = eventually("the cluster agent", async || {
+    let dep = soon("the cluster agent", async || {
         deps.get_opt("tally-cluster-agent").await.unwrap()
     })
     .await;
@@ -193,18 +185,8 @@ async fn collectors_become_agent_workloads_that_follow_every_change() {
     // At rest: no writes but the operator's Lease renewals.
     if let Some(kit) = &cluster.kit {
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let count = |w: &[tally_tests::kube::Write]| {
-            w.iter().filter(|w| !w.gvr.ends_with("/leases")).count()
-        };
-        let before = kit.writes();
-        tokio::time::sleep(Duration::from_secs(4)).await;
-        let after = kit.writes();
-        assert_eq!(
-            count(&after),
-            count(&before),
-            "writes at rest: {:?}",
-            &after[before.len()..]
-        );
+        let writes = kit.writes_at_rest(Duration::from_secs(4)).await;
+        assert!(writes.is_empty(), "writes at rest: {writes:?}");
     }
 
     // Deleting the last Collector of a scope removes that scope's objects.
@@ -212,7 +194,7 @@ async fn collectors_become_agent_workloads_that_follow_every_change() {
         .delete("gpus", &DeleteParams::default())
         .await
         .unwrap();
-    eventually("the DaemonSet and its ConfigMap to go", async || {
+    soon("the DaemonSet and its ConfigMap to go", async || {
         (dss.get_opt("tally-agent").await.unwrap().is_none()
             && cms.get_opt("tally-agent").await.unwrap().is_none())
         .then_some(())
@@ -226,7 +208,7 @@ async fn collectors_become_agent_workloads_that_follow_every_change() {
         .delete("openai", &DeleteParams::default())
         .await
         .unwrap();
-    eventually("the cluster agent to go", async || {
+    soon("the cluster agent to go", async || {
         deps.get_opt("tally-cluster-agent")
             .await
             .unwrap()

@@ -19,7 +19,7 @@ use kube::{CustomResourceExt, ResourceExt};
 use serde_json::json;
 use tally_crds::Meter;
 use tally_tests::kube::Cluster;
-use tally_tests::{Proc, bin, ch_query, clickhouse, free_port, kafka};
+use tally_tests::{Proc, bin, ch_query, clickhouse, eventually, free_port, kafka, start_operator};
 
 struct Stack {
     server: String,
@@ -53,7 +53,6 @@ fn start(dir: &Path, kubeconfig: &Path, brokers: &str, ch: &str, db: &str, topic
     };
     let mut operators = Vec::new();
     for i in 0..2 {
-        let metrics = format!("127.0.0.1:{}", free_port());
         let args = common(&[
             "--topic-partitions",
             "2",
@@ -61,23 +60,17 @@ fn start(dir: &Path, kubeconfig: &Path, brokers: &str, ch: &str, db: &str, topic
             "2",
             "--lease-secs",
             "4",
-            "--metrics-listen",
-            &metrics,
             "--identity",
             &format!("op-{i}"),
         ]);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let p = Proc::start(
+        operators.push(start_operator(
             bin("tally-operator"),
+            kubeconfig,
+            "tally-system",
             &args,
-            &[
-                ("KUBECONFIG", kc),
-                ("POD_NAMESPACE", "tally-system"),
-                ("RUST_LOG", "info"),
-            ],
             dir.join(format!("operator-{i}.log")),
-        );
-        operators.push((p, metrics));
+        ));
     }
     // The operator creates the topic; the sink and server wait for it by retrying their start.
     let ready = Instant::now() + Duration::from_secs(60);
@@ -128,6 +121,30 @@ fn event(id: &str, subject: &str, model: &str, region: &str, tokens: u64) -> ser
            "time": "2026-01-01T00:00:00Z", "data": {"tokens": tokens, "model": model, "region": region}})
 }
 
+/// Events `range` (tokens `i + 1`, models and regions in turn, five subjects), adding
+/// their tokens per model to `expected`.
+fn usage(
+    range: std::ops::Range<u64>,
+    expected: &mut BTreeMap<String, u64>,
+) -> Vec<serde_json::Value> {
+    range
+        .map(|i| {
+            let (model, region) = (
+                ["gpt", "claude"][(i % 2) as usize],
+                ["eu", "us", "ap"][(i % 3) as usize],
+            );
+            *expected.entry(model.into()).or_default() += i + 1;
+            event(
+                &format!("e{i}"),
+                &format!("s{}", i % 5),
+                model,
+                region,
+                i + 1,
+            )
+        })
+        .collect()
+}
+
 async fn ingest(http: &reqwest::Client, server: &str, events: &[serde_json::Value]) {
     let r = http
         .post(format!("http://{server}/api/v1/namespaces/acme/events"))
@@ -175,15 +192,8 @@ async fn totals(
         .collect())
 }
 
-async fn wait_for<T>(limit: Duration, what: &str, mut probe: impl AsyncFnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(v) = probe().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+async fn wait<T>(limit: Duration, what: &str, probe: impl AsyncFnMut() -> Option<T>) -> T {
+    eventually(limit, Duration::from_millis(200), what, probe).await
 }
 
 fn ready(m: &Meter) -> Option<(String, String, String)> {
@@ -242,31 +252,17 @@ async fn meters_are_provisioned_backfilled_rebuilt_and_cleaned_up_by_the_operato
             .await;
     }
     let mut stack = start(dir.path(), &cluster.kubeconfig, &brokers, &ch, &db, &topic);
-    let leader = wait_for(Duration::from_secs(30), "a leader", async || {
+    let leader = wait(Duration::from_secs(30), "a leader", async || {
         leader_of(&http, &stack).await
     })
     .await;
 
     // Events before the Meter exists.
     let mut expected_by_model: BTreeMap<String, u64> = BTreeMap::new();
-    let mut early = Vec::new();
-    for i in 0..300u64 {
-        let (model, region) = (
-            ["gpt", "claude"][(i % 2) as usize],
-            ["eu", "us", "ap"][(i % 3) as usize],
-        );
-        early.push(event(
-            &format!("e{i}"),
-            &format!("s{}", i % 5),
-            model,
-            region,
-            i + 1,
-        ));
-        *expected_by_model.entry(model.into()).or_default() += i + 1;
-    }
+    let early = usage(0..300, &mut expected_by_model);
     ingest(&http, &stack.server, &early).await;
     let count_sql = format!("SELECT count() FROM {db}.events");
-    wait_for(
+    wait(
         Duration::from_secs(60),
         "the early events in ClickHouse",
         async || (ch_query(&http, &ch, &count_sql).await == "300").then_some(()),
@@ -280,7 +276,7 @@ async fn meters_are_provisioned_backfilled_rebuilt_and_cleaned_up_by_the_operato
         "spec": {"eventType": "llm", "aggregation": "SUM", "valueProperty": "$.tokens", "groupBy": {"model": "$.model"}}})).unwrap();
     meters.create(&PostParams::default(), &m).await.unwrap();
     let mut seen: Vec<(String, Option<String>)> = Vec::new();
-    let first = wait_for(
+    let first = wait(
         Duration::from_secs(60),
         "the Meter to be Ready",
         async || {
@@ -342,7 +338,7 @@ async fn meters_are_provisioned_backfilled_rebuilt_and_cleaned_up_by_the_operato
         ch_query(&http, &ch, &format!("EXISTS TABLE {db}.{rollup}")).await,
         "1"
     );
-    let got = wait_for(
+    let got = wait(
         Duration::from_secs(30),
         "the query API to serve the meter",
         async || {
@@ -359,23 +355,9 @@ async fn meters_are_provisioned_backfilled_rebuilt_and_cleaned_up_by_the_operato
     );
 
     // More events flow through the view.
-    let mut late = Vec::new();
-    for i in 300..400u64 {
-        let (model, region) = (
-            ["gpt", "claude"][(i % 2) as usize],
-            ["eu", "us", "ap"][(i % 3) as usize],
-        );
-        late.push(event(
-            &format!("e{i}"),
-            &format!("s{}", i % 5),
-            model,
-            region,
-            i + 1,
-        ));
-        *expected_by_model.entry(model.into()).or_default() += i + 1;
-    }
+    let late = usage(300..400, &mut expected_by_model);
     ingest(&http, &stack.server, &late).await;
-    wait_for(
+    wait(
         Duration::from_secs(30),
         "the late events in the totals",
         async || {
@@ -388,7 +370,7 @@ async fn meters_are_provisioned_backfilled_rebuilt_and_cleaned_up_by_the_operato
     let bad: Meter = serde_json::from_value(json!({"apiVersion": "tally.dev/v1alpha1", "kind": "Meter",
         "metadata": {"name": "bad"}, "spec": {"eventType": "llm", "aggregation": "SUM", "valueProperty": "$.items[*].tokens"}})).unwrap();
     meters.create(&PostParams::default(), &bad).await.unwrap();
-    let (_, reason, message) = wait_for(
+    let (_, reason, message) = wait(
         Duration::from_secs(30),
         "the invalid Meter's status",
         async || ready(&meters.get("bad").await.ok()?).filter(|r| r.0 == "False"),
@@ -461,13 +443,12 @@ async fn meters_are_provisioned_backfilled_rebuilt_and_cleaned_up_by_the_operato
         "the standby finished the rebuild"
     );
     let mut by_region: BTreeMap<String, u64> = BTreeMap::new();
-    for (i, e) in early.iter().chain(&late).enumerate() {
-        let _ = i;
+    for e in early.iter().chain(&late) {
         *by_region
             .entry(e["data"]["region"].as_str().unwrap().into())
             .or_default() += e["data"]["tokens"].as_u64().unwrap();
     }
-    let got = wait_for(
+    let got = wait(
         Duration::from_secs(30),
         "the new groupBy to be served",
         async || {
@@ -484,7 +465,7 @@ async fn meters_are_provisioned_backfilled_rebuilt_and_cleaned_up_by_the_operato
         expected_by_model,
         "exact after the swap"
     );
-    wait_for(
+    wait(
         Duration::from_secs(30),
         "the replaced rollup to be dropped after its drain",
         async || {
@@ -500,7 +481,7 @@ async fn meters_are_provisioned_backfilled_rebuilt_and_cleaned_up_by_the_operato
 
     // At rest: no writes but the Lease's renewals.
     if let Some(kit) = &cluster.kit {
-        wait_for(
+        wait(
             Duration::from_secs(30),
             "the retiring rollup to leave the status",
             async || {
@@ -514,18 +495,8 @@ async fn meters_are_provisioned_backfilled_rebuilt_and_cleaned_up_by_the_operato
         )
         .await;
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let count = |w: &[tally_tests::kube::Write]| {
-            w.iter().filter(|w| !w.gvr.ends_with("/leases")).count()
-        };
-        let before = kit.writes();
-        tokio::time::sleep(Duration::from_secs(6)).await;
-        let after = kit.writes();
-        assert_eq!(
-            count(&after),
-            count(&before),
-            "writes at rest: {:?}",
-            &after[before.len()..]
-        );
+        let writes = kit.writes_at_rest(Duration::from_secs(6)).await;
+        assert!(writes.is_empty(), "writes at rest: {writes:?}");
     }
 
     // The standby, now leading, handles the delete.
@@ -533,7 +504,7 @@ async fn meters_are_provisioned_backfilled_rebuilt_and_cleaned_up_by_the_operato
         .delete("tokens", &DeleteParams::default())
         .await
         .unwrap();
-    wait_for(
+    wait(
         Duration::from_secs(60),
         "the Meter to be gone",
         async || {

@@ -9,7 +9,7 @@ use kube::api::{Api, PostParams};
 use serde_json::json;
 use tally_crds::Meter;
 use tally_tests::kube::Cluster;
-use tally_tests::{KeptDir, Proc, bin, free_port};
+use tally_tests::{KeptDir, bin, free_port, start_operator};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_clickhouse_is_a_condition_naming_the_endpoint() {
@@ -19,23 +19,11 @@ async fn an_unreachable_clickhouse_is_a_condition_naming_the_endpoint() {
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     let _ = crds.create(&PostParams::default(), &Meter::crd()).await;
     let dead = format!("http://127.0.0.1:{}", free_port());
-    let metrics = format!("127.0.0.1:{}", free_port());
-    let kc = cluster.kubeconfig.to_str().unwrap().to_string();
-    let op = Proc::start(
+    let (op, _metrics) = start_operator(
         bin("tally-operator"),
-        &[
-            "--clickhouse",
-            &dead,
-            "--metrics-listen",
-            &metrics,
-            "--lease-secs",
-            "4",
-        ],
-        &[
-            ("KUBECONFIG", kc.as_str()),
-            ("POD_NAMESPACE", "default"),
-            ("RUST_LOG", "info"),
-        ],
+        &cluster.kubeconfig,
+        "default",
+        &["--clickhouse", &dead, "--lease-secs", "4"],
         dir.path().join("operator.log"),
     );
     let meters: Api<Meter> = Api::namespaced(client.clone(), "default");

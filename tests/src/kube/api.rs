@@ -172,7 +172,7 @@ pub async fn handle(
             if r.is_ok() {
                 s.writes.push(record("create"));
             }
-            r.map(|v| (201u16, v)).map(|(_, v)| v)
+            r
         }),
         (&Method::PUT, Some(n)) => parse_body().and_then(|b| {
             let mut s = shared.state.lock().unwrap();

@@ -130,6 +130,18 @@ impl KubeKit {
         self.shared.state.lock().unwrap().writes.clone()
     }
 
+    /// Waits `quiet` and returns the writes accepted meanwhile, Lease renewals aside (a
+    /// leader-elected process renews its Lease forever; everything else should be still).
+    pub async fn writes_at_rest(&self, quiet: Duration) -> Vec<Write> {
+        let before = self.writes().len();
+        tokio::time::sleep(quiet).await;
+        self.writes()
+            .split_off(before)
+            .into_iter()
+            .filter(|w| !w.gvr.ends_with("/leases"))
+            .collect()
+    }
+
     /// Forgets the event log: watches from earlier resourceVersions get 410 Gone.
     pub fn compact(&self) {
         self.shared.state.lock().unwrap().compact();
