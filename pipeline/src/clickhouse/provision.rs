@@ -95,11 +95,16 @@ fn version() -> u64 {
 
 /// The live (not dropped) rollups.
 pub async fn read_meters(ch: &Ch) -> Result<Vec<MeterRecord>> {
+    live_records(ch, "read provisioned meters", "").await
+}
+
+/// The live records, narrowed by `and` (an SQL condition starting with `AND`, or empty).
+async fn live_records(ch: &Ch, step: &str, and: &str) -> Result<Vec<MeterRecord>> {
     ch.fetch(
-        "read provisioned meters",
+        step,
         &format!(
             "SELECT rollup, namespace, name, slug, definition, toUInt32(cutover), backfilled, dropped, version \
-             FROM {}.meters FINAL WHERE dropped = 0",
+             FROM {}.meters FINAL WHERE dropped = 0 {and}",
             ch.db()
         ),
     )
@@ -169,17 +174,8 @@ pub async fn prepare(ch: &Ch, m: &CompiledMeter, cfg: &CutoverConfig) -> Result<
 
 /// The live record of the rollup `table`, if any.
 pub async fn record(ch: &Ch, table: &str) -> Result<Option<MeterRecord>> {
-    let rows: Vec<MeterRecord> = ch
-        .fetch(
-            "read a provisioned meter",
-            &format!(
-                "SELECT rollup, namespace, name, slug, definition, toUInt32(cutover), backfilled, dropped, version \
-                 FROM {}.meters FINAL WHERE dropped = 0 AND rollup = {}",
-                ch.db(),
-                lit(table)
-            ),
-        )
-        .await?;
+    let and = format!("AND rollup = {}", lit(table));
+    let rows = live_records(ch, "read a provisioned meter", &and).await?;
     Ok(rows.into_iter().next())
 }
 
@@ -240,12 +236,15 @@ pub async fn cutover_passed(ch: &Ch, cutover: i64, cfg: &CutoverConfig) -> Resul
         )));
     }
     let open = open_batches(ch, cutover).await?;
-    Ok(open.first().map(|(p, s)| {
-        format!(
-            "waiting for the sink to finish the batch it began at {} on Kafka partition {p}",
-            tally_crds::event::format_ms(*s as i64 * 1000)
-        )
-    }))
+    Ok(open.first().map(waiting_for))
+}
+
+/// What a backfill waits for: the sink's open batch `(partition, began at)`.
+fn waiting_for((partition, began): &(i32, u32)) -> String {
+    format!(
+        "waiting for the sink to finish the batch it began at {} on Kafka partition {partition}",
+        tally_crds::event::format_ms(*began as i64 * 1000)
+    )
 }
 
 async fn open_batches(ch: &Ch, cutover: i64) -> Result<Vec<(i32, u32)>> {
@@ -284,9 +283,8 @@ async fn wait_for_cutover(ch: &Ch, cutover: i64, cfg: &CutoverConfig) -> Result<
         }
         if start.elapsed() > cfg.wait_timeout {
             return Err(Error::Unavailable(format!(
-                "backfill is waiting for the sink to finish the batch it began at {} on Kafka partition {}; is `tally-server sink` running?",
-                tally_crds::event::format_ms(open[0].1 as i64 * 1000),
-                open[0].0
+                "backfill is {}; is `tally-server sink` running?",
+                waiting_for(&open[0])
             )));
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
