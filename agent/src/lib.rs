@@ -76,6 +76,27 @@ pub struct Args {
     /// This replica's identity in the Lease.
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
+    /// Overrides the configuration's `spool.path`: runs a configuration rendered for a
+    /// pod (where the spool is a mounted volume) somewhere else, e.g. on a host.
+    #[arg(long, env = "TALLY_AGENT_SPOOL")]
+    pub spool: Option<PathBuf>,
+    /// Overrides the configuration's `metricsListen` (host:port).
+    #[arg(long, env = "TALLY_AGENT_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
+}
+
+impl Args {
+    /// Reads the configuration file and applies this command line's overrides.
+    fn config(&self) -> Result<(AgentConfig, String)> {
+        let (mut cfg, text) = load_config(&self.config)?;
+        if let Some(spool) = &self.spool {
+            cfg.spool.path = spool.display().to_string();
+        }
+        if let Some(listen) = &self.metrics_listen {
+            cfg.metrics_listen = listen.clone();
+        }
+        Ok((cfg, text))
+    }
 }
 
 /// Reads and validates a configuration file; errors name the file and the field.
@@ -95,7 +116,7 @@ pub fn load_config(path: &Path) -> Result<(AgentConfig, String)> {
 
 /// Runs the agent until a stop signal.
 pub async fn run(args: Args) -> Result<()> {
-    let (mut cfg, mut text) = load_config(&args.config)?;
+    let (mut cfg, mut text) = args.config()?;
     let scope = match args.scope.as_deref() {
         Some("node") => Some(Scope::Node),
         Some("cluster") => Some(Scope::Cluster),
@@ -191,7 +212,7 @@ pub async fn run(args: Args) -> Result<()> {
                     }
                 }
                 _ = tokio::time::sleep(Duration::from_secs(2)) => {
-                    match changed_config(&args.config, &text) {
+                    match changed_config(&args, &text) {
                         Some(Ok(new)) => break Some(new),
                         Some(Err(e)) => tracing::error!(error = %e, "New configuration is invalid; keeping the running one"),
                         None => {}
@@ -226,9 +247,9 @@ pub async fn run(args: Args) -> Result<()> {
     }
 }
 
-fn changed_config(path: &Path, current: &str) -> Option<Result<(AgentConfig, String)>> {
-    let text = std::fs::read_to_string(path).ok()?;
-    (text != current).then(|| load_config(path))
+fn changed_config(args: &Args, current: &str) -> Option<Result<(AgentConfig, String)>> {
+    let text = std::fs::read_to_string(&args.config).ok()?;
+    (text != current).then(|| args.config())
 }
 
 async fn serve_metrics(listen: &str, registry: Arc<Registry>) -> Result<()> {

@@ -19,14 +19,16 @@
 //!   `spec.nodeName=<its node>`); the cluster agent may read pods and use one Lease.
 use std::collections::BTreeMap;
 
+use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
-use k8s_openapi::api::core::v1::{ConfigMap, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::ResourceExt;
 use serde_json::json;
 use tally_crds::collector::Scope;
-use tally_crds::collector::{AgentConfig, CollectorConfig, SinkConfig, SpoolConfig};
-use tally_crds::{Collector, SpecError};
+use tally_crds::collector::{AgentConfig, CollectorConfig, SecretKeyRef, SinkConfig, SpoolConfig};
+use tally_crds::{Collector, CollectorSpec, SpecError};
 
 /// Name of the node agent's DaemonSet, ServiceAccount and RBAC objects.
 pub const NODE_AGENT: &str = "tally-agent";
@@ -35,7 +37,9 @@ pub const CLUSTER_AGENT: &str = "tally-cluster-agent";
 /// Pod-template annotation carrying the configuration's hash.
 pub const CONFIG_HASH: &str = "tally.dev/config-hash";
 /// Where the agents' configuration is mounted.
-const CONFIG_DIR: &str = "/etc/tally-agent";
+pub const CONFIG_DIR: &str = "/etc/tally-agent";
+/// Where the keys of the scope's Secret are mounted.
+pub const SECRETS_DIR: &str = "/var/run/secrets/tally";
 
 /// How the agents are deployed (from the operator's configuration).
 #[derive(Clone, Debug)]
@@ -50,20 +54,72 @@ pub struct AgentSettings {
     pub spool_host_path: String,
 }
 
-/// The Collectors one scope's agent runs, with the problems of those left out.
-pub fn agent_config(
-    collectors: &[Collector],
-    scope: Scope,
-    settings: &AgentSettings,
-) -> (AgentConfig, Vec<(String, SpecError)>) {
+/// One scope's rendering: the agent's configuration, the Secret keys it reads, and
+/// the Collectors left out with their problem.
+#[derive(Clone, Debug)]
+pub struct Rendered {
+    /// The agents' configuration.
+    pub config: AgentConfig,
+    /// Secret keys to mount, ordered by file.
+    pub secrets: Vec<MountedKey>,
+    /// `namespace/name` of each Collector left out, and why.
+    pub problems: Vec<(String, SpecError)>,
+}
+
+/// A Secret key of a Collector's namespace, mounted into the agent as [`MountedKey::file`]
+/// (a key of the scope's Secret, [`secret_name`]).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct MountedKey {
+    /// The mounted file's name (also its key in the scope's Secret).
+    pub file: String,
+    /// The Collector's namespace, where the Secret is.
+    pub namespace: String,
+    /// The referenced Secret key.
+    pub reference: SecretKeyRef,
+    /// `namespace/name` of the Collector referencing it.
+    pub collector: String,
+}
+
+/// What a Collector may not do that a hand-written agent configuration may: read the
+/// agent's own files (its ServiceAccount token, other Collectors' mounted Secrets).
+pub fn cluster_rules(spec: &CollectorSpec) -> Result<(), SpecError> {
+    if let Some(api) = &spec.http_api {
+        for (i, h) in api.headers.iter().enumerate() {
+            if h.value_from_file.is_some() {
+                return Err(SpecError {
+                    field: format!("spec.httpApi.headers[{i}].valueFromFile"),
+                    message: "a Collector may not read the agent's files; put the value in a Secret of this namespace and use valueFromSecret: {name, key}".into(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Every check a Collector must pass to be rendered.
+pub fn check(spec: &CollectorSpec) -> Result<(), SpecError> {
+    spec.validate()?;
+    cluster_rules(spec)
+}
+
+/// The scope's Secret holding the mounted keys.
+pub fn secret_name(agent: &str) -> String {
+    format!("{agent}-secrets")
+}
+
+/// The Collectors one scope's agent runs, with the problems of those left out. A
+/// `valueFromSecret` header becomes a `valueFromFile` of the mounted key.
+pub fn agent_config(collectors: &[Collector], scope: Scope, settings: &AgentSettings) -> Rendered {
     let mut chosen = Vec::new();
     let mut problems = Vec::new();
+    let mut secrets = Vec::new();
     for c in collectors {
         if c.metadata.deletion_timestamp.is_some() {
             continue;
         }
-        let key = format!("{}/{}", c.namespace().unwrap_or_default(), c.name_any());
-        if let Err(e) = c.spec.validate() {
+        let ns = c.namespace().unwrap_or_default();
+        let key = format!("{ns}/{}", c.name_any());
+        if let Err(e) = check(&c.spec) {
             problems.push((key, e));
             continue;
         }
@@ -73,13 +129,31 @@ pub fn agent_config(
         if source.scope() != scope {
             continue;
         }
+        let mut spec = c.spec.clone();
+        if let Some(api) = &mut spec.http_api {
+            for h in &mut api.headers {
+                if let Some(r) = h.value_from_secret.take() {
+                    // Names hold no `_` (DNS subdomains), so this cannot collide.
+                    let file = format!("{ns}_{}_{}_{}", c.name_any(), r.name, r.key);
+                    h.value_from_file = Some(format!("{SECRETS_DIR}/{file}"));
+                    secrets.push(MountedKey {
+                        file,
+                        namespace: ns.clone(),
+                        reference: r,
+                        collector: key.clone(),
+                    });
+                }
+            }
+        }
         chosen.push(CollectorConfig {
-            namespace: c.namespace().unwrap_or_default(),
+            namespace: ns,
             name: c.name_any(),
-            spec: c.spec.clone(),
+            spec,
         });
     }
     chosen.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    secrets.sort();
+    secrets.dedup_by(|a, b| a.file == b.file);
     let spool = match scope {
         Scope::Node => SpoolConfig {
             path: "/var/lib/tally-agent/spool".into(),
@@ -97,7 +171,27 @@ pub fn agent_config(
         metrics_listen: "0.0.0.0:9465".into(),
         collectors: chosen,
     };
-    (config, problems)
+    Rendered {
+        config,
+        secrets,
+        problems,
+    }
+}
+
+/// The scope's Secret of mounted keys (`data`: file name → value), in the agents'
+/// namespace. Only the referenced keys are in it.
+pub fn secret(agent: &str, settings: &AgentSettings, data: BTreeMap<String, ByteString>) -> Secret {
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(secret_name(agent)),
+            namespace: Some(settings.namespace.clone()),
+            labels: Some(labels(agent)),
+            ..ObjectMeta::default()
+        },
+        data: Some(data),
+        type_: Some("Opaque".into()),
+        ..Secret::default()
+    }
 }
 
 /// The ConfigMap holding `config` as `agent.yaml`, and the configuration's hash.
@@ -177,6 +271,7 @@ pub fn daemonset(settings: &AgentSettings, hash: &str) -> DaemonSet {
                         "livenessProbe": {"httpGet": {"path": "/healthz", "port": "metrics"}, "periodSeconds": 30},
                         "volumeMounts": [
                             {"name": "config", "mountPath": CONFIG_DIR, "readOnly": true},
+                            {"name": "secrets", "mountPath": SECRETS_DIR, "readOnly": true},
                             {"name": "pod-logs", "mountPath": "/var/log/pods", "readOnly": true},
                             {"name": "cgroup", "mountPath": "/sys/fs/cgroup", "readOnly": true},
                             {"name": "spool", "mountPath": "/var/lib/tally-agent"},
@@ -184,6 +279,7 @@ pub fn daemonset(settings: &AgentSettings, hash: &str) -> DaemonSet {
                     }],
                     "volumes": [
                         {"name": "config", "configMap": {"name": NODE_AGENT}},
+                        {"name": "secrets", "secret": {"secretName": secret_name(NODE_AGENT), "optional": true, "defaultMode": 0o400}},
                         {"name": "pod-logs", "hostPath": {"path": "/var/log/pods", "type": "Directory"}},
                         {"name": "cgroup", "hostPath": {"path": "/sys/fs/cgroup", "type": "Directory"}},
                         {"name": "spool", "hostPath": {"path": settings.spool_host_path, "type": "DirectoryOrCreate"}},
@@ -219,11 +315,13 @@ pub fn deployment(settings: &AgentSettings, hash: &str) -> Deployment {
                         "livenessProbe": {"httpGet": {"path": "/healthz", "port": "metrics"}, "periodSeconds": 30},
                         "volumeMounts": [
                             {"name": "config", "mountPath": CONFIG_DIR, "readOnly": true},
+                            {"name": "secrets", "mountPath": SECRETS_DIR, "readOnly": true},
                             {"name": "spool", "mountPath": "/var/lib/tally-cluster-agent"},
                         ],
                     }],
                     "volumes": [
                         {"name": "config", "configMap": {"name": CLUSTER_AGENT}},
+                        {"name": "secrets", "secret": {"secretName": secret_name(CLUSTER_AGENT), "optional": true, "defaultMode": 0o440}},
                         {"name": "spool", "emptyDir": {"sizeLimit": "2Gi"}},
                     ],
                 },

@@ -11,12 +11,13 @@
 //! Writes: objects are server-side applied (field manager `tally-operator`) only when
 //! their rendered content differs from what this leader applied last; statuses only
 //! when they differ from the stored ones. At rest there are no writes.
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use futures::StreamExt;
+use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
-use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::core::DeserializeGuard;
 use kube::runtime::{WatchStreamExt, reflector, watcher};
@@ -26,17 +27,20 @@ use serde::de::DeserializeOwned;
 use serde_json::json;
 use tally_crds::collector::Scope;
 use tally_crds::{Collector, CollectorStatus};
+use tally_pipeline::clickhouse::Ch;
 
 use crate::agents::{self, AgentSettings, CLUSTER_AGENT, NODE_AGENT};
 use crate::meter::FIELD_MANAGER;
 use crate::status::condition;
 
-/// How often the loop runs without a change (reads only).
-const RESYNC: Duration = Duration::from_secs(60);
+/// How far back the newest event of a Collector is looked for.
+const LAST_EVENT_DAYS: u32 = 35;
 
 /// Runs the render loop until dropped. `settings` is `None` when no sink is configured
-/// (then Collectors say so and no agents are deployed).
-pub async fn run(client: Client, settings: Option<AgentSettings>) {
+/// (then Collectors say so and no agents are deployed). Without a change the loop runs
+/// every `every`: it re-reads referenced Secrets (so a rotated key reaches the agents)
+/// and, from ClickHouse (`ch`), each Collector's newest event time.
+pub async fn run(client: Client, settings: Option<AgentSettings>, ch: Option<Ch>, every: Duration) {
     let collectors: Api<DeserializeGuard<Collector>> = Api::all(client.clone());
     let (reader, writer) = reflector::store();
     let (tx, mut changed) = tokio::sync::mpsc::channel::<()>(1);
@@ -106,16 +110,68 @@ pub async fn run(client: Client, settings: Option<AgentSettings>) {
                 .get(&reflector::ObjectRef::new(CLUSTER_AGENT).within(&ns))
                 .map(|d| dep_counts(&d)),
         };
-        if let Err(e) = render(&client, settings.as_ref(), &all, &mut applied).await {
-            tracing::warn!(error = %e, "Failed to apply the agents' objects; retrying");
-        }
+        let secret_problems = match render(&client, settings.as_ref(), &all, &mut applied).await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, "Failed to apply the agents' objects; retrying");
+                HashMap::new()
+            }
+        };
+        let newest = match &ch {
+            Some(ch) => newest_events(ch, &all).await,
+            None => HashMap::new(),
+        };
         for c in &all {
-            if let Err(e) = write_status(&client, c, settings.as_ref(), &workloads).await {
-                tracing::warn!(collector = %format!("{}/{}", c.namespace().unwrap_or_default(), c.name_any()), error = %e, "Failed to write a Collector's status");
+            let key = key_of(c);
+            let found = Found {
+                secret_problem: secret_problems.get(&key).map(String::as_str),
+                newest_event: newest.get(&key).copied(),
+            };
+            if let Err(e) = write_status(&client, c, settings.as_ref(), &workloads, &found).await {
+                tracing::warn!(collector = %key, error = %e, "Failed to write a Collector's status");
             }
         }
-        let _ = tokio::time::timeout(RESYNC, changed.recv()).await;
+        let _ = tokio::time::timeout(every, changed.recv()).await;
     }
+}
+
+fn key_of(c: &Collector) -> String {
+    format!("{}/{}", c.namespace().unwrap_or_default(), c.name_any())
+}
+
+/// The newest event time of each Collector (by `namespace/name`) whose events reached
+/// ClickHouse in the last [`LAST_EVENT_DAYS`]; empty when ClickHouse cannot answer.
+async fn newest_events(ch: &Ch, all: &[Collector]) -> HashMap<String, i64> {
+    let pairs: Vec<(String, String)> = all
+        .iter()
+        .map(|c| {
+            let ns = c.namespace().unwrap_or_default();
+            let source = format!("tally/{ns}/{}", c.name_any());
+            (ns, source)
+        })
+        .collect();
+    match ch.newest_event_times(&pairs, LAST_EVENT_DAYS).await {
+        Ok(rows) => rows
+            .into_iter()
+            .map(|((ns, source), t)| {
+                let name = source.rsplit('/').next().unwrap_or_default().to_string();
+                (format!("{ns}/{name}"), t)
+            })
+            .collect(),
+        Err(e) => {
+            tracing::debug!(error = %e, "No last event times this round");
+            HashMap::new()
+        }
+    }
+}
+
+/// What the loop learned about one Collector besides its spec.
+#[derive(Debug, Default)]
+struct Found<'a> {
+    /// A Secret key it references that cannot be read.
+    secret_problem: Option<&'a str>,
+    /// Its newest event in ClickHouse (Unix seconds).
+    newest_event: Option<i64>,
 }
 
 /// `(desired, ready)` agents per scope, from the workloads' status.
@@ -188,21 +244,25 @@ where
     Ok(())
 }
 
+/// Applies every scope's objects; returns the Secret problems per Collector.
 async fn render(
     client: &Client,
     settings: Option<&AgentSettings>,
     all: &[Collector],
     applied: &mut HashMap<String, u64>,
-) -> kube::Result<()> {
+) -> kube::Result<HashMap<String, String>> {
+    let mut problems = HashMap::new();
     let Some(settings) = settings else {
-        return Ok(());
+        return Ok(problems);
     };
     let ns = settings.namespace.as_str();
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
     let mut any = false;
     for (scope, name) in [(Scope::Node, NODE_AGENT), (Scope::Cluster, CLUSTER_AGENT)] {
-        let (config, _) = agents::agent_config(all, scope, settings);
-        let cms: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
-        if config.collectors.is_empty() {
+        let rendered = agents::agent_config(all, scope, settings);
+        let secret = agents::secret_name(name);
+        if rendered.config.collectors.is_empty() {
             match scope {
                 Scope::Node => {
                     remove(
@@ -224,10 +284,17 @@ async fn render(
                 }
             }
             remove(&cms, ns, name, applied).await?;
+            remove(&secrets, ns, &secret, applied).await?;
             continue;
         }
         any = true;
-        let (cm, hash) = agents::config_map(name, settings, &config);
+        if rendered.secrets.is_empty() {
+            remove(&secrets, ns, &secret, applied).await?;
+        } else {
+            let data = read_keys(client, &rendered.secrets, &mut problems).await;
+            apply(&secrets, &agents::secret(name, settings, data), applied).await?;
+        }
+        let (cm, hash) = agents::config_map(name, settings, &rendered.config);
         apply(&cms, &cm, applied).await?;
         match scope {
             Scope::Node => {
@@ -240,30 +307,121 @@ async fn render(
             }
         }
     }
+    let rbac = agents::rbac(settings);
     if any {
-        let rbac = agents::rbac(settings);
-        let sas = Api::namespaced(client.clone(), ns);
-        for o in &rbac.service_accounts {
-            apply(&sas, o, applied).await?;
-        }
-        let crs = Api::all(client.clone());
-        for o in &rbac.cluster_roles {
-            apply(&crs, o, applied).await?;
-        }
-        let crbs = Api::all(client.clone());
-        for o in &rbac.cluster_role_bindings {
-            apply(&crbs, o, applied).await?;
-        }
-        let roles = Api::namespaced(client.clone(), ns);
-        for o in &rbac.roles {
-            apply(&roles, o, applied).await?;
-        }
-        let rbs = Api::namespaced(client.clone(), ns);
-        for o in &rbac.role_bindings {
-            apply(&rbs, o, applied).await?;
-        }
+        apply_all(
+            &Api::namespaced(client.clone(), ns),
+            &rbac.service_accounts,
+            applied,
+        )
+        .await?;
+        apply_all(&Api::all(client.clone()), &rbac.cluster_roles, applied).await?;
+        apply_all(
+            &Api::all(client.clone()),
+            &rbac.cluster_role_bindings,
+            applied,
+        )
+        .await?;
+        apply_all(&Api::namespaced(client.clone(), ns), &rbac.roles, applied).await?;
+        apply_all(
+            &Api::namespaced(client.clone(), ns),
+            &rbac.role_bindings,
+            applied,
+        )
+        .await?;
+    } else {
+        // No Collector is left: the agents' identities go too.
+        remove_all(
+            &Api::namespaced(client.clone(), ns),
+            ns,
+            &rbac.role_bindings,
+            applied,
+        )
+        .await?;
+        remove_all(
+            &Api::namespaced(client.clone(), ns),
+            ns,
+            &rbac.roles,
+            applied,
+        )
+        .await?;
+        remove_all(
+            &Api::all(client.clone()),
+            "",
+            &rbac.cluster_role_bindings,
+            applied,
+        )
+        .await?;
+        remove_all(&Api::all(client.clone()), "", &rbac.cluster_roles, applied).await?;
+        remove_all(
+            &Api::namespaced(client.clone(), ns),
+            ns,
+            &rbac.service_accounts,
+            applied,
+        )
+        .await?;
+    }
+    Ok(problems)
+}
+
+async fn apply_all<T>(
+    api: &Api<T>,
+    objs: &[T],
+    applied: &mut HashMap<String, u64>,
+) -> kube::Result<()>
+where
+    T: Resource<DynamicType = ()> + Clone + Serialize + DeserializeOwned + std::fmt::Debug,
+{
+    for o in objs {
+        apply(api, o, applied).await?;
     }
     Ok(())
+}
+
+async fn remove_all<T>(
+    api: &Api<T>,
+    ns: &str,
+    objs: &[T],
+    applied: &mut HashMap<String, u64>,
+) -> kube::Result<()>
+where
+    T: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
+{
+    for o in objs {
+        remove(api, ns, &o.name_any(), applied).await?;
+    }
+    Ok(())
+}
+
+/// The values of the mounted keys (file → value). A key that cannot be read is left
+/// out and reported for every Collector referencing it.
+async fn read_keys(
+    client: &Client,
+    keys: &[agents::MountedKey],
+    problems: &mut HashMap<String, String>,
+) -> BTreeMap<String, ByteString> {
+    let mut data = BTreeMap::new();
+    for k in keys {
+        let (ns, name, key) = (&k.namespace, &k.reference.name, &k.reference.key);
+        let api: Api<Secret> = Api::namespaced(client.clone(), ns);
+        let problem = match api.get_opt(name).await {
+            Ok(Some(s)) => match s.data.and_then(|mut d| d.remove(key)) {
+                Some(v) => {
+                    data.insert(k.file.clone(), v);
+                    continue;
+                }
+                None => format!(
+                    "Secret {ns}/{name} has no key {key:?}: add it (kubectl create secret generic {name} -n {ns} --from-literal={key}=…)"
+                ),
+            },
+            Ok(None) => format!(
+                "Secret {ns}/{name} does not exist: create it with key {key:?} (kubectl create secret generic {name} -n {ns} --from-literal={key}=…)"
+            ),
+            Err(e) => format!("cannot read Secret {ns}/{name}: {e}"),
+        };
+        problems.insert(k.collector.clone(), problem);
+    }
+    data
 }
 
 /// The status a Collector should have.
@@ -271,12 +429,13 @@ fn desired_status(
     c: &Collector,
     settings: Option<&AgentSettings>,
     workloads: &Workloads,
+    found: &Found,
 ) -> CollectorStatus {
     let previous = c.status.clone().unwrap_or_default();
     let now = k8s_openapi::jiff::Timestamp::now();
     let generation = c.metadata.generation;
     let source = c.spec.source().ok();
-    let (ready, reason, message, counts) = match (c.spec.validate(), source, settings) {
+    let (ready, reason, message, counts) = match (agents::check(&c.spec), source, settings) {
         (Err(e), _, _) => (
             false,
             "InvalidSpec",
@@ -294,6 +453,12 @@ fn desired_status(
             "NoSink",
             "the operator has no agent sink: start it with --agent-ingest-url or --kafka"
                 .to_string(),
+            None,
+        ),
+        (Ok(()), Some(_), Some(_)) if found.secret_problem.is_some() => (
+            false,
+            "SecretNotFound",
+            found.secret_problem.unwrap_or_default().to_string(),
             None,
         ),
         (Ok(()), Some(src), Some(_)) => {
@@ -340,7 +505,10 @@ fn desired_status(
         )],
         desired_agents: counts.map(|(d, _)| d),
         ready_agents: counts.map(|(_, r)| r),
-        last_event_time: previous.last_event_time,
+        last_event_time: found
+            .newest_event
+            .and_then(|t| chrono::DateTime::from_timestamp(t, 0))
+            .max(previous.last_event_time),
     }
 }
 
@@ -349,11 +517,12 @@ async fn write_status(
     c: &Collector,
     settings: Option<&AgentSettings>,
     workloads: &Workloads,
+    found: &Found<'_>,
 ) -> kube::Result<()> {
     if c.metadata.deletion_timestamp.is_some() {
         return Ok(());
     }
-    let desired = desired_status(c, settings, workloads);
+    let desired = desired_status(c, settings, workloads, found);
     if c.status.as_ref() == Some(&desired) {
         return Ok(());
     }

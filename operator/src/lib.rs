@@ -90,6 +90,10 @@ pub struct Args {
     /// How often a ready meter is re-checked (reads only), seconds.
     #[arg(long, env = "TALLY_RESYNC_SECS", default_value_t = 300)]
     pub resync_secs: u64,
+    /// How often Collector statuses are refreshed without a change (the newest event
+    /// time from ClickHouse, referenced Secrets re-read), seconds.
+    #[arg(long, env = "TALLY_COLLECTOR_STATUS_SECS", default_value_t = 30)]
+    pub collector_status_secs: u64,
     /// Meters reconciled at once.
     #[arg(long, env = "TALLY_CONCURRENCY", default_value_t = 16)]
     pub concurrency: u16,
@@ -227,6 +231,7 @@ async fn lead(
         async move { pipeline::keep_provisioned(ch, kafka, &health).await }
     };
     let client_for_agents = client.clone();
+    let ch_for_collectors = ch.clone();
     let meters: Api<DeserializeGuard<Meter>> = Api::all(client.clone());
     let controller = Controller::new(meters, watcher::Config::default().any_semantic())
         .with_config(controller::Config::default().concurrency(args.concurrency));
@@ -262,7 +267,12 @@ async fn lead(
                 tracing::debug!(error = %e, "Controller event");
             }
         });
-    let collectors = collector::run(client_for_agents, agent_settings(&args));
+    let collectors = collector::run(
+        client_for_agents,
+        agent_settings(&args),
+        Some(ch_for_collectors),
+        Duration::from_secs(args.collector_status_secs.max(1)),
+    );
     tokio::select! {
         () = provisioning => {}
         () = controllers => {}

@@ -533,6 +533,16 @@ async fn server_side_apply_tracks_field_managers_and_reports_conflicts() {
     )
     .await
     .unwrap();
+    // A map applied empty, then filled by the same manager, keeps its new entries.
+    for data in [json!({}), json!({"k": "v"})] {
+        cms.patch("filled", &PatchParams::apply("dave"), &Patch::Apply(
+            json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "filled"}, "data": data}),
+        ))
+        .await
+        .unwrap();
+    }
+    let data = cms.get("filled").await.unwrap().data.unwrap_or_default();
+    assert_eq!(data, BTreeMap::from([("k".to_string(), "v".to_string())]));
 }
 
 #[tokio::test]

@@ -1,12 +1,15 @@
 //! The Collector controller against the test kit (or `TALLY_KUBECONFIG`): Collectors →
 //! one ConfigMap + DaemonSet for node-scoped ones, one ConfigMap + Deployment for
 //! cluster-scoped ones, RBAC; the config hash in the pod template follows every change;
-//! statuses follow the workloads; deleting the last Collector of a scope removes its
-//! objects; at rest nothing is written.
+//! statuses follow the workloads; a referenced Secret key is mounted (copied only into
+//! the scope's Secret, never into the ConfigMap) and a missing one is reported; a
+//! Collector reading the agent's files is refused; deleting the last Collector of a
+//! scope removes its objects, and the last of all the agents' RBAC; at rest nothing is
+//! written.
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
-use k8s_openapi::api::core::v1::{ConfigMap, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, ServiceAccount};
 use k8s_openapi::api::rbac::v1::ClusterRole;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
@@ -24,6 +27,14 @@ async fn soon<T>(what: &str, probe: impl AsyncFnMut() -> Option<T>) -> T {
         probe,
     )
     .await
+}
+
+fn b64(s: &str) -> String {
+    serde_json::to_value(k8s_openapi::ByteString(s.as_bytes().to_vec()))
+        .unwrap()
+        .as_str()
+        .unwrap()
+        .to_string()
 }
 
 fn hash_of(cm: &ConfigMap) -> String {
@@ -56,6 +67,8 @@ async fn collectors_become_agent_workloads_that_follow_every_change() {
             "http://tally-server.tally-system:8080",
             "--agent-image",
             "tally:test",
+            "--collector-status-secs",
+            "2",
         ],
         dir.path().join("operator.log"),
     );
@@ -162,7 +175,7 @@ async fn collectors_become_agent_workloads_that_follow_every_change() {
     let collectors_b: Api<Collector> = Api::namespaced(client.clone(), "billing");
     let openai: Collector = serde_json::from_value(json!({"apiVersion": "tally.dev/v1alpha1", "kind": "Collector",
         "metadata": {"name": "openai"}, "spec": {"eventType": "llm", "httpApi": {"preset": "openai",
-        "headers": [{"name": "Authorization", "prefix": "Bearer ", "valueFromFile": "/var/run/secrets/openai/key"}]}}}))
+        "headers": [{"name": "Authorization", "prefix": "Bearer ", "valueFromSecret": {"name": "openai-admin", "key": "admin-key"}}]}}}))
     .unwrap();
     collectors_b
         .create(&PostParams::default(), &openai)
@@ -172,6 +185,84 @@ async fn collectors_become_agent_workloads_that_follow_every_change() {
         deps.get_opt("tally-cluster-agent").await.unwrap()
     })
     .await;
+    // The referenced Secret does not exist yet: the status says which and how to fix it.
+    let waiting = soon("SecretNotFound", async || {
+        let s = collectors_b.get("openai").await.unwrap().status?;
+        (s.conditions[0].reason == "SecretNotFound").then_some(s)
+    })
+    .await;
+    assert!(
+        waiting.conditions[0]
+            .message
+            .contains("billing/openai-admin"),
+        "{:?}",
+        waiting.conditions[0]
+    );
+    let secret_value = "sk-admin-e2e-0123456789";
+    let source: Secret = serde_json::from_value(json!({"apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "openai-admin", "namespace": "billing"},
+        "data": {"admin-key": b64(secret_value), "unrelated": b64("not for the agent")}}))
+    .unwrap();
+    Api::<Secret>::namespaced(client.clone(), "billing")
+        .create(&PostParams::default(), &source)
+        .await
+        .unwrap();
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), "tally-system");
+    let data = soon("the key mounted for the cluster agent", async || {
+        let s = secrets
+            .get_opt("tally-cluster-agent-secrets")
+            .await
+            .unwrap();
+        s?.data.filter(|d| !d.is_empty())
+    })
+    .await;
+    assert_eq!(data.len(), 1, "only the referenced key: {:?}", data.keys());
+    let (file, value) = data.iter().next().unwrap();
+    assert_eq!(value.0, secret_value.as_bytes());
+    let cluster_yaml =
+        cms.get("tally-cluster-agent").await.unwrap().data.unwrap()["agent.yaml"].clone();
+    assert!(
+        !cluster_yaml.contains(secret_value),
+        "never in the ConfigMap"
+    );
+    assert!(
+        cluster_yaml.contains(&format!("valueFromFile: /var/run/secrets/tally/{file}")),
+        "{cluster_yaml}"
+    );
+    let volumes =
+        serde_json::to_value(&dep).unwrap()["spec"]["template"]["spec"]["volumes"].clone();
+    assert!(
+        volumes.to_string().contains("tally-cluster-agent-secrets"),
+        "{volumes}"
+    );
+    soon("the Secret problem to clear", async || {
+        let s = collectors_b.get("openai").await.unwrap().status?;
+        (s.conditions[0].reason != "SecretNotFound").then_some(())
+    })
+    .await;
+    // A Collector may not read the agent's own files.
+    let steal: Collector = serde_json::from_value(json!({"apiVersion": "tally.dev/v1alpha1", "kind": "Collector",
+        "metadata": {"name": "steal"}, "spec": {"eventType": "llm", "httpApi": {"preset": "openai",
+        "headers": [{"name": "Authorization", "valueFromFile": "/var/run/secrets/kubernetes.io/serviceaccount/token"}]}}}))
+    .unwrap();
+    collectors_b
+        .create(&PostParams::default(), &steal)
+        .await
+        .unwrap();
+    let refused = soon("the file-reading Collector refused", async || {
+        collectors_b.get("steal").await.unwrap().status
+    })
+    .await;
+    assert_eq!(refused.conditions[0].reason, "InvalidSpec");
+    assert!(
+        refused.conditions[0].message.contains("valueFromFile"),
+        "{:?}",
+        refused.conditions[0]
+    );
+    collectors_b
+        .delete("steal", &DeleteParams::default())
+        .await
+        .unwrap();
     let args =
         serde_json::to_value(&dep).unwrap()["spec"]["template"]["spec"]["containers"][0]["args"]
             .clone();
@@ -208,13 +299,28 @@ async fn collectors_become_agent_workloads_that_follow_every_change() {
         .delete("openai", &DeleteParams::default())
         .await
         .unwrap();
-    soon("the cluster agent to go", async || {
-        deps.get_opt("tally-cluster-agent")
-            .await
-            .unwrap()
-            .is_none()
+    soon(
+        "the cluster agent, its Secret and the agents' RBAC to go",
+        async || {
+            (deps.get_opt("tally-cluster-agent").await.unwrap().is_none()
+                && secrets
+                    .get_opt("tally-cluster-agent-secrets")
+                    .await
+                    .unwrap()
+                    .is_none()
+                && Api::<ClusterRole>::all(client.clone())
+                    .get_opt("tally-agent")
+                    .await
+                    .unwrap()
+                    .is_none()
+                && Api::<ServiceAccount>::namespaced(client.clone(), "tally-system")
+                    .get_opt("tally-cluster-agent")
+                    .await
+                    .unwrap()
+                    .is_none())
             .then_some(())
-    })
+        },
+    )
     .await;
     drop(op);
 }

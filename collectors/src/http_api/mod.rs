@@ -264,6 +264,11 @@ pub fn header_value(h: &HttpHeader) -> Result<(String, String)> {
     };
     let value = if let Some(var) = &h.value_from_env {
         std::env::var(var).map_err(|_| secret(format!("environment variable {var} is not set")))?
+    } else if let Some(r) = &h.value_from_secret {
+        return Err(secret(format!(
+            "valueFromSecret (Secret {}, key {}) is resolved by the operator when it renders a Collector; in a hand-written agent configuration use valueFromFile or valueFromEnv",
+            r.name, r.key
+        )));
     } else if let Some(file) = &h.value_from_file {
         std::fs::read_to_string(file)
             .map_err(|e| secret(format!("cannot read {file}: {e}")))?

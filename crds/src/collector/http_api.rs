@@ -24,8 +24,10 @@ pub struct HttpApiSource {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
 
-    /// Request headers. Values come from the agent's environment or files, so Secrets
-    /// are mounted, never copied into the configuration.
+    /// Request headers. Secret values come from a Secret of the Collector's namespace
+    /// (`valueFromSecret`, which the operator mounts into the agent, never copying it
+    /// into the configuration); a hand-written agent configuration reads them from
+    /// its environment or files.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("maxItems" = 16))]
     pub headers: Vec<HttpHeader>,
@@ -90,11 +92,29 @@ pub struct HttpHeader {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub value_from_env: Option<String>,
     /// File holding the value (a mounted Secret key); trailing newlines are dropped.
+    /// Only in a hand-written agent configuration: a Collector may not read the
+    /// agent's files (use `valueFromSecret`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub value_from_file: Option<String>,
+    /// A key of a Secret in the Collector's namespace. The operator mounts it into the
+    /// agent and hands the agent the file's path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value_from_secret: Option<SecretKeyRef>,
     /// A literal value, for what is not secret.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub value: Option<String>,
+}
+
+/// A key of a Secret in the Collector's namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SecretKeyRef {
+    /// The Secret's name.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// The key in its `data`.
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[-._a-zA-Z0-9]+$"))]
+    pub key: String,
 }
 
 /// How a generic API's items become events. Paths are JSONPath; `items` may select
@@ -199,12 +219,13 @@ impl HttpApiSource {
             let sources = [
                 h.value_from_env.is_some(),
                 h.value_from_file.is_some(),
+                h.value_from_secret.is_some(),
                 h.value.is_some(),
             ];
             if sources.iter().filter(|s| **s).count() != 1 {
                 return Err(spec_error(
                     format!("spec.httpApi.headers[{i}]"),
-                    "set exactly one of valueFromEnv, valueFromFile and value",
+                    "set exactly one of valueFromSecret, valueFromEnv, valueFromFile and value",
                 ));
             }
         }

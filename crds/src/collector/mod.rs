@@ -34,7 +34,7 @@ mod prometheus;
 
 pub use agent::{AgentConfig, CollectorConfig, IngestSink, KafkaSink, SinkConfig, SpoolConfig};
 pub use http_api::{
-    HttpApiSource, HttpHeader, HttpMapping, HttpPreset, OpenAiOptions, OpenAiSubject,
+    HttpApiSource, HttpHeader, HttpMapping, HttpPreset, OpenAiOptions, OpenAiSubject, SecretKeyRef,
 };
 pub use logs::{LogFormat, LogMapping, LogParser, LogParserKind, LogPods, LogsSource};
 pub use pod_runtime::{CgroupOptions, PodRuntimeSource};

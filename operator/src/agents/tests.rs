@@ -45,14 +45,18 @@ fn all() -> Vec<Collector> {
             "billing",
             "openai",
             json!({"eventType": "llm", "httpApi": {"preset": "openai",
-            "headers": [{"name": "Authorization", "prefix": "Bearer ", "valueFromFile": "/secrets/openai/key"}]}}),
+            "headers": [{"name": "Authorization", "prefix": "Bearer ", "valueFromSecret": {"name": "openai", "key": "admin-key"}}]}}),
         ),
     ]
 }
 
 #[test]
 fn each_scope_gets_its_collectors_in_a_stable_order() {
-    let (node, problems) = agent_config(&all(), Scope::Node, &settings());
+    let Rendered {
+        config: node,
+        problems,
+        ..
+    } = agent_config(&all(), Scope::Node, &settings());
     assert!(problems.is_empty(), "{problems:?}");
     let names: Vec<String> = node
         .collectors
@@ -60,7 +64,7 @@ fn each_scope_gets_its_collectors_in_a_stable_order() {
         .map(|c| format!("{}/{}", c.namespace, c.name))
         .collect();
     assert_eq!(names, ["team-a/gpus", "team-b/gpus"]);
-    let (cluster, _) = agent_config(&all(), Scope::Cluster, &settings());
+    let cluster = agent_config(&all(), Scope::Cluster, &settings()).config;
     assert_eq!(cluster.collectors.len(), 1);
     assert_eq!(cluster.collectors[0].name, "openai");
     node.validate().unwrap();
@@ -70,10 +74,10 @@ fn each_scope_gets_its_collectors_in_a_stable_order() {
 #[test]
 fn the_config_hash_is_stable_and_changes_with_any_collector() {
     let s = settings();
-    let (a, _) = agent_config(&all(), Scope::Node, &s);
+    let a = agent_config(&all(), Scope::Node, &s).config;
     let mut reversed = all();
     reversed.reverse();
-    let (b, _) = agent_config(&reversed, Scope::Node, &s);
+    let b = agent_config(&reversed, Scope::Node, &s).config;
     let (cm_a, hash_a) = config_map(NODE_AGENT, &s, &a);
     let (_, hash_b) = config_map(NODE_AGENT, &s, &b);
     assert_eq!(
@@ -82,7 +86,7 @@ fn the_config_hash_is_stable_and_changes_with_any_collector() {
     );
     let mut changed = all();
     changed[0].spec.pod_runtime.as_mut().unwrap().window_secs = 120;
-    let (c, _) = agent_config(&changed, Scope::Node, &s);
+    let c = agent_config(&changed, Scope::Node, &s).config;
     assert_ne!(config_map(NODE_AGENT, &s, &c).1, hash_a);
     // The ConfigMap is the agent's own file format.
     let yaml = &cm_a.data.as_ref().unwrap()["agent.yaml"];
@@ -107,7 +111,11 @@ fn invalid_and_deleting_collectors_are_left_out_with_a_reason() {
         k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now()),
     );
     list.push(deleting);
-    let (node, problems) = agent_config(&list, Scope::Node, &settings());
+    let Rendered {
+        config: node,
+        problems,
+        ..
+    } = agent_config(&list, Scope::Node, &settings());
     assert_eq!(node.collectors.len(), 2);
     assert_eq!(problems.len(), 1);
     assert_eq!(problems[0].0, "team-c/empty");
@@ -147,7 +155,9 @@ fn the_daemonset_rolls_on_config_change_and_mounts_only_what_it_reads() {
     for m in c["volumeMounts"].as_array().unwrap() {
         let read_only = m["readOnly"] == true;
         match m["mountPath"].as_str().unwrap() {
-            "/var/log/pods" | "/sys/fs/cgroup" | "/etc/tally-agent" => assert!(read_only, "{m}"),
+            "/var/log/pods" | "/sys/fs/cgroup" | "/etc/tally-agent" | SECRETS_DIR => {
+                assert!(read_only, "{m}")
+            }
             "/var/lib/tally-agent" => assert!(!read_only),
             other => panic!("unexpected mount {other}"),
         }
@@ -213,4 +223,79 @@ fn rbac_grants_the_least_the_agents_need() {
             Some("tally-system")
         );
     }
+}
+
+#[test]
+fn secrets_are_mounted_by_reference_and_never_in_the_config_map() {
+    let r = agent_config(&all(), Scope::Cluster, &settings());
+    assert_eq!(r.secrets.len(), 1);
+    let k = &r.secrets[0];
+    assert_eq!(
+        (
+            k.namespace.as_str(),
+            k.reference.name.as_str(),
+            k.reference.key.as_str()
+        ),
+        ("billing", "openai", "admin-key")
+    );
+    assert_eq!(k.collector, "billing/openai");
+    let header = &r.config.collectors[0]
+        .spec
+        .http_api
+        .as_ref()
+        .unwrap()
+        .headers[0];
+    assert_eq!(header.value_from_secret, None);
+    assert_eq!(
+        header.value_from_file.as_deref(),
+        Some(format!("{SECRETS_DIR}/{}", k.file).as_str())
+    );
+    // The rendered configuration is valid for the agent and names no Secret value.
+    r.config.validate().unwrap();
+    let (cm, _) = config_map(CLUSTER_AGENT, &settings(), &r.config);
+    let yaml = &cm.data.as_ref().unwrap()["agent.yaml"];
+    assert!(!yaml.contains("valueFromSecret"), "{yaml}");
+    // The scope's Secret holds exactly the referenced keys, and both workloads mount it.
+    let data = BTreeMap::from([(k.file.clone(), ByteString(b"sk-admin".to_vec()))]);
+    let secret = secret(CLUSTER_AGENT, &settings(), data);
+    assert_eq!(
+        secret.metadata.name.as_deref(),
+        Some("tally-cluster-agent-secrets")
+    );
+    assert_eq!(secret.metadata.namespace.as_deref(), Some("tally-system"));
+    for (pod, name) in [
+        (
+            serde_json::to_value(deployment(&settings(), "h")).unwrap(),
+            "tally-cluster-agent-secrets",
+        ),
+        (
+            serde_json::to_value(daemonset(&settings(), "h")).unwrap(),
+            "tally-agent-secrets",
+        ),
+    ] {
+        let volumes = pod["spec"]["template"]["spec"]["volumes"]
+            .as_array()
+            .unwrap()
+            .clone();
+        let v = volumes.iter().find(|v| v["name"] == "secrets").unwrap();
+        assert_eq!(v["secret"]["secretName"], name);
+        assert_eq!(v["secret"]["optional"], true);
+    }
+}
+
+#[test]
+fn a_collector_may_not_read_the_agents_files() {
+    let list = vec![collector(
+        "billing",
+        "steal",
+        json!({"eventType": "llm", "httpApi": {"preset": "openai", "headers": [{"name": "Authorization",
+        "valueFromFile": "/var/run/secrets/kubernetes.io/serviceaccount/token"}]}}),
+    )];
+    let r = agent_config(&list, Scope::Cluster, &settings());
+    assert!(r.config.collectors.is_empty());
+    assert_eq!(
+        r.problems[0].1.field,
+        "spec.httpApi.headers[0].valueFromFile"
+    );
+    assert!(r.problems[0].1.message.contains("valueFromSecret"));
 }

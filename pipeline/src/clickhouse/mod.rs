@@ -170,6 +170,45 @@ impl Ch {
             .map_err(self.err(step))
     }
 
+    /// The newest event time (Unix seconds) of each `(namespace, source)` among the
+    /// events of the last `days` days; pairs without events there are absent. The
+    /// time bound keeps the read to the newest partitions.
+    pub async fn newest_event_times(
+        &self,
+        pairs: &[(String, String)],
+        days: u32,
+    ) -> Result<Vec<((String, String), i64)>> {
+        #[derive(Deserialize, clickhouse::Row)]
+        struct Newest {
+            namespace: String,
+            source: String,
+            t: u32,
+        }
+        if pairs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let list = |f: fn(&(String, String)) -> &String| {
+            let mut v: Vec<String> = pairs.iter().map(|p| lit(f(p))).collect();
+            v.sort();
+            v.dedup();
+            v.join(", ")
+        };
+        let sql = format!(
+            "SELECT namespace, source, toUInt32(max(time)) AS t FROM {}.events \
+             WHERE time >= now() - INTERVAL {days} DAY AND namespace IN ({}) AND source IN ({}) \
+             GROUP BY namespace, source",
+            self.database,
+            list(|p| &p.0),
+            list(|p| &p.1)
+        );
+        let rows: Vec<Newest> = self.fetch("read the newest event times", &sql).await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| ((r.namespace, r.source), r.t as i64))
+            .filter(|(k, _)| pairs.contains(k))
+            .collect())
+    }
+
     /// ClickHouse's clock, in seconds.
     pub async fn now(&self) -> Result<i64> {
         let v: Vec<u32> = self

@@ -122,8 +122,10 @@ pub async fn handle(
     let ns = ns.unwrap_or_default();
     let name = rest.get(1).copied();
     let sub = rest.get(2).copied();
+    let binding = sub == Some("binding") && def.plural == "pods" && method == Method::POST;
     if let Some(s) = sub
         && (s != "status" || !def.status)
+        && !binding
     {
         return error(&ApiError::new(
             404,
@@ -160,6 +162,24 @@ pub async fn handle(
         object: format!("{ns}/{}", name.unwrap_or_default()),
         subresource: sub.unwrap_or_default().to_string(),
     };
+    if binding {
+        let n = name.unwrap_or_default();
+        let result = parse_body().and_then(|b| {
+            let mut s = shared.state.lock().unwrap();
+            let r = bind(&mut s, &def, ns, n, &b, &opts);
+            if r.is_ok() {
+                s.writes.push(record("create"));
+            }
+            r
+        });
+        return match result {
+            Ok(_) => json_response(
+                201,
+                &json!({"kind": "Status", "apiVersion": "v1", "status": "Success", "code": 201}),
+            ),
+            Err(e) => error(&e),
+        };
+    }
     let result = match (&method, name) {
         (&Method::GET, None) if q.get("watch").is_some_and(|w| w == "true" || w == "1") => {
             return watch(shared, def, ns.to_string(), q).await;
@@ -499,4 +519,30 @@ fn resource_list(s: &State, group: &str, version: &str) -> Value {
         format!("{group}/{version}")
     };
     json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": resources})
+}
+
+/// `pods/{name}/binding` (what a scheduler posts): sets `spec.nodeName` of a pod that
+/// has none. A pod already on a node is a 409, as in the real server.
+fn bind(
+    s: &mut State,
+    def: &ResourceDef,
+    ns: &str,
+    name: &str,
+    binding: &Value,
+    opts: &WriteOpts,
+) -> Result<Value, ApiError> {
+    let node = binding["target"]["name"]
+        .as_str()
+        .filter(|n| !n.is_empty())
+        .ok_or_else(|| ApiError::new(400, "BadRequest", "the binding needs target.name"))?;
+    let mut pod = s.get(def, ns, name)?;
+    if let Some(on) = pod["spec"]["nodeName"].as_str().filter(|n| !n.is_empty()) {
+        return Err(ApiError::new(
+            409,
+            "Conflict",
+            format!("pod {name} is already assigned to node \"{on}\""),
+        ));
+    }
+    pod["spec"]["nodeName"] = json!(node);
+    s.update(def, ns, name, pod, false, opts)
 }

@@ -30,6 +30,8 @@
 //!   managers: ownership per leaf field, 409 conflicts naming the other manager unless
 //!   `force=true`, removal of fields a manager stops applying. Strategic merge patches on
 //!   built-ins are treated as merge patches.
+//! - `pods/{name}/binding` (a scheduler's binding: sets `spec.nodeName` once; 409 when
+//!   the pod is already on a node).
 //! - Server-side printing for `kubectl get` (`Accept: …;as=Table`): a CRD's
 //!   `additionalPrinterColumns` (JSONPath by `serde_json_path`), Name and Age otherwise.
 //! - Finalizers and `deletionTimestamp` (no new finalizers while deleting; the object
@@ -48,6 +50,7 @@
 //! controller), watch caches' exact bookmark timing (every [`KubeKit::start_with`]
 //! interval), protobuf, HTTPS.
 pub mod api;
+pub mod kubelet;
 pub mod schema;
 pub mod select;
 pub mod store;

@@ -819,7 +819,11 @@ impl State {
             let shared = owned
                 .iter()
                 .any(|(m, (_, s))| *m != opts.manager && s.contains(p));
-            if !shared {
+            // An empty map applied before and filled now is still applied.
+            let filled = cfg_leaves.iter().any(|l| {
+                l.len() > p.len() && l.starts_with(p.as_str()) && l.as_bytes()[p.len()] == b'/'
+            });
+            if !shared && !filled {
                 remove_path(&mut new, p);
             }
         }
