@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 pub mod kube;
+pub mod stack;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -328,21 +329,43 @@ pub async fn subject_totals(
     namespace: &str,
     slug: &str,
 ) -> Option<std::collections::BTreeMap<String, u64>> {
+    group_totals(client, addr, (namespace, slug), "subject")
+        .await
+        .ok()
+}
+
+/// Totals by `dim` (a groupBy key, or `subject`) of meter `slug` in `namespace`, over
+/// all time; `Err` with the HTTP status and body when the server does not answer.
+pub async fn group_totals(
+    http: &reqwest::Client,
+    server: &str,
+    (namespace, slug): (&str, &str),
+    dim: &str,
+) -> Result<std::collections::BTreeMap<String, u64>, String> {
     let url =
-        format!("http://{addr}/api/v1/namespaces/{namespace}/meters/{slug}/query?groupBy=subject");
-    let body: serde_json::Value = client.get(url).send().await.ok()?.json().await.ok()?;
-    Some(
-        body["data"]
-            .as_array()?
-            .iter()
-            .map(|row| {
-                (
-                    row["subject"].as_str().unwrap_or_default().to_string(),
-                    row["value"].as_f64().unwrap_or_default() as u64,
-                )
-            })
-            .collect(),
-    )
+        format!("http://{server}/api/v1/namespaces/{namespace}/meters/{slug}/query?groupBy={dim}");
+    let r = http.get(url).send().await.map_err(|e| e.to_string())?;
+    if !r.status().is_success() {
+        return Err(format!(
+            "{} {}",
+            r.status(),
+            r.text().await.unwrap_or_default()
+        ));
+    }
+    let body: serde_json::Value = r.json().await.map_err(|e| e.to_string())?;
+    Ok(body["data"]
+        .as_array()
+        .ok_or_else(|| format!("no data in {body}"))?
+        .iter()
+        .map(|row| {
+            let key = row["groupBy"][dim]
+                .as_str()
+                .or(row[dim].as_str())
+                .unwrap_or_default()
+                .to_string();
+            (key, row["value"].as_f64().unwrap_or_default() as u64)
+        })
+        .collect())
 }
 
 /// Polls `subject_totals` every 300 ms until it equals `expected` or `limit` passes;

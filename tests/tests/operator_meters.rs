@@ -10,7 +10,6 @@
 //! rest writes nothing; delete → views and rollups dropped, finalizer removed, raw
 //! events kept.
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -19,102 +18,8 @@ use kube::{CustomResourceExt, ResourceExt};
 use serde_json::json;
 use tally_crds::Meter;
 use tally_tests::kube::Cluster;
-use tally_tests::{Proc, bin, ch_query, clickhouse, eventually, free_port, kafka, start_operator};
-
-struct Stack {
-    server: String,
-    operators: Vec<(Proc, String)>,
-    _sink: Proc,
-    _server: Proc,
-}
-
-fn start(dir: &Path, kubeconfig: &Path, brokers: &str, ch: &str, db: &str, topic: &str) -> Stack {
-    let kc = kubeconfig.to_str().unwrap();
-    let common = |extra: &[&str]| -> Vec<String> {
-        let mut v: Vec<String> = [
-            "--kafka",
-            brokers,
-            "--clickhouse",
-            ch,
-            "--clickhouse-database",
-            db,
-            "--topic",
-            topic,
-            "--cutover-margin-secs",
-            "1",
-            "--cutover-grace-secs",
-            "2",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        v.extend(extra.iter().map(|s| s.to_string()));
-        v
-    };
-    let mut operators = Vec::new();
-    for i in 0..2 {
-        let args = common(&[
-            "--topic-partitions",
-            "2",
-            "--rollup-drain-secs",
-            "2",
-            "--lease-secs",
-            "4",
-            "--identity",
-            &format!("op-{i}"),
-        ]);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        operators.push(start_operator(
-            bin("tally-operator"),
-            kubeconfig,
-            "tally-system",
-            &args,
-            dir.join(format!("operator-{i}.log")),
-        ));
-    }
-    // The operator creates the topic; the sink and server wait for it by retrying their start.
-    let ready = Instant::now() + Duration::from_secs(60);
-    let sink_metrics = format!("127.0.0.1:{}", free_port());
-    let sink_args = common(&[
-        "sink",
-        "--group",
-        &format!("{topic}-sink"),
-        "--metrics-listen",
-        &sink_metrics,
-        "--batch-ms",
-        "200",
-    ]);
-    let sink_args: Vec<&str> = sink_args.iter().map(String::as_str).collect();
-    let sink = Proc::start(
-        bin("tally-server"),
-        &sink_args,
-        &[("RUST_LOG", "info")],
-        dir.join("sink.log"),
-    );
-    let addr = format!("127.0.0.1:{}", free_port());
-    let server_args = common(&["--kubernetes", "--listen", &addr]);
-    let server_args: Vec<&str> = server_args.iter().map(String::as_str).collect();
-    let server = Proc::start(
-        bin("tally-server"),
-        &server_args,
-        &[("KUBECONFIG", kc), ("RUST_LOG", "info")],
-        dir.join("server.log"),
-    );
-    while std::net::TcpStream::connect(&addr).is_err() {
-        assert!(
-            Instant::now() < ready,
-            "tally-server did not listen:\n{}",
-            server.log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    Stack {
-        server: addr,
-        operators,
-        _sink: sink,
-        _server: server,
-    }
-}
+use tally_tests::stack::{Pipeline, Stack};
+use tally_tests::{ch_query, clickhouse, eventually, group_totals, kafka};
 
 fn event(id: &str, subject: &str, model: &str, region: &str, tokens: u64) -> serde_json::Value {
     json!({"specversion": "1.0", "id": id, "source": "test", "type": "llm", "subject": subject,
@@ -159,37 +64,6 @@ async fn ingest(http: &reqwest::Client, server: &str, events: &[serde_json::Valu
         r.status(),
         r.text().await.unwrap_or_default()
     );
-}
-
-/// Totals by `dim` of meter `tokens`; `Err` with the HTTP status when not answered.
-async fn totals(
-    http: &reqwest::Client,
-    server: &str,
-    dim: &str,
-) -> Result<BTreeMap<String, u64>, String> {
-    let url = format!("http://{server}/api/v1/namespaces/acme/meters/tokens/query?groupBy={dim}");
-    let r = http.get(url).send().await.map_err(|e| e.to_string())?;
-    if !r.status().is_success() {
-        return Err(format!(
-            "{} {}",
-            r.status(),
-            r.text().await.unwrap_or_default()
-        ));
-    }
-    let body: serde_json::Value = r.json().await.map_err(|e| e.to_string())?;
-    Ok(body["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|row| {
-            let key = row["groupBy"][dim]
-                .as_str()
-                .or(row[dim].as_str())
-                .unwrap_or_default()
-                .to_string();
-            (key, row["value"].as_f64().unwrap_or_default() as u64)
-        })
-        .collect())
 }
 
 async fn wait<T>(limit: Duration, what: &str, probe: impl AsyncFnMut() -> Option<T>) -> T {
@@ -251,7 +125,25 @@ async fn meters_are_provisioned_backfilled_rebuilt_and_cleaned_up_by_the_operato
             )
             .await;
     }
-    let mut stack = start(dir.path(), &cluster.kubeconfig, &brokers, &ch, &db, &topic);
+    let mut stack = Stack::start(
+        dir.path(),
+        &cluster.kubeconfig,
+        &Pipeline {
+            brokers: &brokers,
+            clickhouse: &ch,
+            database: &db,
+            topic: &topic,
+        },
+        2,
+        &[
+            "--topic-partitions",
+            "2",
+            "--rollup-drain-secs",
+            "2",
+            "--lease-secs",
+            "4",
+        ],
+    );
     let leader = wait(Duration::from_secs(30), "a leader", async || {
         leader_of(&http, &stack).await
     })
@@ -342,7 +234,7 @@ async fn meters_are_provisioned_backfilled_rebuilt_and_cleaned_up_by_the_operato
         Duration::from_secs(30),
         "the query API to serve the meter",
         async || {
-            totals(&http, &stack.server, "model")
+            group_totals(&http, &stack.server, ("acme", "tokens"), "model")
                 .await
                 .ok()
                 .filter(|t| *t == expected_by_model)
@@ -361,7 +253,11 @@ async fn meters_are_provisioned_backfilled_rebuilt_and_cleaned_up_by_the_operato
         Duration::from_secs(30),
         "the late events in the totals",
         async || {
-            (totals(&http, &stack.server, "model").await.ok()? == expected_by_model).then_some(())
+            (group_totals(&http, &stack.server, ("acme", "tokens"), "model")
+                .await
+                .ok()?
+                == expected_by_model)
+                .then_some(())
         },
     )
     .await;
@@ -401,7 +297,7 @@ async fn meters_are_provisioned_backfilled_rebuilt_and_cleaned_up_by_the_operato
     let standby = 1 - leader;
     let mut killed_while_rebuilding = false;
     let new_rollup = loop {
-        let t = totals(&http, &stack.server, "model").await;
+        let t = group_totals(&http, &stack.server, ("acme", "tokens"), "model").await;
         assert_eq!(
             t.as_ref(),
             Ok(&expected_by_model),
@@ -452,7 +348,7 @@ async fn meters_are_provisioned_backfilled_rebuilt_and_cleaned_up_by_the_operato
         Duration::from_secs(30),
         "the new groupBy to be served",
         async || {
-            totals(&http, &stack.server, "region")
+            group_totals(&http, &stack.server, ("acme", "tokens"), "region")
                 .await
                 .ok()
                 .filter(|t| *t == by_region)
@@ -461,7 +357,9 @@ async fn meters_are_provisioned_backfilled_rebuilt_and_cleaned_up_by_the_operato
     .await;
     assert_eq!(got, by_region);
     assert_eq!(
-        totals(&http, &stack.server, "model").await.unwrap(),
+        group_totals(&http, &stack.server, ("acme", "tokens"), "model")
+            .await
+            .unwrap(),
         expected_by_model,
         "exact after the swap"
     );

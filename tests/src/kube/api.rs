@@ -62,7 +62,18 @@ pub async fn handle(
             );
         }
         "/apis" => return json_response(200, &group_list(&shared.state.lock().unwrap())),
+        "/openapi/v3" => return json_response(200, &openapi_root(&shared.state.lock().unwrap())),
         _ => {}
+    }
+    if let Some(gv) = path.strip_prefix("/openapi/v3/") {
+        return match openapi_group_version(&shared.state.lock().unwrap(), gv) {
+            Some(doc) => json_response(200, &doc),
+            None => error(&ApiError::new(
+                404,
+                "NotFound",
+                format!("no OpenAPI document for {gv}"),
+            )),
+        };
     }
     let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
     let (group, version, rest) = match segs.as_slice() {
@@ -494,6 +505,57 @@ fn group_list(s: &State) -> Value {
         })
         .collect();
     json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})
+}
+
+/// `api/v1`, `apis/{group}/{version}`: the path of a group version.
+fn gv_path(d: &ResourceDef) -> String {
+    if d.group.is_empty() {
+        format!("api/{}", d.version)
+    } else {
+        format!("apis/{}/{}", d.group, d.version)
+    }
+}
+
+/// `/openapi/v3`: one document per group version.
+fn openapi_root(s: &State) -> Value {
+    let paths: serde_json::Map<String, Value> = s
+        .defs()
+        .map(|d| {
+            let p = gv_path(d);
+            let url = json!({"serverRelativeURL": format!("/openapi/v3/{p}")});
+            (p, url)
+        })
+        .collect();
+    json!({"paths": paths})
+}
+
+/// `/openapi/v3/{group version}`: the resources' item paths with their PATCH operation,
+/// which names its group-version-kind and accepts `fieldValidation` — what `kubectl`
+/// reads to send `fieldValidation=Strict` instead of validating against schemas
+/// itself. Schemas are not published (objects are validated on write).
+fn openapi_group_version(s: &State, gv: &str) -> Option<Value> {
+    let mut paths = serde_json::Map::new();
+    for d in s.defs().filter(|d| gv_path(d) == gv) {
+        let ns = if d.namespaced {
+            "namespaces/{namespace}/"
+        } else {
+            ""
+        };
+        let patch = json!({"patch": {
+            "x-kubernetes-group-version-kind": {"group": d.group, "version": d.version, "kind": d.kind},
+            "x-kubernetes-action": "patch",
+            "parameters": [
+                {"name": "fieldValidation", "in": "query", "schema": {"type": "string", "uniqueItems": true}},
+                {"name": "fieldManager", "in": "query", "schema": {"type": "string", "uniqueItems": true}},
+            ],
+            "responses": {"200": {"description": "OK"}},
+        }});
+        paths.insert(format!("/{gv}/{ns}{}/{{name}}", d.plural), patch);
+    }
+    (!paths.is_empty()).then(|| {
+        json!({"openapi": "3.0.0", "info": {"title": "Kubernetes (tally test kit)", "version": "v1.33.0"},
+               "paths": paths, "components": {"schemas": {}}})
+    })
 }
 
 fn resource_list(s: &State, group: &str, version: &str) -> Value {

@@ -30,10 +30,7 @@ impl Drop for Node {
 }
 
 fn now() -> String {
-    k8s_openapi::jiff::Timestamp::now()
-        .round(k8s_openapi::jiff::Unit::Second)
-        .expect("a timestamp rounds to the second")
-        .to_string()
+    crate::rfc3339(crate::unix_now())
 }
 
 fn ready_status(ready: bool, since: &str) -> Value {

@@ -30,6 +30,9 @@
 //!   managers: ownership per leaf field, 409 conflicts naming the other manager unless
 //!   `force=true`, removal of fields a manager stops applying. Strategic merge patches on
 //!   built-ins are treated as merge patches.
+//! - `/openapi/v3`: per group version, each resource's PATCH operation with its
+//!   group-version-kind and the `fieldValidation` parameter (so `kubectl apply` leaves
+//!   validation to the server); no schemas.
 //! - `pods/{name}/binding` (a scheduler's binding: sets `spec.nodeName` once; 409 when
 //!   the pod is already on a node).
 //! - Server-side printing for `kubectl get` (`Accept: …;as=Table`): a CRD's

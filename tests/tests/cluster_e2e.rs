@@ -1,0 +1,593 @@
+//! The whole system on a cluster — the test kit's API server (or `TALLY_KUBECONFIG`),
+//! real tansu and ClickHouse, and the real binaries: `tally-operator`, `tally-agent`
+//! (run from the DaemonSet and ConfigMap the operator rendered), `tally-server sink` and
+//! `tally-server --kubernetes`.
+//!
+//! It first replays the README's "Meter + Collector on a cluster" walkthrough (between
+//! the `cluster-walkthrough` markers) command by command with the real `kubectl` and
+//! `curl`, checking each output the README shows (ages and apply verbs aside). In
+//! between, the test plays the parts of a cluster that run no code here: the scheduler
+//! binds pods, the kubelet of node `gpu-node-1` registers its Node, keeps it Ready and
+//! writes pod status, the DaemonSet controller and kubelet run the agent pod (the
+//! rendered arguments and environment, the ConfigMap projected into a folder).
+//!
+//! Then, beyond the README: a pod restarted mid-run while the agent is SIGKILLed and
+//! restarted, with pods on another node and in another namespace that must not count →
+//! GPU-seconds per subject exact to the second; a changed Collector → a new config hash
+//! on the ConfigMap and the DaemonSet's pod template, and the agent measuring with the
+//! new configuration once the kubelet updates its file; the Collector deleted → the
+//! agents' objects removed.
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use k8s_openapi::api::rbac::v1::ClusterRole;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use serde_json::{Value, json};
+use tally_crds::Collector;
+use tally_tests::kube::Cluster;
+use tally_tests::kube::kubelet::Node;
+use tally_tests::stack::{Pipeline, Stack};
+use tally_tests::{
+    KeptDir, Proc, bin, clickhouse, eventually, free_port, group_totals, kafka, repo, rfc3339,
+    subject_totals, unix_now,
+};
+
+const NS: &str = "ml-team";
+const AGENTS_NS: &str = "tally-system";
+const METER: (&str, &str) = (NS, "gpu_seconds");
+
+async fn within<T>(secs: u64, what: &str, probe: impl AsyncFnMut() -> Option<T>) -> T {
+    eventually(
+        Duration::from_secs(secs),
+        Duration::from_millis(250),
+        what,
+        probe,
+    )
+    .await
+}
+
+/// Sleeps until Unix second `t`.
+async fn until(t: i64) {
+    let wait = t - unix_now();
+    if wait > 0 {
+        tokio::time::sleep(Duration::from_secs(wait as u64)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// The README walkthrough: commands and the output they must print.
+
+struct Step {
+    command: String,
+    expected: Vec<String>,
+}
+
+fn walkthrough() -> Vec<Step> {
+    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    let start = readme
+        .find("<!-- cluster-walkthrough -->")
+        .expect("README has the cluster walkthrough");
+    let end = readme
+        .find("<!-- /cluster-walkthrough -->")
+        .expect("and its end marker");
+    let mut steps: Vec<Step> = Vec::new();
+    for line in readme[start..end].lines() {
+        if let Some(cmd) = line.strip_prefix("$ ") {
+            steps.push(Step {
+                command: cmd.to_string(),
+                expected: Vec::new(),
+            });
+        } else if let Some(step) = steps.last_mut()
+            && !line.starts_with("```")
+            && !line.trim().is_empty()
+        {
+            step.expected.push(line.to_string());
+        }
+    }
+    assert!(steps.len() >= 5, "the walkthrough has its commands");
+    steps
+}
+
+/// Words that differ from run to run: ages (`12s`, `3m4s`) and apply's verb.
+fn varies(word: &str) -> bool {
+    let age = !word.is_empty()
+        && word.chars().all(|c| c.is_ascii_alphanumeric())
+        && word.starts_with(|c: char| c.is_ascii_digit())
+        && word
+            .split(|c: char| c.is_ascii_digit())
+            .filter(|u| !u.is_empty())
+            .all(|u| ["s", "m", "h", "d", "y"].contains(&u));
+    age || ["created", "configured", "unchanged"].contains(&word)
+}
+
+/// Every expected line is printed (in any order, among others), word by word, except
+/// for words that vary between runs.
+fn shows(expected: &[String], actual: &str) -> bool {
+    expected.iter().all(|e| {
+        let want: Vec<&str> = e.split_whitespace().collect();
+        actual.lines().any(|a| {
+            let got: Vec<&str> = a.split_whitespace().collect();
+            got.len() == want.len()
+                && want
+                    .iter()
+                    .zip(&got)
+                    .all(|(w, g)| w == g || (varies(w) && varies(g)))
+        })
+    })
+}
+
+async fn sh(command: &str, kubeconfig: &Path) -> (bool, String) {
+    let (command, kubeconfig) = (command.to_string(), kubeconfig.to_path_buf());
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("bash")
+            .args(["-o", "pipefail", "-c", &command])
+            .env("KUBECONFIG", kubeconfig)
+            .current_dir(repo())
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// Runs a walkthrough command until it prints what the README shows (`kubectl apply`
+/// once: it must succeed at the first try).
+async fn replay(step: &Step, kubeconfig: &Path, server: Option<&str>) {
+    let command = match server {
+        Some(addr) => step.command.replace("localhost:8080", addr),
+        None => step.command.clone(),
+    };
+    let once = command.starts_with("kubectl apply") || command.starts_with("kubectl delete");
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        let (ok, out) = sh(&command, kubeconfig).await;
+        if ok && shows(&step.expected, &out) {
+            eprintln!("$ {}\n{out}", step.command);
+            return;
+        }
+        assert!(
+            !once && std::time::Instant::now() < deadline,
+            "`{command}` does not print what the README shows.\nexpected:\n{}\ngot ({}):\n{out}",
+            step.expected.join("\n"),
+            if ok { "exit 0" } else { "failed" }
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+fn tools_present(test: &str) -> bool {
+    for tool in ["kubectl", "curl", "jq"] {
+        let present = std::process::Command::new(tool)
+            .arg("--help")
+            .output()
+            .is_ok();
+        if !present {
+            let why = format!("{test}: {tool} is not installed (the README's commands use it)");
+            assert!(std::env::var_os("CI").is_none(), "{why}; CI must not skip");
+            eprintln!("SKIPPED {why}");
+            return false;
+        }
+    }
+    true
+}
+
+// ---------------------------------------------------------------------------------
+// The DaemonSet controller and kubelet for the agent pod.
+
+/// The node agent's pod on one node: the binary started from the DaemonSet's pod
+/// template, its ConfigMap projected into a folder as the kubelet does.
+struct AgentPod {
+    proc: Proc,
+    config_dir: PathBuf,
+    config_map: String,
+}
+
+impl AgentPod {
+    async fn start(client: &kube::Client, kubeconfig: &Path, node: &Node, dir: &Path) -> AgentPod {
+        let dss: Api<DaemonSet> = Api::namespaced(client.clone(), AGENTS_NS);
+        let ds = within(30, "the node agents' DaemonSet", async || {
+            dss.get_opt("tally-agent").await.unwrap()
+        })
+        .await;
+        let pod = ds.spec.unwrap().template;
+        let hash = pod.metadata.unwrap().annotations.unwrap()["tally.dev/config-hash"].clone();
+        let spec = pod.spec.unwrap();
+        let c = &spec.containers[0];
+        let mount = c
+            .volume_mounts
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|m| m.name == "config")
+            .expect("the configuration is mounted")
+            .mount_path
+            .clone();
+        let config_map = spec
+            .volumes
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|v| v.name == "config")
+            .and_then(|v| v.config_map.as_ref())
+            .expect("from a ConfigMap")
+            .name
+            .clone();
+        let config_dir = dir.join("agent-config");
+        let projected = project(client, &config_map, &config_dir).await;
+        assert_eq!(
+            projected, hash,
+            "the pod template carries the config's hash"
+        );
+
+        let mut env: Vec<(String, String)> = Vec::new();
+        for e in c.env.as_ref().unwrap() {
+            if let Some(v) = &e.value {
+                env.push((e.name.clone(), v.clone()));
+            }
+            let field = e
+                .value_from
+                .as_ref()
+                .and_then(|f| f.field_ref.as_ref())
+                .map(|f| f.field_path.as_str());
+            match (e.name.as_str(), field) {
+                ("NODE_NAME", Some(path)) => {
+                    assert_eq!(path, "spec.nodeName", "NODE_NAME from the downward API");
+                    env.push((e.name.clone(), node.name.clone()));
+                }
+                ("POD_NAMESPACE", Some(_)) => env.push((e.name.clone(), AGENTS_NS.into())),
+                ("POD_NAME", Some(_)) => {
+                    env.push((e.name.clone(), format!("tally-agent-{}", node.name)))
+                }
+                _ => {}
+            }
+        }
+        assert!(env.iter().any(|(k, _)| k == "NODE_NAME"));
+        // Stand-ins for what a pod has: its service account's API access, the spool's
+        // hostPath and the metrics port.
+        let metrics = format!("127.0.0.1:{}", free_port());
+        env.extend([
+            ("KUBECONFIG".into(), kubeconfig.display().to_string()),
+            (
+                "TALLY_AGENT_SPOOL".into(),
+                dir.join("agent-spool").display().to_string(),
+            ),
+            ("TALLY_AGENT_METRICS_LISTEN".into(), metrics.clone()),
+            ("RUST_LOG".into(), "info".into()),
+        ]);
+        let args: Vec<String> = c
+            .args
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|a| a.replace(&mount, config_dir.to_str().unwrap()))
+            .collect();
+        let program = c.command.as_ref().unwrap()[0].clone();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let proc = Proc::start(bin(&program), &args, &env, dir.join("agent.log"));
+        let http = reqwest::Client::new();
+        within(30, "the agent's /healthz", async || {
+            http.get(format!("http://{metrics}/healthz"))
+                .send()
+                .await
+                .ok()
+                .filter(|r| r.status().is_success())
+        })
+        .await;
+        // The DaemonSet controller reports its one pod ready.
+        let status = json!({"status": {"desiredNumberScheduled": 1, "currentNumberScheduled": 1,
+            "numberMisscheduled": 0, "numberReady": 1, "updatedNumberScheduled": 1, "numberAvailable": 1}});
+        dss.patch_status(
+            "tally-agent",
+            &PatchParams::default(),
+            &Patch::Merge(&status),
+        )
+        .await
+        .unwrap();
+        AgentPod {
+            proc,
+            config_dir,
+            config_map,
+        }
+    }
+
+    /// The kubelet's periodic sync of the mounted ConfigMap; returns its config hash.
+    async fn sync_config(&self, client: &kube::Client) -> String {
+        project(client, &self.config_map, &self.config_dir).await
+    }
+}
+
+/// Writes ConfigMap `name`'s files into `dir`, each replaced atomically (the kubelet
+/// swaps a symlink); returns the ConfigMap's config hash.
+async fn project(client: &kube::Client, name: &str, dir: &Path) -> String {
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), AGENTS_NS);
+    let cm = cms.get(name).await.unwrap();
+    std::fs::create_dir_all(dir).unwrap();
+    for (file, text) in cm.data.unwrap() {
+        let tmp = dir.join(format!("..{file}.tmp"));
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, dir.join(&file)).unwrap();
+    }
+    cm.metadata.annotations.unwrap()["tally.dev/config-hash"].clone()
+}
+
+// ---------------------------------------------------------------------------------
+// Pods, as the user creates them and the kubelet reports them.
+
+fn gpu_pod(name: &str, ns: &str, subject: &str, gpus: u32, labels: Value) -> Pod {
+    serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": ns, "labels": labels,
+                     "annotations": {"tally.dev/subject": subject}},
+        "spec": {"restartPolicy": "OnFailure", "containers": [{"name": "main", "image": "trainer",
+                 "resources": {"limits": {"nvidia.com/gpu": gpus.to_string()}}}]},
+    }))
+    .unwrap()
+}
+
+fn container(name: &str, restarts: u32, state: Value, last: Value) -> Value {
+    json!({"name": name, "image": "trainer", "imageID": "", "ready": state.get("running").is_some(),
+           "restartCount": restarts, "state": state, "lastState": last})
+}
+
+fn running(name: &str, since: i64) -> Value {
+    json!({"phase": "Running", "containerStatuses": [
+        container(name, 0, json!({"running": {"startedAt": rfc3339(since)}}), json!({}))]})
+}
+
+fn terminated(start: i64, end: i64, code: i32) -> Value {
+    json!({"terminated": {"exitCode": code, "reason": if code == 0 { "Completed" } else { "Error" },
+                          "startedAt": rfc3339(start), "finishedAt": rfc3339(end)}})
+}
+
+fn finished(name: &str, restarts: u32, start: i64, end: i64, last: Value) -> Value {
+    json!({"phase": "Succeeded", "containerStatuses": [
+        container(name, restarts, terminated(start, end, 0), last)]})
+}
+
+/// Binds `ns/name` to `node` and runs its one container for `secs` from now, as the
+/// scheduler and the kubelet would; returns the start.
+async fn run_pod(client: &kube::Client, node: &Node, ns: &str, name: &str, c: &str, secs: i64) {
+    node.bind(client, ns, name).await;
+    let start = unix_now();
+    node.pod_status(client, ns, name, running(c, start)).await;
+    until(start + secs).await;
+    let done = finished(c, 0, start, start + secs, json!({}));
+    node.pod_status(client, ns, name, done).await;
+}
+
+async fn exact_subjects(http: &reqwest::Client, server: &str, expected: &BTreeMap<String, u64>) {
+    let mut last = None;
+    let got = eventually(
+        Duration::from_secs(90),
+        Duration::from_millis(300),
+        &format!("GPU-seconds per subject = {expected:?}"),
+        async || {
+            last = subject_totals(http, server, METER.0, METER.1).await;
+            (last.as_ref() == Some(expected)).then(|| last.clone())
+        },
+    )
+    .await;
+    // Nothing arrives twice later.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(
+        subject_totals(http, server, METER.0, METER.1).await,
+        got,
+        "the totals stay exact"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn meter_and_collector_on_a_cluster_bill_gpu_seconds_exactly() {
+    let test = "cluster_e2e";
+    let (Some(brokers), Some(ch)) = (kafka(test), clickhouse(test)) else {
+        return;
+    };
+    if !tools_present(test) {
+        return;
+    }
+    let dir = KeptDir(Some(tempfile::tempdir().unwrap()));
+    eprintln!(
+        "logs in {} (kept with TALLY_KEEP_LOGS=1)",
+        dir.path().display()
+    );
+    let cluster = Cluster::connect(dir.path());
+    let kc = cluster.kubeconfig.clone();
+    let client = cluster.client().await;
+    let http = reqwest::Client::new();
+    let unique = format!("{}_{}", std::process::id(), unix_now());
+    let (db, topic) = (format!("tally_e2e_{unique}"), format!("tally-e2e-{unique}"));
+
+    // The cluster's nodes: the one the agent runs on, and another.
+    let node = Node::register(&client, "gpu-node-1").await;
+    let other_node = Node::register(&client, "gpu-node-2").await;
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+    for ns in [AGENTS_NS, "other-team"] {
+        let _ = namespaces
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap(),
+            )
+            .await;
+    }
+
+    // ---- The README walkthrough -------------------------------------------------
+    let mut stack: Option<Stack> = None;
+    let mut agent: Option<AgentPod> = None;
+    for step in walkthrough() {
+        let server = stack.as_ref().map(|s| s.server.clone());
+        replay(&step, &kc, server.as_deref()).await;
+        if step.command.contains("crds/") {
+            // The walkthrough starts with tally running against the cluster.
+            stack = Some(Stack::start(
+                dir.path(),
+                &kc,
+                &Pipeline {
+                    brokers: &brokers,
+                    clickhouse: &ch,
+                    database: &db,
+                    topic: &topic,
+                },
+                1,
+                &["--agent-image", "tally:e2e", "--collector-status-secs", "2"],
+            ));
+        } else if step.command.contains("examples/cluster/gpu-billing.yaml") {
+            agent = Some(AgentPod::start(&client, &kc, &node, dir.path()).await);
+        } else if step.command.contains("examples/cluster/train-pod.yaml") {
+            // The README's pod runs 20 s on its two GPUs.
+            run_pod(&client, &node, NS, "train-1", "train", 20).await;
+        }
+    }
+    let stack = stack.expect("the walkthrough installs the CRDs");
+    let mut agent = agent.expect("the walkthrough applies the Collector");
+    let server = stack.server.clone();
+    let mut expected = BTreeMap::from([("acme".to_string(), 40u64)]);
+    exact_subjects(&http, &server, &expected).await;
+
+    // ---- A restart, the agent SIGKILLed and restarted, pods that do not count -------
+    let pods = Api::<Pod>::namespaced(client.clone(), NS);
+    let pp = PostParams::default();
+    pods.create(&pp, &gpu_pod("finetune-2", NS, "globex", 1, json!({})))
+        .await
+        .unwrap();
+    pods.create(&pp, &gpu_pod("elsewhere", NS, "initech", 4, json!({})))
+        .await
+        .unwrap();
+    Api::<Pod>::namespaced(client.clone(), "other-team")
+        .create(
+            &pp,
+            &gpu_pod("not-ours", "other-team", "initech", 8, json!({})),
+        )
+        .await
+        .unwrap();
+    node.bind(&client, NS, "finetune-2").await;
+    other_node.bind(&client, NS, "elsewhere").await;
+    node.bind(&client, "other-team", "not-ours").await;
+    let s1 = unix_now();
+    node.pod_status(&client, NS, "finetune-2", running("main", s1))
+        .await;
+    other_node
+        .pod_status(&client, NS, "elsewhere", running("main", s1))
+        .await;
+    node.pod_status(&client, "other-team", "not-ours", running("main", s1))
+        .await;
+    until(s1 + 6).await;
+    agent.proc.kill9();
+    until(s1 + 8).await;
+    // The container fails after 8 s; the kubelet restarts it at s1 + 10.
+    let failed = terminated(s1, s1 + 8, 1);
+    let waiting = json!({"phase": "Running", "containerStatuses": [container("main", 1,
+        json!({"waiting": {"reason": "ContainerCreating"}}), failed.clone())]});
+    node.pod_status(&client, NS, "finetune-2", waiting).await;
+    until(s1 + 10).await;
+    let again = json!({"phase": "Running", "containerStatuses": [container("main", 1,
+        json!({"running": {"startedAt": rfc3339(s1 + 10)}}), failed.clone())]});
+    node.pod_status(&client, NS, "finetune-2", again).await;
+    until(s1 + 12).await;
+    agent.proc.spawn();
+    until(s1 + 20).await;
+    let done = finished("main", 1, s1 + 10, s1 + 20, failed);
+    node.pod_status(&client, NS, "finetune-2", done).await;
+    let not_ours = finished("main", 0, s1, s1 + 20, json!({}));
+    other_node
+        .pod_status(&client, NS, "elsewhere", not_ours.clone())
+        .await;
+    node.pod_status(&client, "other-team", "not-ours", not_ours)
+        .await;
+    expected.insert("globex".into(), 8 + 10);
+    exact_subjects(&http, &server, &expected).await;
+
+    // ---- A changed Collector: new hash, the agent picks the new configuration up ----
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), AGENTS_NS);
+    let dss: Api<DaemonSet> = Api::namespaced(client.clone(), AGENTS_NS);
+    let hash_of =
+        |cm: &ConfigMap| cm.metadata.annotations.as_ref().unwrap()["tally.dev/config-hash"].clone();
+    let old_hash = hash_of(&cms.get("tally-agent").await.unwrap());
+    let collectors: Api<Collector> = Api::namespaced(client.clone(), NS);
+    let with_labels = Patch::Merge(json!({"spec": {"podRuntime": {"labels": ["team"]}}}));
+    collectors
+        .patch("gpu-pods", &PatchParams::default(), &with_labels)
+        .await
+        .unwrap();
+    let new_hash = within(30, "a new config hash", async || {
+        let h = hash_of(&cms.get("tally-agent").await.unwrap());
+        (h != old_hash).then_some(h)
+    })
+    .await;
+    within(30, "the DaemonSet's pod template to carry it", async || {
+        let ds = dss.get("tally-agent").await.unwrap();
+        let annotations = ds.spec?.template.metadata?.annotations?;
+        (annotations["tally.dev/config-hash"] == new_hash).then_some(())
+    })
+    .await;
+    assert_eq!(agent.sync_config(&client).await, new_hash);
+    within(30, "the agent to reload its configuration", async || {
+        agent
+            .proc
+            .log()
+            .contains("Configuration changed")
+            .then_some(())
+    })
+    .await;
+    pods.create(
+        &pp,
+        &gpu_pod("eval-3", NS, "acme", 1, json!({"team": "research"})),
+    )
+    .await
+    .unwrap();
+    run_pod(&client, &node, NS, "eval-3", "main", 6).await;
+    *expected.get_mut("acme").unwrap() += 6;
+    exact_subjects(&http, &server, &expected).await;
+    let by_team = group_totals(&http, &server, METER, "team").await.unwrap();
+    assert_eq!(
+        by_team.get("research"),
+        Some(&6),
+        "the new configuration's label reached the events: {by_team:?}"
+    );
+
+    let status = collectors.get("gpu-pods").await.unwrap().status.unwrap();
+    assert!(status.last_event_time.is_some(), "{status:?}");
+    assert_eq!(status.conditions[0].reason, "AgentsReady");
+
+    // ---- The Collector deleted: the agents' objects go ------------------------------
+    collectors
+        .delete("gpu-pods", &DeleteParams::default())
+        .await
+        .unwrap();
+    within(
+        30,
+        "the DaemonSet, its ConfigMap and the agents' RBAC to go",
+        async || {
+            (dss.get_opt("tally-agent").await.unwrap().is_none()
+                && cms.get_opt("tally-agent").await.unwrap().is_none()
+                && Api::<ClusterRole>::all(client.clone())
+                    .get_opt("tally-agent")
+                    .await
+                    .unwrap()
+                    .is_none())
+            .then_some(())
+        },
+    )
+    .await;
+    // The DaemonSet controller removes its pod: the agent stops gracefully.
+    assert!(
+        agent.proc.terminate(),
+        "graceful stop:\n{}",
+        agent.proc.log()
+    );
+    assert_eq!(
+        subject_totals(&http, &server, METER.0, METER.1).await,
+        Some(expected),
+        "the usage stays"
+    );
+    drop(stack);
+}
