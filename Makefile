@@ -24,7 +24,7 @@ test: lint services ## Check formatting and clippy, start the services, then run
 	$(CARGO) test --workspace
 
 test-e2e: services ## Tests that need a Kubernetes API: against KUBECONFIG when set, else the in-memory test kit
-	TALLY_KUBECONFIG=$(KUBECONFIG) $(CARGO) test -p tally-tests --test kube_kit --test operator_meters --test operator_collectors --test operator_unreachable --test agent_pod_runtime --test cluster_e2e
+	TALLY_KUBECONFIG=$(KUBECONFIG) $(CARGO) test -p tally-tests --test kube_kit --test operator_meters --test operator_collectors --test operator_unreachable --test agent_pod_runtime --test agent_lease --test cluster_e2e
 
 services: ## Install (if missing) and start tansu (Kafka API, :9092) and ClickHouse (:8123) on 127.0.0.1
 	scripts/services.sh start

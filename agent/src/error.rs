@@ -49,6 +49,16 @@ pub enum Error {
         #[source]
         source: kube::Error,
     },
+    /// The leader election could not be set up.
+    #[error(
+        "failed to join the leader election over Lease {lease}: {message} (the agent needs get/create/update on that Lease)"
+    )]
+    Lease {
+        /// `namespace/name`.
+        lease: String,
+        /// The cause.
+        message: String,
+    },
     /// A collector's configuration cannot be used (a regex or JSONPath).
     #[error("failed to start collector {collector}")]
     Collector {

@@ -18,7 +18,8 @@
 //! collectors (the DaemonSet and the cluster agent); by default all run.
 //!
 //! With `--lease-name`, cluster-scoped collectors run only while this replica holds
-//! the Lease ([`lease`]); node-scoped ones always run.
+//! the Lease (leader election by `kube-lease-manager`); node-scoped ones always run.
+//! A graceful stop releases the Lease, so a standby takes over at once.
 //!
 //! Shutdown (SIGTERM/SIGINT): collectors stop, then the shipper delivers what is
 //! spooled for up to 10 s; the rest stays in the spool for the next start.
@@ -37,7 +38,6 @@ use tokio::sync::{Notify, watch};
 use tokio::task::JoinSet;
 
 pub mod error;
-pub mod lease;
 pub mod metrics;
 pub mod pods;
 pub mod run;
@@ -76,6 +76,10 @@ pub struct Args {
     /// This replica's identity in the Lease.
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
+    /// How long the Lease holds without renewal (seconds): a crashed leader's
+    /// successor starts within about this long.
+    #[arg(long, env = "TALLY_AGENT_LEASE_SECS", default_value_t = 15)]
+    pub lease_secs: u64,
     /// Overrides the configuration's `spool.path`: runs a configuration rendered for a
     /// pod (where the spool is a mounted volume) somewhere else, e.g. on a host.
     #[arg(long, env = "TALLY_AGENT_SPOOL")]
@@ -135,26 +139,14 @@ pub async fn run(args: Args) -> Result<()> {
     let wake = Arc::new(Notify::new());
     let mut pod_cache: Option<pods::PodCache> = None;
     let mut terminate = std::pin::pin!(shutdown_signal());
-    let (leader_tx, mut leader) = watch::channel(args.lease_name.is_none());
+    // Without a Lease this replica always leads; with one, kube-lease-manager's task
+    // reports leadership and releases the Lease when the receiver is dropped.
+    let (_always, mut leader) = watch::channel(args.lease_name.is_none());
+    let mut lease_task = None;
     if let Some(name) = &args.lease_name {
-        let client = kube::Client::try_default()
-            .await
-            .map_err(|source| Error::Kube {
-                needed_by: format!("leader election (Lease {name})"),
-                source,
-            })?;
-        let identity = args
-            .identity
-            .clone()
-            .or_else(|| std::env::var("HOSTNAME").ok())
-            .unwrap_or_else(|| format!("tally-agent-{}", std::process::id()));
-        let cfg = lease::LeaseConfig {
-            name: name.clone(),
-            namespace: args.lease_namespace.clone(),
-            identity,
-            duration: Duration::from_secs(15),
-        };
-        tokio::spawn(lease::campaign(client, cfg, leader_tx));
+        let (rx, task) = campaign(&args, name).await?;
+        leader = rx;
+        lease_task = Some(task);
     }
     loop {
         let leading = *leader.borrow_and_update();
@@ -198,11 +190,22 @@ pub async fn run(args: Args) -> Result<()> {
             stop_rx,
             DRAIN,
         ));
-        tracing::info!(collectors = collectors.len(), "Agent running");
+        tracing::info!(
+            collectors = collectors.len(),
+            leading = leading,
+            "Agent running"
+        );
         let reload = loop {
             tokio::select! {
                 _ = &mut terminate => break None,
-                Ok(()) = leader.changed() => break Some((cfg.clone(), text.clone())),
+                Ok(()) = leader.changed() => {
+                    if *leader.borrow() {
+                        tracing::info!(lease = ?args.lease_name, "Leading: starting the cluster-scoped collectors");
+                    } else {
+                        tracing::warn!(lease = ?args.lease_name, "Lost the Lease: stopping the cluster-scoped collectors");
+                    }
+                    break Some((cfg.clone(), text.clone()));
+                }
                 Some(res) = tasks.join_next() => {
                     if let Ok(Err(e)) = res {
                         tracing::error!(error = %e, "A collector or the shipper stopped; stopping the agent");
@@ -230,6 +233,11 @@ pub async fn run(args: Args) -> Result<()> {
         }
         match reload {
             None => {
+                // Dropping the receiver releases the Lease, so a standby takes over at once.
+                drop(leader);
+                if let Some(task) = lease_task {
+                    let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+                }
                 tracing::info!(undelivered = spool.len(), "Agent stopped");
                 return Ok(());
             }
@@ -245,6 +253,43 @@ pub async fn run(args: Args) -> Result<()> {
             }
         }
     }
+}
+
+/// Joins the election for Lease `name` in `--lease-namespace` (kube-lease-manager:
+/// the holder renews well within `--lease-secs`; another replica takes over only after
+/// the Lease expired, with optimistic concurrency on every write).
+async fn campaign(
+    args: &Args,
+    name: &str,
+) -> Result<(
+    watch::Receiver<bool>,
+    tokio::task::JoinHandle<kube_lease_manager::Result<kube_lease_manager::LeaseManager>>,
+)> {
+    let kube_err = |source| Error::Kube {
+        needed_by: format!("leader election (Lease {name})"),
+        source,
+    };
+    let client = kube::Client::try_default().await.map_err(kube_err)?;
+    let identity = args
+        .identity
+        .clone()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| format!("tally-agent-{}", std::process::id()));
+    let secs = args.lease_secs.max(2);
+    let manager = kube_lease_manager::LeaseManagerBuilder::new(client, name)
+        .with_namespace(&args.lease_namespace)
+        .with_identity(&identity)
+        .with_duration(secs)
+        .with_grace((secs / 3).clamp(1, 5))
+        .with_field_manager("tally-agent-lease".to_string())
+        .build()
+        .await
+        .map_err(|e| Error::Lease {
+            lease: format!("{}/{name}", args.lease_namespace),
+            message: e.to_string(),
+        })?;
+    tracing::info!(lease = %format!("{}/{name}", args.lease_namespace), identity = %identity, "Joined the leader election");
+    Ok(manager.watch().await)
 }
 
 fn changed_config(args: &Args, current: &str) -> Option<Result<(AgentConfig, String)>> {
