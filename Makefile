@@ -6,7 +6,7 @@ LISTEN ?= 127.0.0.1:8080
 DATA ?= ./data
 
 .DEFAULT_GOAL := help
-.PHONY: help build run run-agent test test-unit test-e2e lint fmt generate bench clean-data services services-stop services-status
+.PHONY: help build run run-agent test test-unit test-e2e lint fmt generate bench clean-data services services-stop services-status tools helm-lint
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
@@ -20,11 +20,18 @@ run: ## Start the standalone server on 127.0.0.1:8080 with examples/quickstart (
 run-agent: ## Run tally-agent with examples/agent/agent.yaml, shipping to `make run`'s server
 	$(CARGO) run -p tally-agent -- --config examples/agent/agent.yaml
 
-test: lint services ## Check formatting and clippy, start the services, then run every test
+test: lint services tools ## Check formatting and clippy, start the services, install the Helm library, then run every test
 	$(CARGO) test --workspace
 
 test-e2e: services ## Tests that need a Kubernetes API: against KUBECONFIG when set, else the in-memory test kit
-	TALLY_KUBECONFIG=$(KUBECONFIG) $(CARGO) test -p tally-tests --test kube_kit --test operator_meters --test operator_collectors --test operator_unreachable --test agent_pod_runtime --test agent_lease --test cluster_e2e
+	TALLY_KUBECONFIG=$(KUBECONFIG) $(CARGO) test -p tally-tests --test kube_kit --test operator_meters --test operator_collectors --test operator_unreachable --test agent_pod_runtime --test agent_lease --test cluster_e2e --test helm_chart
+
+tools: ## Install the Helm Go library for Python (helm-sdkpy) that the chart's tests lint and install with
+	@python3 -c 'import helm_sdkpy, yaml' 2>/dev/null || python3 -m pip install --quiet --ignore-requires-python helm-sdkpy cffi pyyaml
+
+helm-lint: tools ## Lint the Helm chart with its default values and with charts/tally/ci/ci-values.yaml
+	python3 scripts/helm-check.py lint charts/tally
+	python3 scripts/helm-check.py lint charts/tally charts/tally/ci/ci-values.yaml
 
 services: ## Install (if missing) and start tansu (Kafka API, :9092) and ClickHouse (:8123) on 127.0.0.1
 	scripts/services.sh start
@@ -45,8 +52,8 @@ lint: ## cargo fmt --check and clippy with warnings as errors
 fmt: ## Format the code
 	$(CARGO) fmt --all
 
-generate: ## Regenerate the CRD YAML (crds/*.yaml) from the Rust types
-	$(CARGO) run -q -p tally-crds --bin crdgen -- crds
+generate: ## Regenerate the CRD YAML (crds/*.yaml and charts/tally/crds/*.yaml) from the Rust types
+	$(CARGO) run -q -p tally-crds --bin crdgen -- crds charts/tally/crds
 
 bench: services ## Benchmarks (release build): standalone vs bare SQLite; Kafka ingest, sink and ClickHouse queries vs their raw limits; agent RSS and CPU; operator time to 200 Ready Meters
 	$(CARGO) bench -p tally-pipeline --bench standalone

@@ -52,6 +52,42 @@ pub struct AgentSettings {
     pub sink: SinkConfig,
     /// Host folder of the node agent's spool (survives pod restarts).
     pub spool_host_path: String,
+    /// Secret (in [`AgentSettings::namespace`], key `token`) holding the bearer token
+    /// the agents send to the ingest API; mounted at [`INGEST_TOKEN_DIR`].
+    pub ingest_token_secret: Option<String>,
+    /// Whether the operator creates the agents' ServiceAccounts and RBAC (a Helm chart
+    /// may create them instead, so the operator needs no RBAC-writing permissions).
+    pub manage_rbac: bool,
+}
+
+/// Where the ingest token Secret is mounted.
+pub const INGEST_TOKEN_DIR: &str = "/var/run/secrets/tally-ingest";
+
+impl AgentSettings {
+    /// The sink as the agents see it: with a mounted token file when one is configured.
+    fn agent_sink(&self) -> SinkConfig {
+        let mut sink = self.sink.clone();
+        if let (Some(ingest), Some(_)) = (&mut sink.ingest, &self.ingest_token_secret) {
+            ingest.token_file = Some(format!("{INGEST_TOKEN_DIR}/token"));
+        }
+        sink
+    }
+
+    /// The ingest token's volume and mount, when configured.
+    fn token_volume(&self) -> (Vec<serde_json::Value>, Vec<serde_json::Value>) {
+        match &self.ingest_token_secret {
+            Some(name) => (
+                vec![
+                    json!({"name": "ingest-token", "secret": {"secretName": name, "defaultMode": 0o440,
+                            "items": [{"key": "token", "path": "token"}]}}),
+                ],
+                vec![
+                    json!({"name": "ingest-token", "mountPath": INGEST_TOKEN_DIR, "readOnly": true}),
+                ],
+            ),
+            None => (Vec::new(), Vec::new()),
+        }
+    }
 }
 
 /// One scope's rendering: the agent's configuration, the Secret keys it reads, and
@@ -166,7 +202,7 @@ pub fn agent_config(collectors: &[Collector], scope: Scope, settings: &AgentSett
         },
     };
     let config = AgentConfig {
-        sink: settings.sink.clone(),
+        sink: settings.agent_sink(),
         spool,
         metrics_listen: "0.0.0.0:9465".into(),
         collectors: chosen,
@@ -246,9 +282,21 @@ fn env(scope: Scope) -> serde_json::Value {
     json!(env)
 }
 
+/// Adds the ingest token's volume and mount to a workload's pod template.
+fn with_token(workload: &mut serde_json::Value, settings: &AgentSettings) {
+    let (volumes, mounts) = settings.token_volume();
+    let spec = &mut workload["spec"]["template"]["spec"];
+    if let Some(v) = spec["volumes"].as_array_mut() {
+        v.extend(volumes);
+    }
+    if let Some(m) = spec["containers"][0]["volumeMounts"].as_array_mut() {
+        m.extend(mounts);
+    }
+}
+
 /// The node agent DaemonSet for configuration `hash`.
 pub fn daemonset(settings: &AgentSettings, hash: &str) -> DaemonSet {
-    serde_json::from_value(json!({
+    let mut pod = json!({
         "apiVersion": "apps/v1", "kind": "DaemonSet",
         "metadata": {"name": NODE_AGENT, "namespace": settings.namespace, "labels": labels(NODE_AGENT)},
         "spec": {
@@ -287,13 +335,14 @@ pub fn daemonset(settings: &AgentSettings, hash: &str) -> DaemonSet {
                 },
             },
         },
-    }))
-    .expect("a valid DaemonSet")
+    });
+    with_token(&mut pod, settings);
+    serde_json::from_value(pod).expect("a valid DaemonSet")
 }
 
 /// The leader-elected cluster agent Deployment for configuration `hash`.
 pub fn deployment(settings: &AgentSettings, hash: &str) -> Deployment {
-    serde_json::from_value(json!({
+    let mut pod = json!({
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": {"name": CLUSTER_AGENT, "namespace": settings.namespace, "labels": labels(CLUSTER_AGENT)},
         "spec": {
@@ -327,8 +376,9 @@ pub fn deployment(settings: &AgentSettings, hash: &str) -> Deployment {
                 },
             },
         },
-    }))
-    .expect("a valid Deployment")
+    });
+    with_token(&mut pod, settings);
+    serde_json::from_value(pod).expect("a valid Deployment")
 }
 
 /// The agents' identities and least-privilege permissions.

@@ -308,7 +308,9 @@ async fn render(
         }
     }
     let rbac = agents::rbac(settings);
-    if any {
+    if !settings.manage_rbac {
+        // Installed (and removed) with the chart.
+    } else if any {
         apply_all(
             &Api::namespaced(client.clone(), ns),
             &rbac.service_accounts,

@@ -66,6 +66,9 @@ pub struct Args {
     /// Kafka brokers; when set, the events topic is provisioned.
     #[arg(long, env = "TALLY_KAFKA")]
     pub kafka: Option<String>,
+    /// Kafka security (TLS, SASL).
+    #[command(flatten)]
+    pub kafka_security: tally_pipeline::kafka::KafkaSecurity,
     /// The events topic.
     #[arg(long, env = "TALLY_TOPIC", default_value = "tally-events")]
     pub topic: String,
@@ -116,6 +119,14 @@ pub struct Args {
     /// `--kafka`; with neither, no agents are deployed.
     #[arg(long, env = "TALLY_AGENT_INGEST_URL")]
     pub agent_ingest_url: Option<String>,
+    /// Secret in --namespace whose key `token` the agents send to the ingest API (mounted,
+    /// never copied into the configuration). Needed when the server requires tokens.
+    #[arg(long, env = "TALLY_AGENT_INGEST_TOKEN_SECRET")]
+    pub agent_ingest_token_secret: Option<String>,
+    /// Do not create or delete the agents' ServiceAccounts and RBAC (the Helm chart
+    /// installs them, so the operator needs no permission to write RBAC).
+    #[arg(long, env = "TALLY_NO_AGENT_RBAC")]
+    pub no_agent_rbac: bool,
     /// Host folder of the node agent's spool.
     #[arg(
         long,
@@ -219,6 +230,7 @@ async fn lead(
     })?;
     let kafka = args.kafka.as_ref().map(|brokers| {
         let mut k = KafkaConfig::new(brokers);
+        args.kafka_security.apply(&mut k);
         k.topic = args.topic.clone();
         k.retention_ms =
             (args.topic_retention_hours > 0).then(|| args.topic_retention_hours * 3_600_000);
@@ -310,6 +322,8 @@ fn agent_settings(args: &Args) -> Option<agents::AgentSettings> {
         image: args.agent_image.clone(),
         sink,
         spool_host_path: args.agent_spool_host_path.clone(),
+        ingest_token_secret: args.agent_ingest_token_secret.clone(),
+        manage_rbac: !args.no_agent_rbac,
     })
 }
 

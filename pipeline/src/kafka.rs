@@ -24,7 +24,7 @@ use tally_crds::{Envelope, UsageEvent};
 use crate::{Error, Result};
 
 /// Where Kafka is and how to talk to it.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct KafkaConfig {
     /// `host:port,…`.
     pub brokers: String,
@@ -38,6 +38,95 @@ pub struct KafkaConfig {
     pub extra: Vec<(String, String)>,
     /// `retention.ms` of the topic when tally creates it (`None`: the broker's default).
     pub retention_ms: Option<i64>,
+}
+
+/// How tally connects to a secured Kafka (flags or environment; in the chart the SASL
+/// credentials come from a Secret through the environment). Each set field becomes the
+/// librdkafka setting of the same name.
+#[cfg(feature = "server")]
+#[derive(clap::Args, Clone, Default)]
+pub struct KafkaSecurity {
+    /// `security.protocol`: plaintext, ssl, sasl_plaintext or sasl_ssl.
+    #[arg(long, env = "TALLY_KAFKA_SECURITY_PROTOCOL", global = true,
+          value_parser = ["plaintext", "ssl", "sasl_plaintext", "sasl_ssl"])]
+    pub kafka_security_protocol: Option<String>,
+    /// `sasl.mechanism`: PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512.
+    #[arg(long, env = "TALLY_KAFKA_SASL_MECHANISM", global = true,
+          value_parser = ["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"])]
+    pub kafka_sasl_mechanism: Option<String>,
+    /// `sasl.username`.
+    #[arg(long, env = "TALLY_KAFKA_SASL_USERNAME", global = true)]
+    pub kafka_sasl_username: Option<String>,
+    /// `sasl.password` (prefer the environment variable).
+    #[arg(
+        long,
+        env = "TALLY_KAFKA_SASL_PASSWORD",
+        global = true,
+        hide_env_values = true
+    )]
+    pub kafka_sasl_password: Option<String>,
+    /// `ssl.ca.location`: PEM file of the brokers' CA.
+    #[arg(long, env = "TALLY_KAFKA_SSL_CA_LOCATION", global = true)]
+    pub kafka_ssl_ca_location: Option<String>,
+}
+
+#[cfg(feature = "server")]
+impl std::fmt::Debug for KafkaSecurity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaSecurity")
+            .field("protocol", &self.kafka_security_protocol)
+            .field("mechanism", &self.kafka_sasl_mechanism)
+            .field("username", &self.kafka_sasl_username)
+            .field(
+                "password",
+                &self.kafka_sasl_password.as_ref().map(|_| "<redacted>"),
+            )
+            .field("ca", &self.kafka_ssl_ca_location)
+            .finish()
+    }
+}
+
+#[cfg(feature = "server")]
+impl KafkaSecurity {
+    /// Adds the settings to `config`.
+    pub fn apply(&self, config: &mut KafkaConfig) {
+        for (key, value) in [
+            ("security.protocol", &self.kafka_security_protocol),
+            ("sasl.mechanism", &self.kafka_sasl_mechanism),
+            ("sasl.username", &self.kafka_sasl_username),
+            ("sasl.password", &self.kafka_sasl_password),
+            ("ssl.ca.location", &self.kafka_ssl_ca_location),
+        ] {
+            if let Some(v) = value {
+                config.extra.push((key.to_string(), v.clone()));
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for KafkaConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let extra: Vec<(&str, &str)> = self
+            .extra
+            .iter()
+            .map(|(k, v)| {
+                let shown = if k.contains("password") {
+                    "<redacted>"
+                } else {
+                    v.as_str()
+                };
+                (k.as_str(), shown)
+            })
+            .collect();
+        f.debug_struct("KafkaConfig")
+            .field("brokers", &self.brokers)
+            .field("topic", &self.topic)
+            .field("message_timeout_ms", &self.message_timeout_ms)
+            .field("linger_ms", &self.linger_ms)
+            .field("extra", &extra)
+            .field("retention_ms", &self.retention_ms)
+            .finish()
+    }
 }
 
 impl KafkaConfig {

@@ -59,6 +59,9 @@ pub struct Args {
         global = true
     )]
     pub kafka_timeout_ms: u64,
+    /// Kafka security (TLS, SASL).
+    #[command(flatten)]
+    pub kafka_security: crate::kafka::KafkaSecurity,
     /// ClickHouse HTTP URL (e.g. http://127.0.0.1:8123): queries read ClickHouse.
     #[arg(long, env = "TALLY_CLICKHOUSE", global = true)]
     pub clickhouse: Option<String>,
@@ -105,6 +108,15 @@ pub struct Args {
     /// Address to listen on.
     #[arg(long, env = "TALLY_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
+    /// Bearer tokens of the API (YAML: `tokens: [{name, token, namespaces: [...]}]`),
+    /// re-read when a file changes; repeat it to merge files. Without one the API is
+    /// open, which is allowed only on a loopback address (or with
+    /// --allow-unauthenticated).
+    #[arg(long, env = "TALLY_TOKENS_FILE", value_delimiter = ',')]
+    pub tokens_file: Vec<PathBuf>,
+    /// Serve without tokens beyond loopback (something else must guard the port).
+    #[arg(long, env = "TALLY_ALLOW_UNAUTHENTICATED")]
+    pub allow_unauthenticated: bool,
     /// Folder of the embedded store.
     #[arg(long, env = "TALLY_DATA", default_value = "./data")]
     pub data: PathBuf,
@@ -192,6 +204,7 @@ impl Args {
         let mut k = KafkaConfig::new(brokers);
         k.topic = self.topic.clone();
         k.message_timeout_ms = self.kafka_timeout_ms;
+        self.kafka_security.apply(&mut k);
         k
     }
 
@@ -319,7 +332,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         max_concurrent_queries: args.max_concurrent_queries,
         max_query_rows: args.max_query_rows,
     };
-    let state = AppState::new(store.clone(), limits, Arc::new(Metrics::default()));
+    let state = AppState::new(store.clone(), limits, Arc::new(Metrics::default()))
+        .with_auth(authentication(&args)?);
     if args.kubernetes {
         let Some(url) = &args.clickhouse else {
             anyhow::bail!(
@@ -352,9 +366,6 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("failed to listen on {}", args.listen))?;
-    if !args.listen.ip().is_loopback() {
-        tracing::warn!(listen = %args.listen, "Listening beyond loopback without authentication");
-    }
     tracing::info!(listen = %listener.local_addr()?, data = %args.data.display(), store = store.kind(), "tally-server ready");
     axum::serve(listener, api::router(state))
         .with_graceful_shutdown(shutdown())
@@ -432,4 +443,82 @@ async fn shutdown() {
     #[cfg(not(unix))]
     let term = std::future::pending::<()>();
     tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}
+
+/// The API's authentication from `--tokens-file`; without one, only on loopback (or
+/// when told `--allow-unauthenticated`), and the log says so.
+fn authentication(args: &Args) -> anyhow::Result<api::auth::Auth> {
+    use api::auth::Auth;
+    let listen = args.listen;
+    match args.tokens_file.as_slice() {
+        [_, ..] => {
+            let auth = Auth::from_files(args.tokens_file.clone(), Duration::from_secs(5))
+                .map_err(|e| anyhow::anyhow!(e))?;
+            tracing::info!(files = ?args.tokens_file, "API authentication: bearer tokens, each granted namespaces");
+            Ok(auth)
+        }
+        [] if listen.ip().is_loopback() => {
+            tracing::warn!(%listen, "No --tokens-file: the API accepts every request, which is allowed only because it listens on loopback");
+            Ok(Auth::disabled())
+        }
+        [] if args.allow_unauthenticated => {
+            tracing::warn!(%listen, "No --tokens-file and --allow-unauthenticated: the API accepts every request from anyone who reaches this address");
+            Ok(Auth::disabled())
+        }
+        [] => anyhow::bail!(
+            "tally-server would listen on {listen}, beyond loopback, without authentication: give --tokens-file FILE (tokens: [{{name, token, namespaces: [...]}}]), listen on 127.0.0.1, or pass --allow-unauthenticated when something else guards the port"
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> Args {
+        let mut all = vec!["tally-server"];
+        all.extend_from_slice(list);
+        Args::parse_from(all)
+    }
+
+    #[test]
+    fn without_tokens_only_loopback_or_an_explicit_opt_out_is_served() {
+        assert!(
+            !authentication(&args(&["--listen", "127.0.0.1:8080"]))
+                .unwrap()
+                .enabled()
+        );
+        let e = authentication(&args(&["--listen", "0.0.0.0:8080"]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--tokens-file") && e.contains("0.0.0.0:8080"),
+            "{e}"
+        );
+        let opted_out = args(&["--listen", "0.0.0.0:8080", "--allow-unauthenticated"]);
+        assert!(!authentication(&opted_out).unwrap().enabled());
+    }
+
+    #[tokio::test]
+    async fn a_tokens_file_turns_authentication_on() {
+        let dir = std::env::temp_dir().join(format!("tally-tokens-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("tokens.yaml");
+        std::fs::write(
+            &file,
+            "tokens: [{token: 0123456789abcdef, namespaces: [a]}]\n",
+        )
+        .unwrap();
+        let a = args(&[
+            "--listen",
+            "0.0.0.0:8080",
+            "--tokens-file",
+            file.to_str().unwrap(),
+        ]);
+        assert!(authentication(&a).unwrap().enabled());
+        std::fs::write(&file, "tokens: [{token: short, namespaces: [a]}]\n").unwrap();
+        let e = authentication(&a).unwrap_err().to_string();
+        assert!(e.contains("tokens[0].token"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

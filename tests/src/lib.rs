@@ -272,18 +272,25 @@ impl Standalone {
     /// Starts a server over `manifests`, keeping its data and log in `dir`, and waits
     /// until it listens.
     pub fn start(dir: &Path, manifests: &Path) -> Standalone {
+        Standalone::start_with(dir, manifests, &[])
+    }
+
+    /// [`Standalone::start`] with more arguments.
+    pub fn start_with(dir: &Path, manifests: &Path, extra: &[&str]) -> Standalone {
         let addr = format!("127.0.0.1:{}", free_port());
         let data = dir.join("data");
+        let mut args = vec![
+            "--listen",
+            &addr,
+            "--data",
+            data.to_str().expect("UTF-8 path"),
+            "--manifests",
+            manifests.to_str().expect("UTF-8 path"),
+        ];
+        args.extend_from_slice(extra);
         let proc = Proc::start(
             bin("tally-server"),
-            &[
-                "--listen",
-                &addr,
-                "--data",
-                data.to_str().expect("UTF-8 path"),
-                "--manifests",
-                manifests.to_str().expect("UTF-8 path"),
-            ],
+            &args,
             &[("RUST_LOG", "warn")],
             dir.join("server.log"),
         );

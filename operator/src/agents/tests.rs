@@ -18,6 +18,8 @@ fn settings() -> AgentSettings {
             kafka: None,
         },
         spool_host_path: "/var/lib/tally-agent".into(),
+        ingest_token_secret: None,
+        manage_rbac: true,
     }
 }
 
@@ -298,4 +300,39 @@ fn a_collector_may_not_read_the_agents_files() {
         "spec.httpApi.headers[0].valueFromFile"
     );
     assert!(r.problems[0].1.message.contains("valueFromSecret"));
+}
+
+#[test]
+fn the_ingest_token_is_mounted_and_only_its_path_is_configured() {
+    let mut s = settings();
+    s.ingest_token_secret = Some("tally-agent-token".into());
+    let r = agent_config(&all(), Scope::Node, &s);
+    let ingest = r.config.sink.ingest.as_ref().unwrap();
+    assert_eq!(
+        ingest.token_file.as_deref(),
+        Some("/var/run/secrets/tally-ingest/token")
+    );
+    for pod in [
+        serde_json::to_value(daemonset(&s, "h")).unwrap(),
+        serde_json::to_value(deployment(&s, "h")).unwrap(),
+    ] {
+        let spec = &pod["spec"]["template"]["spec"];
+        let v = spec["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == "ingest-token")
+            .expect("the token volume");
+        assert_eq!(v["secret"]["secretName"], "tally-agent-token");
+        let m = spec["containers"][0]["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == "ingest-token")
+            .expect("its mount");
+        assert_eq!(m["readOnly"], true);
+    }
+    // Without one, nothing is mounted.
+    let plain = serde_json::to_value(daemonset(&settings(), "h")).unwrap();
+    assert!(!plain.to_string().contains("ingest-token"));
 }

@@ -9,6 +9,7 @@
 //!   store's queue is full → 503 with `Retry-After`;
 //! - queries run on a bounded number of blocking workers; beyond that → 503;
 //! - a query answer above `max_query_rows` rows → 400 (refused, not truncated).
+pub mod auth;
 pub mod problem;
 
 use std::collections::{BTreeMap, HashMap};
@@ -16,7 +17,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use axum::body::{Body, to_bytes};
-use axum::extract::{MatchedPath, Path, RawQuery, Request, State};
+use axum::extract::{Extension, MatchedPath, Path, RawQuery, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -30,6 +31,7 @@ use tally_crds::{UsageEvent, canonical_f64};
 use tokio::sync::Semaphore;
 use utoipa::{OpenApi, ToSchema};
 
+use self::auth::{Access, Auth};
 use self::problem::{Problem, ProblemItem};
 use crate::engine::window::{WindowSize, render};
 use crate::metrics::{HttpLabels, Metrics};
@@ -100,6 +102,7 @@ pub struct AppState {
     limits: Limits,
     ingest_budget: Arc<Semaphore>,
     queries: Arc<Semaphore>,
+    auth: Auth,
 }
 
 impl AppState {
@@ -114,7 +117,14 @@ impl AppState {
             )),
             queries: Arc::new(Semaphore::new(limits.max_concurrent_queries.max(1))),
             limits,
+            auth: Auth::disabled(),
         }
+    }
+
+    /// Requires tokens on the `/api/v1` routes ([`auth`]).
+    pub fn with_auth(mut self, auth: Auth) -> AppState {
+        self.auth = auth;
+        self
     }
 
     /// Publishes the meters to serve.
@@ -137,7 +147,11 @@ pub fn router(state: AppState) -> Router {
         .route("/meters/{slug}", get(get_meter))
         .route("/meters/{slug}/subjects", get(list_subjects))
         .route("/meters/{slug}/query", get(query_meter))
-        .route("/dead-letters", get(list_dead_letters));
+        .route("/dead-letters", get(list_dead_letters))
+        .route_layer(middleware::from_fn_with_state(
+            state.auth.clone(),
+            auth::authorize,
+        ));
     Router::new()
         .nest("/api/v1", api.clone())
         .nest("/api/v1/namespaces/{namespace}", api)
@@ -179,8 +193,12 @@ async fn observe(State(state): State<AppState>, req: Request, next: Next) -> Res
     res
 }
 
-fn namespace(params: &HashMap<String, String>) -> Result<String, Problem> {
-    let ns = params.get("namespace").map_or("default", String::as_str);
+/// The request's namespace: the path's, else the token's first ([`auth`]); 403 when
+/// the token is not granted it.
+fn namespace(params: &HashMap<String, String>, access: &Access) -> Result<String, Problem> {
+    let ns = params
+        .get("namespace")
+        .map_or(access.default_namespace(), String::as_str);
     let ok = tally_crds::envelope::is_namespace(ns);
     if !ok {
         return Err(Problem::new(
@@ -192,14 +210,16 @@ fn namespace(params: &HashMap<String, String>) -> Result<String, Problem> {
             ),
         ));
     }
+    access.check(ns)?;
     Ok(ns.to_string())
 }
 
 fn meter_of(
     state: &AppState,
     params: &HashMap<String, String>,
+    access: &Access,
 ) -> Result<(String, StoredMeter), Problem> {
-    let ns = namespace(params)?;
+    let ns = namespace(params, access)?;
     let slug = params.get("slug").cloned().unwrap_or_default();
     let catalog = state.catalog();
     let meter = catalog
@@ -220,10 +240,11 @@ fn meter_of(
 async fn ingest_events(
     State(state): State<AppState>,
     Path(params): Path<HashMap<String, String>>,
+    Extension(access): Extension<Access>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<StatusCode, Problem> {
-    let ns = namespace(&params)?;
+    let ns = namespace(&params, &access)?;
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -390,9 +411,10 @@ struct MeterError {
 async fn list_events(
     State(state): State<AppState>,
     Path(params): Path<HashMap<String, String>>,
+    Extension(access): Extension<Access>,
     RawQuery(query): RawQuery,
 ) -> Result<Json<Vec<IngestedEvent>>, Problem> {
-    let ns = namespace(&params)?;
+    let ns = namespace(&params, &access)?;
     let limit = parse_limit(query.as_deref())?;
     let store = state.store.clone();
     let events = run_blocking(&state, move || store.recent_events(&ns, limit)).await?;
@@ -456,11 +478,13 @@ fn parse_limit(query: Option<&str>) -> Result<usize, Problem> {
 async fn list_dead_letters(
     State(state): State<AppState>,
     Path(params): Path<HashMap<String, String>>,
+    Extension(access): Extension<Access>,
     RawQuery(query): RawQuery,
 ) -> Result<Json<Vec<crate::store::DeadLetter>>, Problem> {
+    // Every namespace's dead letters only to those who may read every namespace.
     let ns = match params.get("namespace") {
-        Some(_) => Some(namespace(&params)?),
-        None => None,
+        None if access.unrestricted() => None,
+        _ => Some(namespace(&params, &access)?),
     };
     let limit = parse_limit(query.as_deref())?;
     let store = state.store.clone();
@@ -534,8 +558,9 @@ fn view(m: &StoredMeter) -> MeterView {
 async fn list_meters(
     State(state): State<AppState>,
     Path(params): Path<HashMap<String, String>>,
+    Extension(access): Extension<Access>,
 ) -> Result<Json<Vec<MeterView>>, Problem> {
-    let ns = namespace(&params)?;
+    let ns = namespace(&params, &access)?;
     Ok(Json(
         state.catalog().list(&ns).into_iter().map(view).collect(),
     ))
@@ -547,8 +572,9 @@ async fn list_meters(
 async fn get_meter(
     State(state): State<AppState>,
     Path(params): Path<HashMap<String, String>>,
+    Extension(access): Extension<Access>,
 ) -> Result<Json<MeterView>, Problem> {
-    let (_, m) = meter_of(&state, &params)?;
+    let (_, m) = meter_of(&state, &params, &access)?;
     Ok(Json(view(&m)))
 }
 
@@ -558,8 +584,9 @@ async fn get_meter(
 async fn list_subjects(
     State(state): State<AppState>,
     Path(params): Path<HashMap<String, String>>,
+    Extension(access): Extension<Access>,
 ) -> Result<Json<Vec<String>>, Problem> {
-    let (_, m) = meter_of(&state, &params)?;
+    let (_, m) = meter_of(&state, &params, &access)?;
     let store = state.store.clone();
     Ok(Json(
         run_blocking(&state, move || store.subjects(&m)).await?,
@@ -603,10 +630,11 @@ struct QueryRowView {
 async fn query_meter(
     State(state): State<AppState>,
     Path(params): Path<HashMap<String, String>>,
+    Extension(access): Extension<Access>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, Problem> {
-    let (_, m) = meter_of(&state, &params)?;
+    let (_, m) = meter_of(&state, &params, &access)?;
     let spec = parse_query(&m, query.as_deref().unwrap_or_default())?;
     let store = state.store.clone();
     let max_rows = state.limits.max_query_rows;

@@ -156,7 +156,15 @@ pub async fn handle(
         force: q.get("force").map(String::as_str) == Some("true"),
         strict: q.get("fieldValidation").map(String::as_str) == Some("Strict"),
     };
+    let protobuf = headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/vnd.kubernetes.protobuf"));
     let parse_body = || -> Result<Value, ApiError> {
+        if protobuf {
+            return super::proto::decode(&body)
+                .map_err(|e| ApiError::new(415, "UnsupportedMediaType", e));
+        }
         serde_json::from_slice(&body)
             .or_else(|_| serde_yaml::from_slice::<Value>(&body))
             .map_err(|e| {

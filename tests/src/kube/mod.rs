@@ -33,6 +33,9 @@
 //! - `/openapi/v3`: per group version, each resource's PATCH operation with its
 //!   group-version-kind and the `fieldValidation` parameter (so `kubectl apply` leaves
 //!   validation to the server); no schemas.
+//! - A Secret's `stringData` is folded into `data` (base64) on write; Secrets may be
+//!   written as protobuf, as client-go's typed clients (Helm's release store) do
+//!   ([`proto`]).
 //! - `pods/{name}/binding` (a scheduler's binding: sets `spec.nodeName` once; 409 when
 //!   the pod is already on a node).
 //! - Server-side printing for `kubectl get` (`Accept: …;as=Table`): a CRD's
@@ -51,9 +54,10 @@
 //! lifecycle (objects may be created in namespaces that do not exist), scheduling and
 //! every controller (no Deployment makes pods; tests act as kubelet and node
 //! controller), watch caches' exact bookmark timing (every [`KubeKit::start_with`]
-//! interval), protobuf, HTTPS.
+//! interval), protobuf for anything but Secrets, HTTPS.
 pub mod api;
 pub mod kubelet;
+pub mod proto;
 pub mod schema;
 pub mod select;
 pub mod store;

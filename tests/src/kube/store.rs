@@ -375,6 +375,9 @@ impl State {
         old: Option<&Value>,
         strict: bool,
     ) -> Res<()> {
+        if def.group.is_empty() && def.kind == "Secret" {
+            fold_string_data(obj);
+        }
         let (ns, name) = obj_key(obj);
         if name.is_empty() {
             return Err(invalid(
@@ -468,7 +471,7 @@ impl State {
         }
         if def.namespaced {
             match meta.get("namespace").and_then(Value::as_str) {
-                Some(n) if n != ns => {
+                Some(n) if !n.is_empty() && n != ns => {
                     return Err(ApiError::new(
                         400,
                         "BadRequest",
@@ -1203,5 +1206,21 @@ fn merge_apply(target: &mut Value, config: &Value) {
             }
         }
         _ => *target = config.clone(),
+    }
+}
+
+/// A Secret's `stringData` is write-only: the server merges it into `data`
+/// (base64), as the real API server does.
+fn fold_string_data(secret: &mut Value) {
+    let Some(Value::Object(strings)) = secret.as_object_mut().and_then(|o| o.remove("stringData"))
+    else {
+        return;
+    };
+    if !secret["data"].is_object() {
+        secret["data"] = json!({});
+    }
+    for (k, v) in strings {
+        let bytes = k8s_openapi::ByteString(v.as_str().unwrap_or_default().as_bytes().to_vec());
+        secret["data"][k] = serde_json::to_value(bytes).unwrap_or_default();
     }
 }
