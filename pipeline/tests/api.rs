@@ -281,6 +281,11 @@ async fn openapi_health_and_metrics_are_served() {
     assert_eq!(status, 200);
     assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
     assert!(doc["paths"]["/api/v1/meters/{slug}/query"]["get"].is_object());
+    assert_eq!(
+        doc["components"]["securitySchemes"]["bearer"]["scheme"], "bearer",
+        "the token scheme is documented"
+    );
+    assert_eq!(doc["security"][0]["bearer"], serde_json::json!([]));
     assert_eq!(c.get(s.url("/healthz")).send().await.unwrap().status(), 200);
     assert_eq!(c.get(s.url("/readyz")).send().await.unwrap().status(), 200);
     let metrics = get_text(&c, &s.url("/metrics")).await;

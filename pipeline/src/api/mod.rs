@@ -802,9 +802,33 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
         MeterView,
         QueryResponse,
         QueryRowView
-    ))
+    )),
+    modifiers(&BearerAuth),
+    security(("bearer" = []))
 )]
 struct ApiDoc;
+
+/// The bearer-token scheme of [`auth`]: without a valid token every route answers 401,
+/// outside the token's namespaces 403 (both `application/problem+json`).
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some(
+                        "A token granted namespaces (the server's --tokens-file); the plain routes act on its first namespace. Missing or unknown: 401; a namespace it is not granted: 403.",
+                    ))
+                    .build(),
+            ),
+        );
+    }
+}
 
 /// The OpenAPI 3 document, generated from the handlers' annotations.
 pub fn openapi_document() -> utoipa::openapi::OpenApi {
