@@ -7,6 +7,7 @@
 //!    dedup, one SUM meter with a group-by maintained), as a ratio to (1);
 //! 3. HTTP ingest: 100-event JSON bodies POSTed to a running server on loopback by 8
 //!    concurrent clients (client and server share the machine's cores), ratio to (1);
+//!    then the same with bearer-token authentication on (1,000 tokens), ratio to both;
 //! 4. query p50/p99 over 30 days of minute rollups × 1,000 subjects (2 events per
 //!    subject-minute), (a) HOUR windows of one subject over 30 days, (b) DAY windows of
 //!    all subjects grouped by subject. The rollup rows are generated with one SQL
@@ -19,8 +20,9 @@ mod common;
 use std::sync::Arc;
 use std::time::Instant;
 
-use common::{bodies, env, event_json, percentile, post_all, timed};
+use common::{bodies, env, event_json, percentile, post_all_as, timed};
 use tally_crds::{Meter, UsageEvent};
+use tally_pipeline::api::auth::{Auth, Tokens};
 use tally_pipeline::api::{self, AppState, Catalog, Limits, parse_query};
 use tally_pipeline::engine::CompiledMeter;
 use tally_pipeline::metrics::Metrics;
@@ -87,17 +89,29 @@ async fn store_ingest(events: &[UsageEvent]) -> f64 {
     events.len() as f64 / start.elapsed().as_secs_f64()
 }
 
-async fn http_ingest(n: usize) -> f64 {
+/// The bearer token of the authenticated HTTP run (one of 1,000 tokens).
+const TOKEN: &str = "bench-token-000999-abcdefghij";
+
+async fn http_ingest(n: usize, authenticated: bool) -> f64 {
     let (_dir, store, meter) = tokio::task::spawn_blocking(|| store_with(TOKENS_METER))
         .await
         .unwrap();
     let store: Arc<dyn Store> = store;
-    let state = AppState::new(store, Limits::default(), Arc::new(Metrics::default()));
+    let mut state = AppState::new(store, Limits::default(), Arc::new(Metrics::default()));
+    if authenticated {
+        let file: String = (0..1000)
+            .map(|i| format!("- {{token: bench-token-{i:06}-abcdefghij, namespaces: [default]}}\n"))
+            .collect();
+        let tokens = Tokens::parse(&format!("tokens:\n{file}")).unwrap();
+        state = state.with_auth(Auth::fixed(tokens));
+    }
     state.publish(Catalog::new(vec![meter]));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let server = tokio::spawn(async move { axum::serve(listener, api::router(state)).await });
-    let elapsed = post_all(format!("http://{addr}/api/v1/events"), bodies(n, 100), 8).await;
+    let token = authenticated.then_some(TOKEN);
+    let elapsed =
+        post_all_as(format!("http://{addr}/api/v1/events"), bodies(n, 100), 8, token).await;
     let rate = n as f64 / elapsed.as_secs_f64();
     server.abort();
     rate
@@ -176,10 +190,16 @@ async fn main() {
         "store ingest (dedup + 1 SUM meter rollup):       {store:>10.0} events/s = {:.2}x raw",
         store / bare
     );
-    let http = http_ingest(n).await;
+    let http = http_ingest(n, false).await;
     println!(
         "HTTP ingest (8 clients on loopback, same host):  {http:>10.0} events/s = {:.2}x raw",
         http / bare
+    );
+    let authed = http_ingest(n, true).await;
+    println!(
+        "  the same with bearer tokens (1,000 tokens):   {authed:>10.0} events/s = {:.2}x raw, {:.2}x unauthenticated",
+        authed / bare,
+        authed / http
     );
     let (subjects, days) = (
         env("TALLY_BENCH_SUBJECTS", 1000),

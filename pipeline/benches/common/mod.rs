@@ -56,6 +56,16 @@ pub fn bodies(n: usize, per: usize) -> Arc<Vec<String>> {
 /// POSTs every body to `url` from `clients` concurrent clients, re-sending on 503;
 /// returns the wall time.
 pub async fn post_all(url: String, bodies: Arc<Vec<String>>, clients: usize) -> Duration {
+    post_all_as(url, bodies, clients, None).await
+}
+
+/// [`post_all`], sending `token` as a bearer token when given.
+pub async fn post_all_as(
+    url: String,
+    bodies: Arc<Vec<String>>,
+    clients: usize,
+    token: Option<&'static str>,
+) -> Duration {
     let next = Arc::new(AtomicUsize::new(0));
     let start = Instant::now();
     let mut tasks = Vec::new();
@@ -67,13 +77,14 @@ pub async fn post_all(url: String, bodies: Arc<Vec<String>>, clients: usize) -> 
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 let Some(body) = bodies.get(i) else { break };
                 loop {
-                    let res = client
+                    let mut req = client
                         .post(&url)
                         .header("content-type", "application/json")
-                        .body(body.clone())
-                        .send()
-                        .await
-                        .unwrap();
+                        .body(body.clone());
+                    if let Some(t) = token {
+                        req = req.bearer_auth(t);
+                    }
+                    let res = req.send().await.unwrap();
                     if res.status() == 204 {
                         break;
                     }
