@@ -110,8 +110,13 @@ async fn http_ingest(n: usize, authenticated: bool) -> f64 {
     let addr = listener.local_addr().unwrap();
     let server = tokio::spawn(async move { axum::serve(listener, api::router(state)).await });
     let token = authenticated.then_some(TOKEN);
-    let elapsed =
-        post_all_as(format!("http://{addr}/api/v1/events"), bodies(n, 100), 8, token).await;
+    let elapsed = post_all_as(
+        format!("http://{addr}/api/v1/events"),
+        bodies(n, 100),
+        8,
+        token,
+    )
+    .await;
     let rate = n as f64 / elapsed.as_secs_f64();
     server.abort();
     rate

@@ -2,9 +2,11 @@
 //! helm-sdkpy; there is no helm binary here):
 //! - `helm lint` with the default values and with `ci/ci-values.yaml` (every template
 //!   rendered, values.schema.json enforced): no errors; a wrong value is an error;
-//! - `helm install` of the chart into the test kit's API server: the CRDs, workloads,
-//!   ServiceAccounts, RBAC and Secrets it creates are checked as stored objects — the
-//!   kinds, least-privilege rules and restricted security contexts;
+//! - `helm install` of the chart into the test kit's API server, with the default values
+//!   and with the CI values: the CRDs, workloads, ServiceAccounts, RBAC, Secrets,
+//!   NetworkPolicy and ServiceMonitor it creates are checked as stored objects — the
+//!   kinds, least-privilege rules, restricted security contexts, and credentials only
+//!   by Secret reference;
 //! - the chart's CRDs are the generated ones (the drift test in `crds/` covers
 //!   `charts/tally/crds/` too).
 use std::path::Path;
@@ -12,6 +14,7 @@ use std::process::Command;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Secret, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::rbac::v1::{ClusterRole, Role};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, ListParams};
@@ -99,15 +102,7 @@ async fn helm_install_creates_least_privilege_restricted_objects() {
         return;
     };
     assert!(ok, "helm install into the test kit:\n{out}");
-    let client = kube::Client::try_from(
-        kube::Config::from_custom_kubeconfig(
-            kube::config::Kubeconfig::read_from(Path::new(&kit.kubeconfig)).unwrap(),
-            &Default::default(),
-        )
-        .await
-        .unwrap(),
-    )
-    .unwrap();
+    let client = kube_client(&kit).await;
     let ns = "tally-system";
 
     // The CRDs come from the chart's crds/ folder.
@@ -207,7 +202,142 @@ async fn helm_install_creates_least_privilege_restricted_objects() {
         "{lease}"
     );
 
-    // Nothing but what the chart declares: every object carries the release's labels.
     let all_deployments = deployments.list(&ListParams::default()).await.unwrap();
-    assert_eq!(all_deployments.items.len(), 3);
+    assert_eq!(all_deployments.items.len(), 3, "operator, server, sink");
+}
+
+/// The CI values: secured Kafka, ClickHouse credentials, tokens from an existing
+/// Secret, NetworkPolicy and ServiceMonitor — installed, and the wiring checked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn helm_install_with_the_ci_values_wires_every_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let kit = KubeKit::start(dir.path());
+    let client = kube_client(&kit).await;
+    // The Prometheus Operator's kind, as a cluster that has it would serve it.
+    let monitor: CustomResourceDefinition = serde_json::from_value(serde_json::json!({
+        "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+        "metadata": {"name": "servicemonitors.monitoring.coreos.com"},
+        "spec": {"group": "monitoring.coreos.com", "scope": "Namespaced",
+                 "names": {"plural": "servicemonitors", "singular": "servicemonitor", "kind": "ServiceMonitor", "listKind": "ServiceMonitorList"},
+                 "versions": [{"name": "v1", "served": true, "storage": true,
+                               "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}}}]}}))
+    .unwrap();
+    Api::<CustomResourceDefinition>::all(client.clone())
+        .create(&Default::default(), &monitor)
+        .await
+        .unwrap();
+    let kubeconfig = kit.kubeconfig.to_str().unwrap().to_string();
+    let values = repo().join("charts/tally/ci/ci-values.yaml");
+    let result = tokio::task::spawn_blocking(move || {
+        helm_check(&[
+            "install",
+            "charts/tally",
+            &kubeconfig,
+            "tally-system",
+            values.to_str().unwrap(),
+        ])
+    })
+    .await
+    .unwrap();
+    let Some((ok, out)) = result else {
+        return;
+    };
+    assert!(ok, "helm install with the CI values:\n{out}");
+    let ns = "tally-system";
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
+    for name in ["tally-operator", "tally-server", "tally-sink"] {
+        let d = serde_json::to_value(deployments.get(name).await.unwrap()).unwrap();
+        restricted(&d, name);
+        let pod = &d["spec"]["template"]["spec"];
+        assert_eq!(pod["imagePullSecrets"][0]["name"], "regcred", "{name}");
+        let c = &pod["containers"][0];
+        assert_eq!(c["image"], "registry.example/tally:0.1.0-ci", "{name}");
+        let env = c["env"].as_array().unwrap();
+        let from_secret = |var: &str| {
+            env.iter()
+                .find(|e| e["name"] == var)
+                .map(|e| e["valueFrom"]["secretKeyRef"].clone())
+                .unwrap_or_else(|| panic!("{name} lacks {var}"))
+        };
+        assert_eq!(
+            from_secret("TALLY_KAFKA_SASL_PASSWORD")["name"],
+            "tally-kafka"
+        );
+        assert_eq!(
+            from_secret("TALLY_CLICKHOUSE_PASSWORD")["name"],
+            "tally-clickhouse"
+        );
+        let plain = |var: &str| {
+            env.iter()
+                .find(|e| e["name"] == var)
+                .map(|e| e["value"].clone())
+        };
+        assert_eq!(
+            plain("TALLY_KAFKA_SECURITY_PROTOCOL"),
+            Some("sasl_ssl".into())
+        );
+        assert_eq!(
+            plain("TALLY_KAFKA_SASL_MECHANISM"),
+            Some("SCRAM-SHA-512".into())
+        );
+        assert_eq!(
+            plain("TALLY_KAFKA_SSL_CA_LOCATION"),
+            Some("/etc/tally/kafka-ca/ca.crt".into())
+        );
+        let mounts = c["volumeMounts"].to_string();
+        assert!(mounts.contains("/etc/tally/kafka-ca"), "{name}: {mounts}");
+        // No credential is written into the pod spec.
+        assert!(!d.to_string().contains("password\":\""), "{name}");
+    }
+    assert_eq!(
+        serde_json::to_value(deployments.get("tally-operator").await.unwrap()).unwrap()["spec"]["replicas"],
+        3
+    );
+    let server = serde_json::to_value(deployments.get("tally-server").await.unwrap()).unwrap();
+    let volumes = server["spec"]["template"]["spec"]["volumes"].to_string();
+    assert!(
+        volumes.contains("\"secretName\":\"tally-tokens\""),
+        "{volumes}"
+    );
+    assert!(
+        Api::<Secret>::namespaced(client.clone(), ns)
+            .get_opt("tally-tokens")
+            .await
+            .unwrap()
+            .is_none(),
+        "with auth.existingSecret the chart makes no tokens Secret"
+    );
+    let policies: Api<NetworkPolicy> = Api::namespaced(client.clone(), ns);
+    let policy = serde_json::to_value(policies.get("tally-server").await.unwrap()).unwrap();
+    assert!(
+        policy["spec"]["ingress"][0]["from"]
+            .to_string()
+            .contains("tally.dev/api-access"),
+        "{policy}"
+    );
+    let monitors = Api::<kube::api::DynamicObject>::namespaced_with(
+        client.clone(),
+        ns,
+        &kube::api::ApiResource {
+            group: "monitoring.coreos.com".into(),
+            version: "v1".into(),
+            api_version: "monitoring.coreos.com/v1".into(),
+            kind: "ServiceMonitor".into(),
+            plural: "servicemonitors".into(),
+        },
+    );
+    let monitor = monitors.get("tally-server").await.unwrap();
+    assert_eq!(
+        monitor.metadata.labels.unwrap()["release"],
+        "prometheus",
+        "the ServiceMonitor carries the labels Prometheus selects"
+    );
+}
+
+async fn kube_client(kit: &KubeKit) -> kube::Client {
+    let kc = kube::config::Kubeconfig::read_from(Path::new(&kit.kubeconfig)).unwrap();
+    let config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+        .await
+        .unwrap();
+    kube::Client::try_from(config).unwrap()
 }

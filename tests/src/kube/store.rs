@@ -123,6 +123,14 @@ pub fn builtins() -> Vec<ResourceDef> {
             false,
         ),
         builtin(
+            "networking.k8s.io",
+            "v1",
+            "networkpolicies",
+            "NetworkPolicy",
+            true,
+            false,
+        ),
+        builtin(
             "apiextensions.k8s.io",
             "v1",
             "customresourcedefinitions",
