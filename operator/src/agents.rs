@@ -13,7 +13,9 @@
 //!   dropped, no privilege escalation, a read-only root filesystem, RuntimeDefault
 //!   seccomp. hostPath volumes need the namespace's Pod Security level `privileged`.
 //! - The cluster agent Deployment ([`deployment`]): `--scope cluster` with leader
-//!   election over a Lease in its namespace, two replicas, restricted security.
+//!   election over a Lease in its namespace, one replica (Recreate) whose spool is a
+//!   PersistentVolumeClaim ([`spool_claim`]), so checkpoints survive rescheduling;
+//!   restricted security.
 //! - Least-privilege RBAC ([`rbac`]): the node agent may only get/list/watch pods (RBAC
 //!   cannot narrow a list to one node; the agent always lists with
 //!   `spec.nodeName=<its node>`); the cluster agent may read pods and use one Lease.
@@ -21,7 +23,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
-use k8s_openapi::api::core::v1::{ConfigMap, Secret, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Secret, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::ResourceExt;
@@ -34,6 +36,8 @@ use tally_crds::{Collector, CollectorSpec, SpecError};
 pub const NODE_AGENT: &str = "tally-agent";
 /// Name of the cluster agent's Deployment, ServiceAccount, Lease and RBAC objects.
 pub const CLUSTER_AGENT: &str = "tally-cluster-agent";
+/// The cluster agent's spool volume claim.
+pub const CLUSTER_AGENT_SPOOL: &str = "tally-cluster-agent-spool";
 /// Pod-template annotation carrying the configuration's hash.
 pub const CONFIG_HASH: &str = "tally.dev/config-hash";
 /// Where the agents' configuration is mounted.
@@ -58,6 +62,10 @@ pub struct AgentSettings {
     /// Whether the operator creates the agents' ServiceAccounts and RBAC (a Helm chart
     /// may create them instead, so the operator needs no RBAC-writing permissions).
     pub manage_rbac: bool,
+    /// Size of the cluster agent's spool claim, e.g. `2Gi`.
+    pub cluster_spool_size: String,
+    /// StorageClass of that claim (`None`: the cluster's default).
+    pub cluster_spool_class: Option<String>,
 }
 
 /// Where the ingest token Secret is mounted.
@@ -195,7 +203,7 @@ pub fn agent_config(collectors: &[Collector], scope: Scope, settings: &AgentSett
             path: "/var/lib/tally-agent/spool".into(),
             ..SpoolConfig::default()
         },
-        // The cluster agent's spool is on its pod's own disk (an emptyDir).
+        // The cluster agent's spool is on its PersistentVolumeClaim.
         Scope::Cluster => SpoolConfig {
             path: "/var/lib/tally-cluster-agent/spool".into(),
             ..SpoolConfig::default()
@@ -346,7 +354,12 @@ pub fn deployment(settings: &AgentSettings, hash: &str) -> Deployment {
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": {"name": CLUSTER_AGENT, "namespace": settings.namespace, "labels": labels(CLUSTER_AGENT)},
         "spec": {
-            "replicas": 2,
+            // One pod with a persistent spool: its checkpoints (counter baselines, API
+            // cursors) survive a restart or a move to another node, so no usage
+            // between the last scrape and the next is lost. Recreate: the old pod is
+            // gone before the new one mounts the volume; the Lease guards the rest.
+            "replicas": 1,
+            "strategy": {"type": "Recreate"},
             "selector": {"matchLabels": {"app.kubernetes.io/name": CLUSTER_AGENT}},
             "template": {
                 "metadata": {"labels": labels(CLUSTER_AGENT), "annotations": {CONFIG_HASH: hash}},
@@ -371,7 +384,7 @@ pub fn deployment(settings: &AgentSettings, hash: &str) -> Deployment {
                     "volumes": [
                         {"name": "config", "configMap": {"name": CLUSTER_AGENT}},
                         {"name": "secrets", "secret": {"secretName": secret_name(CLUSTER_AGENT), "optional": true, "defaultMode": 0o440}},
-                        {"name": "spool", "emptyDir": {"sizeLimit": "2Gi"}},
+                        {"name": "spool", "persistentVolumeClaim": {"claimName": CLUSTER_AGENT_SPOOL}},
                     ],
                 },
             },
@@ -379,6 +392,22 @@ pub fn deployment(settings: &AgentSettings, hash: &str) -> Deployment {
     });
     with_token(&mut pod, settings);
     serde_json::from_value(pod).expect("a valid Deployment")
+}
+
+/// The cluster agent's spool claim (ReadWriteOnce, `--cluster-agent-spool-size`, the
+/// cluster's default StorageClass unless `--cluster-agent-storage-class`).
+pub fn spool_claim(settings: &AgentSettings) -> PersistentVolumeClaim {
+    let mut spec = json!({"accessModes": ["ReadWriteOnce"],
+                          "resources": {"requests": {"storage": settings.cluster_spool_size}}});
+    if let Some(class) = &settings.cluster_spool_class {
+        spec["storageClassName"] = json!(class);
+    }
+    serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "PersistentVolumeClaim",
+        "metadata": {"name": CLUSTER_AGENT_SPOOL, "namespace": settings.namespace, "labels": labels(CLUSTER_AGENT)},
+        "spec": spec,
+    }))
+    .expect("a valid PersistentVolumeClaim")
 }
 
 /// The agents' identities and least-privilege permissions.

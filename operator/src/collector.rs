@@ -17,8 +17,8 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
-use k8s_openapi::api::core::v1::{ConfigMap, Secret};
-use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Secret};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::core::DeserializeGuard;
 use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Client, Resource, ResourceExt};
@@ -226,6 +226,30 @@ where
     Ok(())
 }
 
+/// Creates `obj` unless it exists, and never changes it afterwards: for objects whose
+/// spec is immutable once bound, like a PersistentVolumeClaim (a changed size or class
+/// would be refused on every round; resizing is the cluster admin's call).
+async fn create_once<T>(
+    api: &Api<T>,
+    obj: &T,
+    applied: &mut HashMap<String, u64>,
+) -> kube::Result<()>
+where
+    T: Resource<DynamicType = ()> + Clone + Serialize + DeserializeOwned + std::fmt::Debug,
+{
+    let key = applied_key::<T>(&obj.namespace().unwrap_or_default(), &obj.name_any());
+    if applied.contains_key(&key) {
+        return Ok(());
+    }
+    match api.create(&PostParams::default(), obj).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(e)) if e.code == 409 => {}
+        Err(e) => return Err(e),
+    }
+    applied.insert(key, 0);
+    Ok(())
+}
+
 /// Deletes `name` (in `ns`) if it exists (a read first, so nothing is written at rest).
 async fn remove<T>(
     api: &Api<T>,
@@ -273,7 +297,15 @@ async fn render(
                     )
                     .await?
                 }
+                // The spool claim stays: it may hold events not yet shipped (the
+                // broker down when the last Collector went), which the next cluster
+                // agent sends first, as a node agent does from its hostPath spool.
                 Scope::Cluster => {
+                    // Created again (if an admin deleted it) with the next agent.
+                    applied.remove(&applied_key::<PersistentVolumeClaim>(
+                        ns,
+                        agents::CLUSTER_AGENT_SPOOL,
+                    ));
                     remove(
                         &Api::<Deployment>::namespaced(client.clone(), ns),
                         ns,
@@ -302,6 +334,8 @@ async fn render(
                 apply(&api, &agents::daemonset(settings, &hash), applied).await?
             }
             Scope::Cluster => {
+                let claims = Api::<PersistentVolumeClaim>::namespaced(client.clone(), ns);
+                create_once(&claims, &agents::spool_claim(settings), applied).await?;
                 let api = Api::<Deployment>::namespaced(client.clone(), ns);
                 apply(&api, &agents::deployment(settings, &hash), applied).await?
             }

@@ -127,6 +127,13 @@ pub struct Args {
     /// installs them, so the operator needs no permission to write RBAC).
     #[arg(long, env = "TALLY_NO_AGENT_RBAC")]
     pub no_agent_rbac: bool,
+    /// Size of the cluster agent's spool PersistentVolumeClaim (set when the claim is
+    /// created; an existing claim is never changed).
+    #[arg(long, env = "TALLY_CLUSTER_AGENT_SPOOL_SIZE", default_value = "2Gi")]
+    pub cluster_agent_spool_size: String,
+    /// StorageClass of that claim (default: the cluster's default StorageClass).
+    #[arg(long, env = "TALLY_CLUSTER_AGENT_STORAGE_CLASS")]
+    pub cluster_agent_storage_class: Option<String>,
     /// Host folder of the node agent's spool.
     #[arg(
         long,
@@ -324,6 +331,8 @@ fn agent_settings(args: &Args) -> Option<agents::AgentSettings> {
         spool_host_path: args.agent_spool_host_path.clone(),
         ingest_token_secret: args.agent_ingest_token_secret.clone(),
         manage_rbac: !args.no_agent_rbac,
+        cluster_spool_size: args.cluster_agent_spool_size.clone(),
+        cluster_spool_class: args.cluster_agent_storage_class.clone(),
     })
 }
 

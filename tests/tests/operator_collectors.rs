@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
-use k8s_openapi::api::core::v1::{ConfigMap, Secret, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Secret, ServiceAccount};
 use k8s_openapi::api::rbac::v1::ClusterRole;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
@@ -267,6 +267,13 @@ async fn collectors_become_agent_workloads_that_follow_every_change() {
         serde_json::to_value(&dep).unwrap()["spec"]["template"]["spec"]["containers"][0]["args"]
             .clone();
     assert!(args.to_string().contains("--lease-name"), "{args}");
+    let claims = Api::<PersistentVolumeClaim>::namespaced(client.clone(), "tally-system");
+    let claim = claims.get("tally-cluster-agent-spool").await.unwrap();
+    assert_eq!(
+        serde_json::to_value(&claim).unwrap()["spec"]["accessModes"],
+        json!(["ReadWriteOnce"]),
+        "the cluster agent's spool outlives its pod"
+    );
     let node_yaml = cms.get("tally-agent").await.unwrap().data.unwrap()["agent.yaml"].clone();
     assert!(
         !node_yaml.contains("openai"),
@@ -322,5 +329,13 @@ async fn collectors_become_agent_workloads_that_follow_every_change() {
         },
     )
     .await;
+    assert!(
+        claims
+            .get_opt("tally-cluster-agent-spool")
+            .await
+            .unwrap()
+            .is_some(),
+        "the spool claim stays: it may hold events not yet shipped"
+    );
     drop(op);
 }

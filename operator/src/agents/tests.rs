@@ -20,6 +20,8 @@ fn settings() -> AgentSettings {
         spool_host_path: "/var/lib/tally-agent".into(),
         ingest_token_secret: None,
         manage_rbac: true,
+        cluster_spool_size: "2Gi".into(),
+        cluster_spool_class: None,
     }
 }
 
@@ -198,6 +200,28 @@ fn the_cluster_agent_is_leader_elected_and_runs_as_non_root() {
             .iter()
             .all(|v| v.get("hostPath").is_none())
     );
+    // One pod on a persistent spool, replaced (not surged) so two never share it.
+    assert_eq!(d["spec"]["replicas"], 1);
+    assert_eq!(d["spec"]["strategy"]["type"], "Recreate");
+    let spool = d["spec"]["template"]["spec"]["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "spool")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        spool["persistentVolumeClaim"]["claimName"],
+        CLUSTER_AGENT_SPOOL
+    );
+    let mut s = settings();
+    let claim = serde_json::to_value(spool_claim(&s)).unwrap();
+    assert_eq!(claim["spec"]["accessModes"], json!(["ReadWriteOnce"]));
+    assert_eq!(claim["spec"]["resources"]["requests"]["storage"], "2Gi");
+    assert!(claim["spec"].get("storageClassName").is_none());
+    s.cluster_spool_class = Some("fast".into());
+    let claim = serde_json::to_value(spool_claim(&s)).unwrap();
+    assert_eq!(claim["spec"]["storageClassName"], "fast");
 }
 
 #[test]

@@ -6,7 +6,8 @@
 //! # What it implements (with the real API's semantics)
 //! - Discovery: `/api`, `/apis`, `/api/v1`, `/apis/{group}/{version}`, `/version`.
 //! - Built-in kinds tally uses (pods, nodes, namespaces, configmaps, secrets, services,
-//!   serviceaccounts, events, daemonsets, deployments, leases, RBAC, network policies,
+//!   serviceaccounts, persistentvolumeclaims, events, daemonsets, deployments, leases,
+//!   RBAC, network policies,
 //!   CRDs) and every
 //!   kind a `CustomResourceDefinition` registers, as soon as it is created (deleting the
 //!   CRD deletes its objects).

@@ -123,6 +123,14 @@ pub fn builtins() -> Vec<ResourceDef> {
             false,
         ),
         builtin(
+            "",
+            "v1",
+            "persistentvolumeclaims",
+            "PersistentVolumeClaim",
+            true,
+            true,
+        ),
+        builtin(
             "networking.k8s.io",
             "v1",
             "networkpolicies",
