@@ -272,11 +272,13 @@ async fn tokens_scope_every_request_to_their_namespaces() {
     assert_eq!(got, expected);
     assert!(agent.terminate(), "{}", agent.log());
 
-    // A token added to the file works once the server re-reads it; no restart.
+    // A token added to the file, by its SHA-256 only, works once the server re-reads
+    // it; no restart.
     std::fs::write(
         &tokens_file,
         tokens(&format!(
-            "- {{name: later, token: {C}, namespaces: [team-b]}}\n"
+            "- {{name: later, tokenSha256: {}, namespaces: [team-b]}}\n",
+            tally_pipeline::api::auth::digest(C)
         )),
     )
     .unwrap();

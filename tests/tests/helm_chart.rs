@@ -58,6 +58,22 @@ fn the_chart_lints_with_default_and_ci_values_and_refuses_bad_values() {
     std::fs::write(&bad, "server:\n  replicas: two\n").unwrap();
     let (ok, out) = helm_check(&["lint", chart, bad.to_str().unwrap()]).unwrap();
     assert!(!ok, "a string replica count must be refused:\n{out}");
+    // Tokens in values: by SHA-256 is fine; an entry with neither token nor hash is not.
+    let hashed = dir.path().join("hashed.yaml");
+    std::fs::write(
+        &hashed,
+        "auth:\n  tokens:\n  - {name: a, tokenSha256: 42492da06234ad0ac76f5d5debdb6d1ae027cffbe746a1c13b89bb8bc0139137, namespaces: [team-a]}\n",
+    )
+    .unwrap();
+    let (ok, out) = helm_check(&["lint", chart, hashed.to_str().unwrap()]).unwrap();
+    assert!(ok, "a token given by its SHA-256:\n{out}");
+    std::fs::write(
+        &bad,
+        "auth:\n  tokens:\n  - {name: a, namespaces: [team-a]}\n",
+    )
+    .unwrap();
+    let (ok, out) = helm_check(&["lint", chart, bad.to_str().unwrap()]).unwrap();
+    assert!(!ok, "a token entry without token or tokenSha256:\n{out}");
 }
 
 fn restricted(pod: &serde_json::Value, what: &str) {
@@ -148,11 +164,18 @@ async fn helm_install_creates_least_privilege_restricted_objects() {
     let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
     let token = secrets.get("tally-agent-token").await.unwrap();
     let data = token.data.unwrap();
-    assert!(data["token"].0.len() >= 40, "a generated token");
-    let grant = String::from_utf8(data["tokens.yaml"].0.clone()).unwrap();
+    let agent_token = String::from_utf8(data["token"].0.clone()).unwrap();
+    assert!(agent_token.len() >= 40, "a generated token");
+    let file = String::from_utf8(data["tokens.yaml"].0.clone()).unwrap();
     assert!(
-        grant.contains("\"*\""),
-        "the agents' token is granted every namespace: {grant}"
+        !file.contains(&agent_token),
+        "the server's tokens file holds the token's SHA-256, not the token: {file}"
+    );
+    let tokens = tally_pipeline::api::auth::Tokens::parse(&file).unwrap();
+    assert_eq!(
+        tokens.grant(&agent_token).map(|g| g.namespaces.clone()),
+        Some(vec!["*".to_string()]),
+        "the agents' token is granted every namespace: {file}"
     );
 
     // Least privilege.

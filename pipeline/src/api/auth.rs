@@ -1,9 +1,12 @@
 //! Bearer-token authentication of the HTTP API: each token is granted namespaces.
 //!
 //! - Tokens come from a YAML file (`--tokens-file`; in the chart, a mounted Secret):
-//!   `tokens: [{name, token, namespaces: [...]}]`. The file is re-read when it
-//!   changes, so rotating the Secret needs no restart; an invalid new file is logged
-//!   and the tokens in force are kept.
+//!   `tokens: [{name, token | tokenSha256, namespaces: [...]}]`. `tokenSha256` (the hex
+//!   SHA-256 of the token) keeps the token itself out of the file. The file is re-read
+//!   when it changes, so rotating the Secret needs no restart; an invalid new file is
+//!   logged and the tokens in force are kept.
+//! - Tokens are held and looked up by their SHA-256 digest only, so neither a memory
+//!   dump nor the timing of a lookup gives a token away.
 //! - `Authorization: Bearer <token>`: none or an unknown one → 401 (with
 //!   `WWW-Authenticate`); a namespace the token is not granted → 403. Every route under
 //!   `/api/v1` is checked; `/healthz`, `/readyz`, `/metrics` and the OpenAPI document
@@ -40,8 +43,18 @@ struct TokenEntry {
     /// A name for logs (never the token itself).
     #[serde(default)]
     name: String,
-    token: String,
+    #[serde(default)]
+    token: Option<String>,
+    #[serde(default)]
+    token_sha256: Option<String>,
     namespaces: Vec<String>,
+}
+
+/// The lowercase hex SHA-256 of a token (`tokenSha256`): how tokens are held and
+/// looked up.
+pub fn digest(token: &str) -> String {
+    let d = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
+    d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// What one token may use.
@@ -71,22 +84,48 @@ impl Grant {
 /// Valid tokens and their grants.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Tokens {
-    by_token: HashMap<String, Grant>,
+    /// By the hex SHA-256 of the token.
+    by_digest: HashMap<String, Grant>,
 }
 
 impl Tokens {
     /// Parses a tokens file; errors name the entry and field.
     pub fn parse(text: &str) -> Result<Tokens, String> {
         let file: TokenFile = serde_yaml::from_str(text).map_err(|e| e.to_string())?;
-        let mut by_token = HashMap::new();
+        let mut by_digest = HashMap::new();
         for (i, t) in file.tokens.into_iter().enumerate() {
             let at = |field: &str| format!("tokens[{i}].{field}");
-            if t.token.trim().len() < 16 {
-                return Err(format!(
-                    "{}: a token must have at least 16 characters (e.g. `openssl rand -hex 32`)",
-                    at("token")
-                ));
-            }
+            let (key, field) = match (&t.token, &t.token_sha256) {
+                (Some(token), None) => {
+                    if token.trim().len() < 16 {
+                        return Err(format!(
+                            "{}: a token must have at least 16 characters (e.g. `openssl rand -hex 32`)",
+                            at("token")
+                        ));
+                    }
+                    (digest(token.trim()), "token")
+                }
+                (None, Some(hex)) => {
+                    let hex = hex.trim().to_ascii_lowercase();
+                    if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                        return Err(format!(
+                            "{}: must be 64 hex digits, the SHA-256 of the token (`printf %s \"$TOKEN\" | sha256sum`)",
+                            at("tokenSha256")
+                        ));
+                    }
+                    (hex, "tokenSha256")
+                }
+                (Some(_), Some(_)) => {
+                    return Err(format!(
+                        "tokens[{i}]: give either token or tokenSha256, not both"
+                    ));
+                }
+                (None, None) => {
+                    return Err(format!(
+                        "tokens[{i}]: give the token (`token`) or its SHA-256 (`tokenSha256`)"
+                    ));
+                }
+            };
             if t.namespaces.is_empty() {
                 return Err(format!(
                     "{}: grant at least one namespace (or \"*\" for all)",
@@ -110,11 +149,11 @@ impl Tokens {
                 name,
                 namespaces: t.namespaces,
             };
-            if by_token.insert(t.token.trim().to_string(), grant).is_some() {
-                return Err(format!("{}: the same token is listed twice", at("token")));
+            if by_digest.insert(key, grant).is_some() {
+                return Err(format!("{}: the same token is listed twice", at(field)));
             }
         }
-        Ok(Tokens { by_token })
+        Ok(Tokens { by_digest })
     }
 
     /// Reads and merges the files; a token listed in two of them is an error.
@@ -126,8 +165,8 @@ impl Tokens {
                 .map_err(|e| format!("cannot read the tokens file {}: {e}", path.display()))?;
             let tokens =
                 Tokens::parse(&text).map_err(|e| format!("tokens file {}: {e}", path.display()))?;
-            for (token, grant) in tokens.by_token {
-                if all.by_token.insert(token, grant).is_some() {
+            for (key, grant) in tokens.by_digest {
+                if all.by_digest.insert(key, grant).is_some() {
                     return Err(format!(
                         "tokens file {}: a token is also listed in another tokens file",
                         path.display()
@@ -140,14 +179,19 @@ impl Tokens {
         Ok((all, texts))
     }
 
+    /// What `token` is granted, if it is a valid token.
+    pub fn grant(&self, token: &str) -> Option<&Grant> {
+        self.by_digest.get(&digest(token.trim()))
+    }
+
     /// How many tokens there are.
     pub fn len(&self) -> usize {
-        self.by_token.len()
+        self.by_digest.len()
     }
 
     /// Whether there are none.
     pub fn is_empty(&self) -> bool {
-        self.by_token.is_empty()
+        self.by_digest.is_empty()
     }
 }
 
@@ -283,8 +327,7 @@ impl Auth {
             .map(str::trim)
             .ok_or_else(|| unauthorized("the Authorization header must be `Bearer <token>`"))?;
         let grant = tokens
-            .by_token
-            .get(token)
+            .grant(token)
             .ok_or_else(|| unauthorized("the token is not valid (unknown, or rotated away)"))?;
         Ok(Access {
             default_ns: grant.default_namespace().to_string(),
@@ -316,7 +359,8 @@ pub async fn authorize(State(auth): State<Auth>, mut req: Request, next: Next) -
 mod tests {
     use super::*;
 
-    const FILE: &str = "tokens:\n- {name: team-a, token: aaaaaaaaaaaaaaaaaaaa, namespaces: [team-a, shared]}\n- {token: '  bbbbbbbbbbbbbbbbbbbb ', namespaces: ['*']}\n";
+    // The third token is `cccccccccccccccccccc`, given by its SHA-256 only.
+    const FILE: &str = "tokens:\n- {name: team-a, token: aaaaaaaaaaaaaaaaaaaa, namespaces: [team-a, shared]}\n- {token: '  bbbbbbbbbbbbbbbbbbbb ', namespaces: ['*']}\n- {name: hashed, tokenSha256: 0F6B5D8C3C0B9E5A8F9E2C3E4D5B6A7C8D9E0F1A2B3C4D5E6F708192A3B4C5D6, namespaces: [team-c]}\n";
 
     fn bearer(t: &str) -> axum::http::HeaderMap {
         let mut h = axum::http::HeaderMap::new();
@@ -347,6 +391,27 @@ mod tests {
     }
 
     #[test]
+    fn a_token_given_by_its_sha256_is_accepted_and_tokens_are_held_hashed() {
+        let text = FILE.replace(
+            "0F6B5D8C3C0B9E5A8F9E2C3E4D5B6A7C8D9E0F1A2B3C4D5E6F708192A3B4C5D6",
+            &digest("cccccccccccccccccccc").to_uppercase(),
+        );
+        let tokens = Tokens::parse(&text).unwrap();
+        assert!(
+            !format!("{tokens:?}").contains("aaaaaaaaaaaaaaaaaaaa"),
+            "no token is kept in clear"
+        );
+        let auth = Auth::fixed(tokens);
+        let c = auth.access(&bearer("cccccccccccccccccccc")).unwrap();
+        assert_eq!(c.default_namespace(), "team-c");
+        // `printf %s aaaaaaaaaaaaaaaaaaaa | sha256sum`
+        assert_eq!(
+            digest("aaaaaaaaaaaaaaaaaaaa"),
+            "42492da06234ad0ac76f5d5debdb6d1ae027cffbe746a1c13b89bb8bc0139137"
+        );
+    }
+
+    #[test]
     fn missing_malformed_and_unknown_tokens_are_401() {
         let auth = Auth::fixed(Tokens::parse(FILE).unwrap());
         assert_eq!(
@@ -359,7 +424,7 @@ mod tests {
         basic.insert(header::AUTHORIZATION, "Basic eDp5".parse().unwrap());
         assert_eq!(auth.access(&basic).unwrap_err().status, 401);
         assert_eq!(
-            auth.access(&bearer("cccccccccccccccccccc"))
+            auth.access(&bearer("dddddddddddddddddddd"))
                 .unwrap_err()
                 .status,
             401
@@ -389,6 +454,22 @@ mod tests {
             (
                 "tokens:\n- {token: aaaaaaaaaaaaaaaaaaaa, namespaces: [a]}\n- {token: aaaaaaaaaaaaaaaaaaaa, namespaces: [b]}\n",
                 "tokens[1].token",
+            ),
+            (
+                "tokens:\n- {tokenSha256: abc, namespaces: [a]}\n",
+                "tokens[0].tokenSha256",
+            ),
+            (
+                "tokens:\n- {token: aaaaaaaaaaaaaaaaaaaa, tokenSha256: 42492da06234ad0ac76f5d5debdb6d1ae027cffbe746a1c13b89bb8bc0139137, namespaces: [a]}\n",
+                "tokens[0]: give either",
+            ),
+            (
+                "tokens:\n- {namespaces: [a]}\n",
+                "tokens[0]: give the token",
+            ),
+            (
+                "tokens:\n- {token: aaaaaaaaaaaaaaaaaaaa, namespaces: [a]}\n- {tokenSha256: 42492da06234ad0ac76f5d5debdb6d1ae027cffbe746a1c13b89bb8bc0139137, namespaces: [b]}\n",
+                "tokens[1].tokenSha256",
             ),
         ] {
             let e = Tokens::parse(text).unwrap_err();
