@@ -6,9 +6,10 @@
       default values, or with VALUES merged over them; exit 1 on any error.
   helm-check.py install CHART KUBECONFIG NAMESPACE [VALUES]
       `helm install` into the cluster of KUBECONFIG (the tests use the in-memory API
-      server) without waiting; exit 1 when it fails. The release record is kept in
-      memory (HELM_DRIVER=memory): Helm writes it as a protobuf Secret, which the test
-      kit's API server does not decode.
+      server) without waiting; exit 1 when it fails. The release record is a Secret,
+      as Helm's default (HELM_DRIVER=secret).
+  helm-check.py upgrade CHART KUBECONFIG NAMESPACE [VALUES]
+      `helm upgrade` of that release.
 """
 import asyncio
 import os
@@ -57,7 +58,7 @@ def lint(chart, values_file=None):
 
 
 def install(chart, kubeconfig, namespace, values_file=None):
-    os.environ.setdefault("HELM_DRIVER", "memory")
+    os.environ.setdefault("HELM_DRIVER", "secret")
     values = {}
     if values_file:
         with open(values_file) as f:
@@ -70,6 +71,20 @@ def install(chart, kubeconfig, namespace, values_file=None):
     return 0
 
 
+def upgrade(chart, kubeconfig, namespace, values_file=None):
+    os.environ.setdefault("HELM_DRIVER", "secret")
+    values = {}
+    if values_file:
+        with open(values_file) as f:
+            values = yaml.safe_load(f) or {}
+    config = helm_sdkpy.Configuration(namespace=namespace, kubeconfig=kubeconfig)
+    release = asyncio.run(
+        helm_sdkpy.Upgrade(config).run("tally", chart, values=values, wait=False, timeout=60)
+    )
+    print(f"upgraded: {release.get('version', release) if isinstance(release, dict) else release}")
+    return 0
+
+
 if __name__ == "__main__":
     cmd, args = sys.argv[1], sys.argv[2:]
-    sys.exit({"lint": lint, "install": install}[cmd](*args))
+    sys.exit({"lint": lint, "install": install, "upgrade": upgrade}[cmd](*args))

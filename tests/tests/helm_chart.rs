@@ -6,7 +6,7 @@
 //!   and with the CI values: the CRDs, workloads, ServiceAccounts, RBAC, Secrets,
 //!   NetworkPolicy and ServiceMonitor it creates are checked as stored objects — the
 //!   kinds, least-privilege rules, restricted security contexts, and credentials only
-//!   by Secret reference;
+//!   by Secret reference; then `helm upgrade` keeps the generated agents' token;
 //! - the chart's CRDs are the generated ones (the drift test in `crds/` covers
 //!   `charts/tally/crds/` too).
 use std::path::Path;
@@ -227,6 +227,30 @@ async fn helm_install_creates_least_privilege_restricted_objects() {
 
     let all_deployments = deployments.list(&ListParams::default()).await.unwrap();
     assert_eq!(all_deployments.items.len(), 3, "operator, server, sink");
+
+    // `helm upgrade` (the release record is a Secret, as by default) keeps the agents'
+    // token: the chart looks the Secret up instead of generating a new one, so agents
+    // and server stay in step.
+    let kubeconfig = kit.kubeconfig.to_str().unwrap().to_string();
+    let (ok, out) = tokio::task::spawn_blocking(move || {
+        helm_check(&["upgrade", "charts/tally", &kubeconfig, "tally-system"])
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(ok, "helm upgrade in the test kit:\n{out}");
+    let after = secrets
+        .get("tally-agent-token")
+        .await
+        .unwrap()
+        .data
+        .unwrap();
+    assert_eq!(
+        String::from_utf8(after["token"].0.clone()).unwrap(),
+        agent_token,
+        "the upgrade kept the agents' token"
+    );
+    assert_eq!(after["tokens.yaml"].0, data["tokens.yaml"].0);
 }
 
 /// The CI values: secured Kafka, ClickHouse credentials, tokens from an existing
