@@ -7,6 +7,8 @@
 //!   NetworkPolicy and ServiceMonitor it creates are checked as stored objects — the
 //!   kinds, least-privilege rules, restricted security contexts, and credentials only
 //!   by Secret reference; then `helm upgrade` keeps the generated agents' token;
+//! - every workload's command line and `TALLY_*` environment parse with its binary's
+//!   own argument parser;
 //! - the chart's CRDs are the generated ones (the drift test in `crds/` covers
 //!   `charts/tally/crds/` too).
 use std::path::Path;
@@ -104,6 +106,63 @@ fn restricted(pod: &serde_json::Value, what: &str) {
     );
 }
 
+/// The container's command line and environment are what its binary accepts: every
+/// `TALLY_*` variable is one the binary reads (a misspelt one would be silently
+/// ignored), and args plus variables parse with the binary's own parser (clap), as the
+/// variables turned into their flags. Secret-sourced values are stand-ins.
+fn accepted_by_the_binary(pod: &serde_json::Value, what: &str) {
+    use clap::{CommandFactory, Parser};
+    let c = &pod["spec"]["template"]["spec"]["containers"][0];
+    let bin = c["command"][0].as_str().unwrap_or_default().to_string();
+    let root = match bin.as_str() {
+        "tally-server" => tally_pipeline::server::Args::command(),
+        "tally-operator" => tally_operator::Args::command(),
+        other => panic!("{what}: unexpected command {other:?}"),
+    };
+    let args: Vec<String> = c["args"]
+        .as_array()
+        .map(|a| a.iter().map(|v| v.as_str().unwrap().to_string()).collect())
+        .unwrap_or_default();
+    // The subcommand the args name, if any; its flags follow it.
+    let sub = args.first().and_then(|a| root.find_subcommand(a)).cloned();
+    let (mut before, mut after) = (Vec::new(), Vec::new());
+    for e in c["env"].as_array().cloned().unwrap_or_default() {
+        let name = e["name"].as_str().unwrap();
+        if !name.starts_with("TALLY_") {
+            continue;
+        }
+        let value = e["value"].as_str().unwrap_or("from-a-secret").to_string();
+        let find = |cmd: &clap::Command| {
+            cmd.get_arguments()
+                .find(|a| a.get_env().is_some_and(|n| n == name))
+                .cloned()
+        };
+        let (arg, into) = match (sub.as_ref().and_then(find), find(&root)) {
+            (Some(a), _) => (a, &mut after),
+            (None, Some(a)) => (a, &mut before),
+            (None, None) => panic!("{what}: {bin} reads no variable {name}"),
+        };
+        let long = arg.get_long().expect("env-backed args have a long flag");
+        if arg.get_action().takes_values() {
+            into.push(format!("--{long}={value}"));
+        } else if value == "true" {
+            into.push(format!("--{long}"));
+        }
+    }
+    let argv = std::iter::once(bin.clone())
+        .chain(before)
+        .chain(args)
+        .chain(after)
+        .collect::<Vec<_>>();
+    let parsed = match bin.as_str() {
+        "tally-server" => tally_pipeline::server::Args::try_parse_from(&argv).map(drop),
+        _ => tally_operator::Args::try_parse_from(&argv).map(drop),
+    };
+    if let Err(e) = parsed {
+        panic!("{what}: {bin} refuses its command line {argv:?}:\n{e}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn helm_install_creates_least_privilege_restricted_objects() {
     let dir = tempfile::tempdir().unwrap();
@@ -141,6 +200,7 @@ async fn helm_install_creates_least_privilege_restricted_objects() {
         let v = serde_json::to_value(&d).unwrap();
         assert_eq!(v["spec"]["replicas"], replicas, "{name}");
         restricted(&v, name);
+        accepted_by_the_binary(&v, name);
     }
     let server = serde_json::to_value(deployments.get("tally-server").await.unwrap()).unwrap();
     let args = server["spec"]["template"]["spec"]["containers"][0]["args"].to_string();
@@ -295,6 +355,7 @@ async fn helm_install_with_the_ci_values_wires_every_secret() {
     for name in ["tally-operator", "tally-server", "tally-sink"] {
         let d = serde_json::to_value(deployments.get(name).await.unwrap()).unwrap();
         restricted(&d, name);
+        accepted_by_the_binary(&d, name);
         let pod = &d["spec"]["template"]["spec"];
         assert_eq!(pod["imagePullSecrets"][0]["name"], "regcred", "{name}");
         let c = &pod["containers"][0];
