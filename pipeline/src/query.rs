@@ -7,6 +7,7 @@
 //! (window, subject if grouped, requested group-by values).
 use std::collections::{BTreeMap, HashMap, HashSet};
 
+use chrono::{Offset, TimeZone};
 use chrono_tz::Tz;
 use serde::Serialize;
 
@@ -263,6 +264,101 @@ impl<'a> Combiner<'a> {
     }
 }
 
+/// Pieces of `[from_s, to_s)` (seconds) in which `tz` keeps one UTC offset:
+/// `(start, end, offset seconds east of UTC)`.
+pub fn constant_offset_pieces(from_s: i64, to_s: i64, tz: Tz) -> Vec<(i64, i64, i64)> {
+    let offset = |t: i64| -> i64 {
+        tz.offset_from_utc_datetime(
+            &chrono::DateTime::from_timestamp(t, 0)
+                .unwrap_or_default()
+                .naive_utc(),
+        )
+        .fix()
+        .local_minus_utc() as i64
+    };
+    let mut out = Vec::new();
+    let (mut start, mut off, mut t) = (from_s, offset(from_s), from_s);
+    while t < to_s {
+        let next = (t + 3600).min(to_s);
+        let probe = if next < to_s { next } else { to_s - 1 };
+        if probe > t && offset(probe) != off {
+            // the first second in (t, probe] with another offset
+            let (mut lo, mut hi) = (t, probe);
+            while hi - lo > 1 {
+                let mid = lo + (hi - lo) / 2;
+                if offset(mid) == off {
+                    lo = mid
+                } else {
+                    hi = mid
+                }
+            }
+            out.push((start, hi, off));
+            (start, off, t) = (hi, offset(hi), hi);
+            continue;
+        }
+        t = next;
+    }
+    if start < to_s {
+        out.push((start, to_s, off));
+    }
+    out
+}
+
+/// One read of a rollup tier, planned by [`plan_rollup_reads`]: whole minutes
+/// `[from_s, to_s)` (seconds) in which the query's zone keeps `offset_s`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RollupRead {
+    /// From the 15-minute tier (else the minute tier).
+    pub quarter: bool,
+    /// Start, a whole minute (a whole quarter hour when `quarter`).
+    pub from_s: i64,
+    /// End, likewise.
+    pub to_s: i64,
+    /// The zone's offset east of UTC in this read (0 without windows).
+    pub offset_s: i64,
+}
+
+/// Plans the rollup reads of the whole minutes `[from_s, to_s)` of a query: cut where
+/// the zone's offset changes (windowed queries), whole quarter hours from the
+/// 15-minute tier wherever each quarter lies inside one window (no MINUTE windows, the
+/// offset a multiple of 15 minutes, as every modern zone's is; `quarters` false when
+/// there is no such tier), the rest from the minute tier. Empty reads are left out.
+pub fn plan_rollup_reads(
+    from_s: i64,
+    to_s: i64,
+    spec: &QuerySpec,
+    quarters: bool,
+) -> Vec<RollupRead> {
+    let pieces = if spec.window_size.is_none() {
+        vec![(from_s, to_s, 0)]
+    } else {
+        constant_offset_pieces(from_s, to_s, spec.tz)
+    };
+    let quarters = quarters && !matches!(spec.window_size, Some(WindowSize::Minute));
+    let mut reads = Vec::new();
+    let mut read = |quarter, from_s, to_s, offset_s| {
+        if from_s < to_s {
+            reads.push(RollupRead {
+                quarter,
+                from_s,
+                to_s,
+                offset_s,
+            });
+        }
+    };
+    for (a, b, off) in pieces {
+        let (qa, qb) = ((a + 899).div_euclid(900) * 900, b.div_euclid(900) * 900);
+        if quarters && off % 900 == 0 && qa < qb {
+            read(false, a, qa, off);
+            read(true, qa, qb, off);
+            read(false, qb, b, off);
+        } else {
+            read(false, a, b, off);
+        }
+    }
+    reads
+}
+
 /// Splits `[from, to)` into the sub-minute head, whole minutes, and the sub-minute tail:
 /// `(head, minutes, tail)`, each a half-open ms range (possibly empty).
 pub fn split_minutes(from: i64, to: i64) -> ((i64, i64), (i64, i64), (i64, i64)) {
@@ -300,6 +396,86 @@ mod tests {
         assert_eq!(
             split_minutes(-30_000, 60_000),
             ((-30_000, 0), (0, 60_000), (60_000, 60_000))
+        );
+    }
+    #[test]
+    fn offsets_split_where_the_zone_changes() {
+        let ny: Tz = "America/New_York".parse().unwrap();
+        // 2024-11-03 04:00Z .. 08:00Z: EDT until 06:00Z, then EST
+        let p = constant_offset_pieces(1_730_606_400, 1_730_620_800, ny);
+        assert_eq!(
+            p,
+            vec![
+                (1_730_606_400, 1_730_613_600, -4 * 3600),
+                (1_730_613_600, 1_730_620_800, -5 * 3600)
+            ]
+        );
+        assert_eq!(constant_offset_pieces(0, 7200, Tz::UTC), vec![(0, 7200, 0)]);
+    }
+
+    #[test]
+    fn quarters_are_read_where_every_quarter_lies_in_one_window() {
+        let spec = |window_size, tz: &str| QuerySpec {
+            from_ms: None,
+            to_ms: 0,
+            window_size,
+            tz: tz.parse().unwrap(),
+            subjects: vec![],
+            group_by: vec![],
+            filter_group_by: BTreeMap::new(),
+        };
+        let r = |quarter, from_s, to_s, offset_s| RollupRead {
+            quarter,
+            from_s,
+            to_s,
+            offset_s,
+        };
+        let whole = spec(None, "UTC");
+        // minute edges around whole quarters
+        assert_eq!(
+            plan_rollup_reads(60, 3720, &whole, true),
+            vec![
+                r(false, 60, 900, 0),
+                r(true, 900, 3600, 0),
+                r(false, 3600, 3720, 0)
+            ]
+        );
+        // aligned: one read; without a quarter tier, minutes
+        assert_eq!(
+            plan_rollup_reads(0, 3600, &whole, true),
+            vec![r(true, 0, 3600, 0)]
+        );
+        assert_eq!(
+            plan_rollup_reads(0, 3600, &whole, false),
+            vec![r(false, 0, 3600, 0)]
+        );
+        // MINUTE windows read minutes; Kathmandu's +05:45 days align to quarters
+        assert_eq!(
+            plan_rollup_reads(0, 3600, &spec(Some(WindowSize::Minute), "UTC"), true),
+            vec![r(false, 0, 3600, 0)]
+        );
+        assert_eq!(
+            plan_rollup_reads(
+                1_730_592_000,
+                1_730_595_600,
+                &spec(Some(WindowSize::Day), "Asia/Kathmandu"),
+                true
+            ),
+            vec![r(true, 1_730_592_000, 1_730_595_600, 20_700)]
+        );
+        // a quarter-less range in New York's fall-back hour: two pieces, each a quarter
+        // read with its own offset
+        assert_eq!(
+            plan_rollup_reads(
+                1_730_610_000,
+                1_730_617_200,
+                &spec(Some(WindowSize::Hour), "America/New_York"),
+                true
+            ),
+            vec![
+                r(true, 1_730_610_000, 1_730_613_600, -4 * 3600),
+                r(true, 1_730_613_600, 1_730_617_200, -5 * 3600)
+            ]
         );
     }
 }

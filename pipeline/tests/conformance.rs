@@ -401,6 +401,39 @@ async fn embedded_latest_ties_go_to_the_event_ingested_last_and_filters_apply() 
     latest_ties_and_filters(Harness::embedded()).await;
 }
 
+/// A database written before the quarter-hour tier (schema version 0: minute rollups
+/// only) is upgraded on open: the quarters are filled from the minutes, LATEST
+/// included, and every case answers as before.
+#[tokio::test(flavor = "multi_thread")]
+async fn embedded_store_upgraded_from_minute_rollups_answers_every_case() {
+    let dir = tempfile::tempdir().unwrap();
+    let open = || Arc::new(EmbeddedStore::open(EmbeddedConfig::new(dir.path())).unwrap());
+    let mut h = Harness {
+        store: open(),
+        sink: None,
+        _dir: None,
+    };
+    h.sync(all_meters()).await;
+    for e in events() {
+        h.ingest(vec![e]).await;
+    }
+    drop(h);
+    let db = rusqlite::Connection::open(dir.path().join("tally.db")).unwrap();
+    db.execute_batch("DELETE FROM rollup_q; PRAGMA user_version = 0;")
+        .unwrap();
+    let h = Harness {
+        store: open(),
+        sink: None,
+        _dir: None,
+    };
+    let quarters: i64 = db
+        .query_row("SELECT COUNT(*) FROM rollup_q", [], |r| r.get(0))
+        .unwrap();
+    assert!(quarters > 0, "the upgrade filled the quarter-hour rollup");
+    let synced = h.sync(all_meters()).await;
+    h.with(move |s| run_cases(s, &synced.meters)).await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn embedded_query_over_the_row_limit_is_refused_not_truncated() {
     row_limit_refuses(Harness::embedded()).await;

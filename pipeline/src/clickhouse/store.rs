@@ -13,8 +13,6 @@
 use std::collections::HashSet;
 use std::sync::{Arc, RwLock};
 
-use chrono::{Offset, TimeZone};
-use chrono_tz::Tz;
 use tally_crds::{Aggregation, UsageEvent};
 use tokio::runtime::Handle;
 
@@ -25,7 +23,9 @@ use crate::engine::CompiledMeter;
 use crate::engine::state::{Latest, State};
 use crate::engine::window::WindowSize;
 use crate::kafka::Producer;
-use crate::query::{Combiner, QueryAnswer, QuerySpec, split_minutes};
+use crate::query::{
+    Combiner, QueryAnswer, QuerySpec, RollupRead, plan_rollup_reads, split_minutes,
+};
 use crate::store::{DeadLetter, IngestOutcome, Pending, Store, StoredEvent, StoredMeter, Synced};
 use crate::{Error, Result};
 
@@ -68,46 +68,6 @@ impl ClickHouseStore {
     fn run<T>(&self, f: impl std::future::Future<Output = Result<T>>) -> Result<T> {
         self.handle.block_on(f)
     }
-}
-
-/// Pieces of `[from_s, to_s)` (seconds) in which `tz` keeps one UTC offset:
-/// `(start, end, offset seconds east of UTC)`.
-pub fn constant_offset_pieces(from_s: i64, to_s: i64, tz: Tz) -> Vec<(i64, i64, i64)> {
-    let offset = |t: i64| -> i64 {
-        tz.offset_from_utc_datetime(
-            &chrono::DateTime::from_timestamp(t, 0)
-                .unwrap_or_default()
-                .naive_utc(),
-        )
-        .fix()
-        .local_minus_utc() as i64
-    };
-    let mut out = Vec::new();
-    let (mut start, mut off, mut t) = (from_s, offset(from_s), from_s);
-    while t < to_s {
-        let next = (t + 3600).min(to_s);
-        let probe = if next < to_s { next } else { to_s - 1 };
-        if probe > t && offset(probe) != off {
-            // the first second in (t, probe] with another offset
-            let (mut lo, mut hi) = (t, probe);
-            while hi - lo > 1 {
-                let mid = lo + (hi - lo) / 2;
-                if offset(mid) == off {
-                    lo = mid
-                } else {
-                    hi = mid
-                }
-            }
-            out.push((start, hi, off));
-            (start, off, t) = (hi, offset(hi), hi);
-            continue;
-        }
-        t = next;
-    }
-    if start < to_s {
-        out.push((start, to_s, off));
-    }
-    out
 }
 
 fn bucket_expr(size: Option<WindowSize>, from_s: i64, off: i64) -> String {
@@ -234,29 +194,18 @@ impl ClickHouseStore {
                 .collect::<Vec<_>>()
                 .join(", ");
             let mask: u64 = wanted.iter().map(|i| 1u64 << i).sum();
-            let pieces = if spec.window_size.is_none() {
-                vec![(ma, mb, 0)]
-            } else {
-                constant_offset_pieces(ma, mb, spec.tz)
-            };
-            // whole quarters (when windows align to them) from the 15-minute rollup, the
-            // rest from the minute rollup
-            let quarters_fit = !matches!(spec.window_size, Some(WindowSize::Minute));
-            let mut reads = Vec::new();
-            for (a, b, off) in pieces {
-                let (qa, qb) = ((a + 899).div_euclid(900) * 900, b.div_euclid(900) * 900);
-                if quarters_fit && off % 900 == 0 && qa < qb {
-                    reads.push((Grain::Minute, a, qa, off));
-                    reads.push((Grain::Quarter, qa, qb, off));
-                    reads.push((Grain::Minute, qb, b, off));
+            for RollupRead {
+                quarter,
+                from_s: a,
+                to_s: b,
+                offset_s: off,
+            } in plan_rollup_reads(ma, mb, spec, true)
+            {
+                let grain = if quarter {
+                    Grain::Quarter
                 } else {
-                    reads.push((Grain::Minute, a, b, off));
-                }
-            }
-            for (grain, a, b, off) in reads {
-                if a >= b {
-                    continue;
-                }
+                    Grain::Minute
+                };
                 let q = format!(
                     "SELECT {} AS s_subject, [{groups}] AS s_groups, bitAnd(gnull, {mask}) AS s_gnull, {} AS s_bucket, {} \
                      FROM {db}.{} WHERE minute >= toDateTime({a}) AND minute < toDateTime({b}){subjects} \
@@ -436,25 +385,5 @@ impl Store for ClickHouseStore {
                 self.ch.db()
             ),
         ))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn offsets_split_where_the_zone_changes() {
-        let ny: Tz = "America/New_York".parse().unwrap();
-        // 2024-11-03 04:00Z .. 08:00Z: EDT until 06:00Z, then EST
-        let p = constant_offset_pieces(1_730_606_400, 1_730_620_800, ny);
-        assert_eq!(
-            p,
-            vec![
-                (1_730_606_400, 1_730_613_600, -4 * 3600),
-                (1_730_613_600, 1_730_620_800, -5 * 3600)
-            ]
-        );
-        assert_eq!(constant_offset_pieces(0, 7200, Tz::UTC), vec![(0, 7200, 0)]);
     }
 }

@@ -4,8 +4,11 @@
 //! - `events`: raw events, the source of truth, unique on (namespace, source, id);
 //!   `seq` (the rowid) is the ingestion order LATEST breaks ties with.
 //! - `rollup`: per meter rollup id, subject, UTC minute and group-by values, the
-//!   mergeable state of every numeric aggregation; `rollup_uniq`: UNIQUE_COUNT's
-//!   distinct values per minute. `meters` maps (namespace, slug, definition) to a rollup
+//!   mergeable state of every numeric aggregation; `rollup_q`: the same per quarter hour
+//!   (its `minute` is the quarter's first), written in the same transaction, so a
+//!   query reads whole quarters 15 times fewer rows (the plan is
+//!   [`crate::query::plan_rollup_reads`], shared with ClickHouse); `rollup_uniq`:
+//!   UNIQUE_COUNT's distinct values per minute. `meters` maps (namespace, slug, definition) to a rollup
 //!   id: a changed definition gets a new id and a fresh backfill.
 //! - `meter_errors`: per-meter validation errors by event.
 //!
@@ -38,7 +41,7 @@ use super::{IngestOutcome, Pending, Store, StoredEvent, StoredMeter, Synced};
 use crate::engine::CompiledMeter;
 use crate::engine::state::{Latest, State};
 use crate::error::{Error, Result, SqliteStep};
-use crate::query::{Combiner, QueryAnswer, QuerySpec, split_minutes};
+use crate::query::{Combiner, QueryAnswer, QuerySpec, plan_rollup_reads, split_minutes};
 
 /// Settings of the embedded store.
 #[derive(Clone, Debug)]
@@ -131,6 +134,22 @@ CREATE TABLE IF NOT EXISTS rollup (
     latest_value REAL,
     PRIMARY KEY (meter, subject, minute, groups)
 ) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS rollup_by_minute ON rollup(meter, minute);
+CREATE TABLE IF NOT EXISTS rollup_q (
+    meter INTEGER NOT NULL,
+    subject TEXT NOT NULL,
+    minute INTEGER NOT NULL,
+    groups TEXT NOT NULL,
+    cnt INTEGER NOT NULL,
+    sum REAL NOT NULL,
+    vmin REAL,
+    vmax REAL,
+    latest_time INTEGER,
+    latest_seq INTEGER,
+    latest_value REAL,
+    PRIMARY KEY (meter, subject, minute, groups)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS rollup_q_by_minute ON rollup_q(meter, minute);
 CREATE TABLE IF NOT EXISTS rollup_uniq (
     meter INTEGER NOT NULL,
     subject TEXT NOT NULL,
@@ -151,6 +170,24 @@ const INSERT_EVENT: &str =
     "INSERT INTO events (namespace, source, id, type, subject, time_ms, ingested_ms, event)
      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT (namespace, source, id) DO NOTHING";
 
+/// Schema version (`PRAGMA user_version`): 1 added `rollup_q`, filled from `rollup` by
+/// [`migrate`] on the first open.
+const SCHEMA_VERSION: i64 = 1;
+
+/// Fills `rollup_q` from the minute rollup: sums, counts, extremes per quarter, and the
+/// quarter's latest value (the greatest (time, seq) of its minutes).
+const FILL_QUARTERS: &str = "
+INSERT INTO rollup_q (meter, subject, minute, groups, cnt, sum, vmin, vmax)
+  SELECT meter, subject, minute - ((minute % 15) + 15) % 15 AS q, groups, SUM(cnt), SUM(sum), MIN(vmin), MAX(vmax)
+  FROM rollup GROUP BY meter, subject, q, groups;
+UPDATE rollup_q SET (latest_time, latest_seq, latest_value) = (
+  SELECT r.latest_time, r.latest_seq, r.latest_value FROM rollup r
+  WHERE r.meter = rollup_q.meter AND r.subject = rollup_q.subject AND r.groups = rollup_q.groups
+    AND r.minute >= rollup_q.minute AND r.minute < rollup_q.minute + 15 AND r.latest_time IS NOT NULL
+  ORDER BY r.latest_time DESC, r.latest_seq DESC LIMIT 1);
+";
+
+/// The minute rollup's upsert, for `rollup` or `rollup_q`.
 const UPSERT_ROLLUP: &str = "INSERT INTO rollup (meter, subject, minute, groups, cnt, sum, vmin, vmax, latest_time, latest_seq, latest_value)
      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
      ON CONFLICT (meter, subject, minute, groups) DO UPDATE SET
@@ -161,6 +198,42 @@ const UPSERT_ROLLUP: &str = "INSERT INTO rollup (meter, subject, minute, groups,
        latest_value = CASE WHEN excluded.latest_time IS NOT NULL AND (latest_time IS NULL OR (excluded.latest_time, excluded.latest_seq) > (latest_time, latest_seq)) THEN excluded.latest_value ELSE latest_value END,
        latest_seq = CASE WHEN excluded.latest_time IS NOT NULL AND (latest_time IS NULL OR (excluded.latest_time, excluded.latest_seq) > (latest_time, latest_seq)) THEN excluded.latest_seq ELSE latest_seq END,
        latest_time = CASE WHEN excluded.latest_time IS NOT NULL AND (latest_time IS NULL OR (excluded.latest_time, excluded.latest_seq) > (latest_time, latest_seq)) THEN excluded.latest_time ELSE latest_time END";
+
+/// [`UPSERT_ROLLUP`] for the quarter-hour tier.
+static UPSERT_QUARTER: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| UPSERT_ROLLUP.replacen("INTO rollup ", "INTO rollup_q ", 1));
+
+/// Brings an older database to [`SCHEMA_VERSION`] (the tables exist by now).
+fn migrate(conn: &mut Connection) -> Result<()> {
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .step("read the schema version")?;
+    if version >= SCHEMA_VERSION {
+        return Ok(());
+    }
+    let tx = conn.transaction().step("begin a schema upgrade")?;
+    tx.execute("DELETE FROM rollup_q", [])
+        .step("fill the quarter-hour rollup")?;
+    tx.execute_batch(FILL_QUARTERS)
+        .step("fill the quarter-hour rollup")?;
+    tx.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))
+        .step("set the schema version")?;
+    tx.commit().step("commit a schema upgrade")?;
+    if version > 0
+        || conn
+            .query_row("SELECT EXISTS (SELECT 1 FROM rollup)", [], |r| {
+                r.get::<_, bool>(0)
+            })
+            .unwrap_or(false)
+    {
+        tracing::info!(
+            from = version,
+            to = SCHEMA_VERSION,
+            "Upgraded the store's schema"
+        );
+    }
+    Ok(())
+}
 
 /// The SQL schema of the `events` table and its insert, for the benchmark's bare-insert
 /// baseline.
@@ -174,8 +247,9 @@ impl EmbeddedStore {
             source,
         })?;
         let path = config.dir.join("tally.db");
-        let conn = open_connection(&path, config.sync_full).step("open the database")?;
+        let mut conn = open_connection(&path, config.sync_full).step("open the database")?;
         conn.execute_batch(SCHEMA).step("create the schema")?;
+        migrate(&mut conn)?;
         let (ops, rx) = sync_channel(config.queue_capacity.max(1));
         let mut writer = Writer {
             conn,
@@ -419,14 +493,34 @@ fn rollup_range(
     to_min: i64,
     comb: &mut Combiner<'_>,
 ) -> Result<()> {
-    let unique = sm.meter.aggregation() == Aggregation::UniqueCount;
+    if sm.meter.aggregation() == Aggregation::UniqueCount {
+        return read_tier(tx, sm, spec, "rollup_uniq", from_min, to_min, comb);
+    }
+    for read in plan_rollup_reads(from_min * 60, to_min * 60, spec, true) {
+        let table = if read.quarter { "rollup_q" } else { "rollup" };
+        read_tier(tx, sm, spec, table, read.from_s / 60, read.to_s / 60, comb)?;
+    }
+    Ok(())
+}
+
+/// Adds the rows of one rollup table (`rollup`, `rollup_q` or `rollup_uniq`) with
+/// `minute` in `[from_min, to_min)` to `comb`.
+fn read_tier(
+    tx: &Transaction<'_>,
+    sm: &StoredMeter,
+    spec: &QuerySpec,
+    table: &str,
+    from_min: i64,
+    to_min: i64,
+    comb: &mut Combiner<'_>,
+) -> Result<()> {
+    let unique = table == "rollup_uniq";
     let has_groups = sm.meter.group_count() > 0;
     let cols = if unique {
         "subject, groups, minute, value"
     } else {
         "subject, groups, minute, cnt, sum, vmin, vmax, latest_time, latest_seq, latest_value"
     };
-    let table = if unique { "rollup_uniq" } else { "rollup" };
     let subjects: Vec<Option<&str>> = if spec.subjects.is_empty() {
         vec![None]
     } else {
@@ -544,29 +638,30 @@ impl Accumulator {
 
     fn flush(&mut self, tx: &Transaction<'_>) -> Result<()> {
         let mut up = tx.prepare_cached(UPSERT_ROLLUP).step("update the rollup")?;
+        let mut up_q = tx
+            .prepare_cached(&UPSERT_QUARTER)
+            .step("update the rollup")?;
+        let mut quarters: HashMap<AccKey, State> = HashMap::new();
         let mut uniq = tx
             .prepare_cached("INSERT INTO rollup_uniq (meter, subject, minute, groups, value) VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT DO NOTHING")
             .step("update the rollup")?;
         for ((meter, subject, minute, groups), s) in self.states.drain() {
-            let finite = |f: f64| f.is_finite().then_some(f);
-            up.execute(params![
-                meter,
-                subject,
-                minute,
-                groups,
-                s.count as i64,
-                s.sum,
-                finite(s.min),
-                finite(s.max),
-                s.latest.as_ref().map(|l| l.time_ms),
-                s.latest.as_ref().map(|l| l.seq.0),
-                s.latest.as_ref().map(|l| l.value),
-            ])
-            .step("update the rollup")?;
+            upsert_state(&mut up, meter, &subject, minute, &groups, &s)?;
             for v in &s.uniques {
                 uniq.execute(params![meter, subject, minute, groups, v])
                     .step("update the rollup")?;
             }
+            // UNIQUE_COUNT is read from rollup_uniq only.
+            if s.uniques.is_empty() {
+                let quarter = minute - minute.rem_euclid(15);
+                quarters
+                    .entry((meter, subject, quarter, groups))
+                    .or_default()
+                    .merge(&s);
+            }
+        }
+        for ((meter, subject, quarter, groups), s) in quarters {
+            upsert_state(&mut up_q, meter, &subject, quarter, &groups, &s)?;
         }
         let mut err = tx
             .prepare_cached("INSERT INTO meter_errors (seq, meter, message) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING")
@@ -577,6 +672,33 @@ impl Accumulator {
         }
         Ok(())
     }
+}
+
+/// Adds `s` to the row of (meter, subject, minute, groups) of a rollup tier.
+fn upsert_state(
+    stmt: &mut rusqlite::CachedStatement<'_>,
+    meter: i64,
+    subject: &str,
+    minute: i64,
+    groups: &str,
+    s: &State,
+) -> Result<()> {
+    let finite = |f: f64| f.is_finite().then_some(f);
+    stmt.execute(params![
+        meter,
+        subject,
+        minute,
+        groups,
+        s.count as i64,
+        s.sum,
+        finite(s.min),
+        finite(s.max),
+        s.latest.as_ref().map(|l| l.time_ms),
+        s.latest.as_ref().map(|l| l.seq.0),
+        s.latest.as_ref().map(|l| l.value),
+    ])
+    .step("update the rollup")?;
+    Ok(())
 }
 
 /// One queued ingest request.
@@ -761,6 +883,7 @@ impl Writer {
         for id in ids {
             for sql in [
                 "DELETE FROM rollup WHERE meter = ?1",
+                "DELETE FROM rollup_q WHERE meter = ?1",
                 "DELETE FROM rollup_uniq WHERE meter = ?1",
                 "DELETE FROM meter_errors WHERE meter = ?1",
                 "DELETE FROM meters WHERE id = ?1",
