@@ -197,6 +197,8 @@ fn all_meters() -> Vec<Arc<CompiledMeter>> {
 /// in-process sink.
 struct Harness {
     store: Arc<dyn Store>,
+    /// The same store when it is the embedded one.
+    embedded: Option<Arc<EmbeddedStore>>,
     sink: Option<SinkHandle>,
     _dir: Option<tempfile::TempDir>,
 }
@@ -235,7 +237,8 @@ impl Harness {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(EmbeddedStore::open(EmbeddedConfig::new(dir.path())).unwrap());
         Harness {
-            store,
+            store: store.clone(),
+            embedded: Some(store),
             sink: None,
             _dir: Some(dir),
         }
@@ -277,6 +280,7 @@ impl Harness {
         };
         Some(Harness {
             store,
+            embedded: None,
             sink: Some(SinkHandle {
                 stop,
                 stats,
@@ -308,6 +312,20 @@ impl Harness {
                 );
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
+        }
+    }
+
+    /// Waits until the embedded store's writer has recomputed every quarter hour from
+    /// its minutes.
+    async fn compacted(&self) {
+        let store = self.embedded.clone().expect("the embedded store");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while store.quarters_pending().unwrap() > 0 {
+            assert!(
+                Instant::now() < deadline,
+                "quarter hours not compacted within 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
@@ -408,8 +426,10 @@ async fn embedded_latest_ties_go_to_the_event_ingested_last_and_filters_apply() 
 async fn embedded_store_upgraded_from_minute_rollups_answers_every_case() {
     let dir = tempfile::tempdir().unwrap();
     let open = || Arc::new(EmbeddedStore::open(EmbeddedConfig::new(dir.path())).unwrap());
+    let store = open();
     let mut h = Harness {
-        store: open(),
+        store: store.clone(),
+        embedded: Some(store),
         sink: None,
         _dir: None,
     };
@@ -419,18 +439,41 @@ async fn embedded_store_upgraded_from_minute_rollups_answers_every_case() {
     }
     drop(h);
     let db = rusqlite::Connection::open(dir.path().join("tally.db")).unwrap();
-    db.execute_batch("DELETE FROM rollup_q; PRAGMA user_version = 0;")
+    db.execute_batch("DROP TABLE rollup_q; DROP TABLE rollup_dirty; PRAGMA user_version = 0;")
         .unwrap();
+    let store = open();
     let h = Harness {
-        store: open(),
+        store: store.clone(),
+        embedded: Some(store),
         sink: None,
         _dir: None,
     };
+    let synced = h.sync(all_meters()).await;
+    // Right at once (dirty quarters are read as minutes) and once recomputed.
+    let meters = synced.meters.clone();
+    h.with(move |s| run_cases(s, &meters)).await;
+    h.compacted().await;
     let quarters: i64 = db
         .query_row("SELECT COUNT(*) FROM rollup_q", [], |r| r.get(0))
         .unwrap();
-    assert!(quarters > 0, "the upgrade filled the quarter-hour rollup");
+    assert!(quarters > 0, "the quarter-hour rollup is filled");
+    h.with(move |s| run_cases(s, &synced.meters)).await;
+}
+
+/// Every case from recomputed quarter hours, then with late events making some dirty
+/// again: quarters and minutes never count an event twice or miss one.
+#[tokio::test(flavor = "multi_thread")]
+async fn embedded_store_answers_every_case_from_compacted_and_dirty_quarters() {
+    let mut h = Harness::embedded();
     let synced = h.sync(all_meters()).await;
+    let all = events();
+    let (first, late) = all.split_at(all.len() / 2);
+    h.ingest(first.to_vec()).await;
+    h.compacted().await;
+    h.ingest(late.to_vec()).await;
+    let meters = synced.meters.clone();
+    h.with(move |s| run_cases(s, &meters)).await;
+    h.compacted().await;
     h.with(move |s| run_cases(s, &synced.meters)).await;
 }
 

@@ -4,11 +4,16 @@
 //! - `events`: raw events, the source of truth, unique on (namespace, source, id);
 //!   `seq` (the rowid) is the ingestion order LATEST breaks ties with.
 //! - `rollup`: per meter rollup id, subject, UTC minute and group-by values, the
-//!   mergeable state of every numeric aggregation; `rollup_q`: the same per quarter hour
-//!   (its `minute` is the quarter's first), written in the same transaction, so a
-//!   query reads whole quarters 15 times fewer rows (the plan is
-//!   [`crate::query::plan_rollup_reads`], shared with ClickHouse); `rollup_uniq`:
-//!   UNIQUE_COUNT's distinct values per minute. `meters` maps (namespace, slug, definition) to a rollup
+//!   mergeable state of every numeric aggregation; `rollup_uniq`: UNIQUE_COUNT's
+//!   distinct values per minute.
+//! - `rollup_q`: the same states per quarter hour (its `minute` is the quarter's first),
+//!   so a query reads whole quarters from 15 times fewer rows (the plan is
+//!   [`crate::query::plan_rollup_reads`], shared with ClickHouse). Ingest writes only
+//!   minutes and marks their quarters in `rollup_dirty`, in the same transaction; the
+//!   writer recomputes ended dirty quarters from their minutes when idle (and one a
+//!   second under load), and a query reads a dirty quarter's minutes instead. So a
+//!   quarter row is used only when it equals the sum of its minutes, and ingest pays one
+//!   small upsert per quarter a batch touches, not one per state. `meters` maps (namespace, slug, definition) to a rollup
 //!   id: a changed definition gets a new id and a fresh backfill.
 //! - `meter_errors`: per-meter validation errors by event.
 //!
@@ -29,8 +34,9 @@
 //! survive power loss at the cost of an fsync per commit.
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
@@ -135,21 +141,11 @@ CREATE TABLE IF NOT EXISTS rollup (
     PRIMARY KEY (meter, subject, minute, groups)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS rollup_by_minute ON rollup(meter, minute);
-CREATE TABLE IF NOT EXISTS rollup_q (
+CREATE TABLE IF NOT EXISTS rollup_dirty (
     meter INTEGER NOT NULL,
-    subject TEXT NOT NULL,
     minute INTEGER NOT NULL,
-    groups TEXT NOT NULL,
-    cnt INTEGER NOT NULL,
-    sum REAL NOT NULL,
-    vmin REAL,
-    vmax REAL,
-    latest_time INTEGER,
-    latest_seq INTEGER,
-    latest_value REAL,
-    PRIMARY KEY (meter, subject, minute, groups)
+    PRIMARY KEY (meter, minute)
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS rollup_q_by_minute ON rollup_q(meter, minute);
 CREATE TABLE IF NOT EXISTS rollup_uniq (
     meter INTEGER NOT NULL,
     subject TEXT NOT NULL,
@@ -170,24 +166,34 @@ const INSERT_EVENT: &str =
     "INSERT INTO events (namespace, source, id, type, subject, time_ms, ingested_ms, event)
      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT (namespace, source, id) DO NOTHING";
 
-/// Schema version (`PRAGMA user_version`): 1 added `rollup_q`, filled from `rollup` by
-/// [`migrate`] on the first open.
-const SCHEMA_VERSION: i64 = 1;
-
-/// Fills `rollup_q` from the minute rollup: sums, counts, extremes per quarter, and the
-/// quarter's latest value (the greatest (time, seq) of its minutes).
-const FILL_QUARTERS: &str = "
-INSERT INTO rollup_q (meter, subject, minute, groups, cnt, sum, vmin, vmax)
-  SELECT meter, subject, minute - ((minute % 15) + 15) % 15 AS q, groups, SUM(cnt), SUM(sum), MIN(vmin), MAX(vmax)
-  FROM rollup GROUP BY meter, subject, q, groups;
-UPDATE rollup_q SET (latest_time, latest_seq, latest_value) = (
-  SELECT r.latest_time, r.latest_seq, r.latest_value FROM rollup r
-  WHERE r.meter = rollup_q.meter AND r.subject = rollup_q.subject AND r.groups = rollup_q.groups
-    AND r.minute >= rollup_q.minute AND r.minute < rollup_q.minute + 15 AND r.latest_time IS NOT NULL
-  ORDER BY r.latest_time DESC, r.latest_seq DESC LIMIT 1);
+/// The quarter-hour tier: time-first, since quarters are written in time order by
+/// compaction and read as time ranges of every subject; an index serves one subject.
+const ROLLUP_Q: &str = "
+CREATE TABLE IF NOT EXISTS rollup_q (
+    meter INTEGER NOT NULL,
+    minute INTEGER NOT NULL,
+    subject TEXT NOT NULL,
+    groups TEXT NOT NULL,
+    cnt INTEGER NOT NULL,
+    sum REAL NOT NULL,
+    vmin REAL,
+    vmax REAL,
+    latest_time INTEGER,
+    latest_seq INTEGER,
+    latest_value REAL,
+    PRIMARY KEY (meter, minute, subject, groups)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS rollup_q_by_subject ON rollup_q(meter, subject, minute);
 ";
 
-/// The minute rollup's upsert, for `rollup` or `rollup_q`.
+/// Schema version (`PRAGMA user_version`): 2 has `rollup_q` and `rollup_dirty`;
+/// [`migrate`] marks every quarter of an older database dirty.
+const SCHEMA_VERSION: i64 = 2;
+
+/// Quarters (their first minute) of a minute `m` in SQL.
+const QUARTER_OF_MINUTE: &str = "minute - ((minute % 15) + 15) % 15";
+
+/// The rollup's upsert (adds a state to a row).
 const UPSERT_ROLLUP: &str = "INSERT INTO rollup (meter, subject, minute, groups, cnt, sum, vmin, vmax, latest_time, latest_seq, latest_value)
      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
      ON CONFLICT (meter, subject, minute, groups) DO UPDATE SET
@@ -199,10 +205,6 @@ const UPSERT_ROLLUP: &str = "INSERT INTO rollup (meter, subject, minute, groups,
        latest_seq = CASE WHEN excluded.latest_time IS NOT NULL AND (latest_time IS NULL OR (excluded.latest_time, excluded.latest_seq) > (latest_time, latest_seq)) THEN excluded.latest_seq ELSE latest_seq END,
        latest_time = CASE WHEN excluded.latest_time IS NOT NULL AND (latest_time IS NULL OR (excluded.latest_time, excluded.latest_seq) > (latest_time, latest_seq)) THEN excluded.latest_time ELSE latest_time END";
 
-/// [`UPSERT_ROLLUP`] for the quarter-hour tier.
-static UPSERT_QUARTER: std::sync::LazyLock<String> =
-    std::sync::LazyLock::new(|| UPSERT_ROLLUP.replacen("INTO rollup ", "INTO rollup_q ", 1));
-
 /// Brings an older database to [`SCHEMA_VERSION`] (the tables exist by now).
 fn migrate(conn: &mut Connection) -> Result<()> {
     let version: i64 = conn
@@ -212,10 +214,11 @@ fn migrate(conn: &mut Connection) -> Result<()> {
         return Ok(());
     }
     let tx = conn.transaction().step("begin a schema upgrade")?;
-    tx.execute("DELETE FROM rollup_q", [])
-        .step("fill the quarter-hour rollup")?;
-    tx.execute_batch(FILL_QUARTERS)
-        .step("fill the quarter-hour rollup")?;
+    tx.execute_batch(&format!(
+        "DROP TABLE IF EXISTS rollup_q; {ROLLUP_Q} DELETE FROM rollup_dirty;
+         INSERT INTO rollup_dirty (meter, minute) SELECT DISTINCT meter, {QUARTER_OF_MINUTE} FROM rollup;"
+    ))
+    .step("mark the quarter hours to compute")?;
     tx.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))
         .step("set the schema version")?;
     tx.commit().step("commit a schema upgrade")?;
@@ -249,12 +252,14 @@ impl EmbeddedStore {
         let path = config.dir.join("tally.db");
         let mut conn = open_connection(&path, config.sync_full).step("open the database")?;
         conn.execute_batch(SCHEMA).step("create the schema")?;
+        conn.execute_batch(ROLLUP_Q).step("create the schema")?;
         migrate(&mut conn)?;
         let (ops, rx) = sync_channel(config.queue_capacity.max(1));
         let mut writer = Writer {
             conn,
             meters: HashMap::new(),
             max_events: config.max_events_per_commit.max(1),
+            last_compaction: Instant::now(),
         };
         std::thread::Builder::new()
             .name("tally-store-writer".into())
@@ -267,6 +272,18 @@ impl EmbeddedStore {
             ops,
             readers: Mutex::new(Vec::new()),
             path,
+        })
+    }
+
+    /// Quarter hours whose rollup is still to be recomputed from their minutes (the
+    /// writer does so when idle, once a quarter has ended).
+    pub fn quarters_pending(&self) -> Result<u64> {
+        self.with_reader(|conn| {
+            conn.query_row("SELECT COUNT(*) FROM rollup_dirty", [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .step("count dirty quarter hours")
+            .map(|n| n as u64)
         })
     }
 
@@ -496,9 +513,40 @@ fn rollup_range(
     if sm.meter.aggregation() == Aggregation::UniqueCount {
         return read_tier(tx, sm, spec, "rollup_uniq", from_min, to_min, comb);
     }
+    let mut dirty = tx
+        .prepare_cached("SELECT minute FROM rollup_dirty WHERE meter = ?1 AND minute >= ?2 AND minute < ?3 ORDER BY minute")
+        .step("list dirty quarter hours")?;
     for read in plan_rollup_reads(from_min * 60, to_min * 60, spec, true) {
-        let table = if read.quarter { "rollup_q" } else { "rollup" };
-        read_tier(tx, sm, spec, table, read.from_s / 60, read.to_s / 60, comb)?;
+        let (a, b) = (read.from_s / 60, read.to_s / 60);
+        if !read.quarter {
+            read_tier(tx, sm, spec, "rollup", a, b, comb)?;
+            continue;
+        }
+        // Quarters not recomputed since their minutes changed are read as minutes.
+        let stale: Vec<i64> = dirty
+            .query_map(params![sm.rollup_id, a, b], |r| r.get(0))
+            .step("list dirty quarter hours")?
+            .collect::<rusqlite::Result<_>>()
+            .step("list dirty quarter hours")?;
+        let mut at = a;
+        let mut i = 0;
+        while i < stale.len() {
+            let start = stale[i];
+            let mut end = start + 15;
+            while i + 1 < stale.len() && stale[i + 1] == end {
+                i += 1;
+                end += 15;
+            }
+            i += 1;
+            if at < start {
+                read_tier(tx, sm, spec, "rollup_q", at, start, comb)?;
+            }
+            read_tier(tx, sm, spec, "rollup", start, end, comb)?;
+            at = end;
+        }
+        if at < b {
+            read_tier(tx, sm, spec, "rollup_q", at, b, comb)?;
+        }
     }
     Ok(())
 }
@@ -528,8 +576,15 @@ fn read_tier(
     };
     let mut last_groups = (String::new(), Vec::new());
     for subject in subjects {
+        // Without statistics SQLite would scan the quarters' time range of every
+        // subject for one subject; its index reads only that subject's.
+        let index = if table == "rollup_q" && subject.is_some() {
+            " INDEXED BY rollup_q_by_subject"
+        } else {
+            ""
+        };
         let sql = format!(
-            "SELECT {cols} FROM {table} WHERE meter = ?1 AND minute >= ?2 AND minute < ?3 {}",
+            "SELECT {cols} FROM {table}{index} WHERE meter = ?1 AND minute >= ?2 AND minute < ?3 {}",
             if subject.is_some() {
                 "AND subject = ?4"
             } else {
@@ -571,29 +626,7 @@ fn read_tier(
                 comb.add_unique(&subject, &last_groups.1, minute_ms, &value)?;
                 continue;
             }
-            let latest = match row.get::<_, Option<i64>>(7).step("read the rollup")? {
-                Some(time_ms) => Some(Latest {
-                    time_ms,
-                    seq: (row.get(8).step("read the rollup")?, 0),
-                    id: String::new(),
-                    value: row.get(9).step("read the rollup")?,
-                }),
-                None => None,
-            };
-            let state = State {
-                count: row.get::<_, i64>(3).step("read the rollup")? as u64,
-                sum: row.get(4).step("read the rollup")?,
-                min: row
-                    .get::<_, Option<f64>>(5)
-                    .step("read the rollup")?
-                    .unwrap_or(f64::INFINITY),
-                max: row
-                    .get::<_, Option<f64>>(6)
-                    .step("read the rollup")?
-                    .unwrap_or(f64::NEG_INFINITY),
-                latest,
-                uniques: Default::default(),
-            };
+            let state = state_at(row, 3).step("read the rollup")?;
             comb.add_state(&subject, &last_groups.1, minute_ms, &state)?;
         }
     }
@@ -638,10 +671,7 @@ impl Accumulator {
 
     fn flush(&mut self, tx: &Transaction<'_>) -> Result<()> {
         let mut up = tx.prepare_cached(UPSERT_ROLLUP).step("update the rollup")?;
-        let mut up_q = tx
-            .prepare_cached(&UPSERT_QUARTER)
-            .step("update the rollup")?;
-        let mut quarters: HashMap<AccKey, State> = HashMap::new();
+        let mut quarters = std::collections::BTreeSet::new();
         let mut uniq = tx
             .prepare_cached("INSERT INTO rollup_uniq (meter, subject, minute, groups, value) VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT DO NOTHING")
             .step("update the rollup")?;
@@ -651,17 +681,17 @@ impl Accumulator {
                 uniq.execute(params![meter, subject, minute, groups, v])
                     .step("update the rollup")?;
             }
-            // UNIQUE_COUNT is read from rollup_uniq only.
-            if s.uniques.is_empty() {
-                let quarter = minute - minute.rem_euclid(15);
-                quarters
-                    .entry((meter, subject, quarter, groups))
-                    .or_default()
-                    .merge(&s);
-            }
+            quarters.insert((meter, minute - minute.rem_euclid(15)));
         }
-        for ((meter, subject, quarter, groups), s) in quarters {
-            upsert_state(&mut up_q, meter, &subject, quarter, &groups, &s)?;
+        let mut dirty = tx
+            .prepare_cached(
+                "INSERT INTO rollup_dirty (meter, minute) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
+            )
+            .step("mark quarter hours")?;
+        for (meter, quarter) in quarters {
+            dirty
+                .execute(params![meter, quarter])
+                .step("mark quarter hours")?;
         }
         let mut err = tx
             .prepare_cached("INSERT INTO meter_errors (seq, meter, message) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING")
@@ -672,6 +702,87 @@ impl Accumulator {
         }
         Ok(())
     }
+}
+
+/// The state in columns `first..first + 7` of a rollup row: cnt, sum, vmin, vmax,
+/// latest_time, latest_seq, latest_value.
+fn state_at(row: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<State> {
+    let latest = match row.get::<_, Option<i64>>(first + 4)? {
+        Some(time_ms) => Some(Latest {
+            time_ms,
+            seq: (row.get(first + 5)?, 0),
+            id: String::new(),
+            value: row.get(first + 6)?,
+        }),
+        None => None,
+    };
+    Ok(State {
+        count: row.get::<_, i64>(first)? as u64,
+        sum: row.get(first + 1)?,
+        min: row
+            .get::<_, Option<f64>>(first + 2)?
+            .unwrap_or(f64::INFINITY),
+        max: row
+            .get::<_, Option<f64>>(first + 3)?
+            .unwrap_or(f64::NEG_INFINITY),
+        latest,
+        uniques: Default::default(),
+    })
+}
+
+/// Recomputes up to `max` dirty quarter hours that ended by `now_min` from their
+/// minutes, in one transaction; returns how many.
+fn compact(conn: &mut Connection, max: usize, now_min: i64) -> Result<usize> {
+    let tx = conn.transaction().step("begin a compaction")?;
+    let quarters: Vec<(i64, i64)> = {
+        let mut stmt = tx
+            .prepare_cached(
+                "SELECT meter, minute FROM rollup_dirty WHERE minute + 15 <= ?1 LIMIT ?2",
+            )
+            .step("list dirty quarter hours")?;
+        stmt.query_map(params![now_min, max as i64], |r| Ok((r.get(0)?, r.get(1)?)))
+            .step("list dirty quarter hours")?
+            .collect::<rusqlite::Result<_>>()
+            .step("list dirty quarter hours")?
+    };
+    {
+        let mut read = tx
+            .prepare_cached("SELECT subject, groups, cnt, sum, vmin, vmax, latest_time, latest_seq, latest_value FROM rollup WHERE meter = ?1 AND minute >= ?2 AND minute < ?2 + 15")
+            .step("compact a quarter hour")?;
+        let mut clear = tx
+            .prepare_cached("DELETE FROM rollup_q WHERE meter = ?1 AND minute = ?2")
+            .step("compact a quarter hour")?;
+        let mut up = tx
+            .prepare_cached(&UPSERT_ROLLUP.replacen("INTO rollup ", "INTO rollup_q ", 1))
+            .step("compact a quarter hour")?;
+        let mut done = tx
+            .prepare_cached("DELETE FROM rollup_dirty WHERE meter = ?1 AND minute = ?2")
+            .step("compact a quarter hour")?;
+        for &(meter, quarter) in &quarters {
+            let mut states: HashMap<(String, String), State> = HashMap::new();
+            let mut rows = read
+                .query(params![meter, quarter])
+                .step("compact a quarter hour")?;
+            while let Some(row) = rows.next().step("compact a quarter hour")? {
+                let key = (
+                    row.get(0).step("compact a quarter hour")?,
+                    row.get(1).step("compact a quarter hour")?,
+                );
+                let state = state_at(row, 2).step("compact a quarter hour")?;
+                states.entry(key).or_default().merge(&state);
+            }
+            clear
+                .execute(params![meter, quarter])
+                .step("compact a quarter hour")?;
+            for ((subject, groups), state) in &states {
+                upsert_state(&mut up, meter, subject, quarter, groups, state)?;
+            }
+            done.execute(params![meter, quarter])
+                .step("compact a quarter hour")?;
+        }
+    }
+    tx.commit().step("commit a compaction")?;
+    Ok(quarters.len())
 }
 
 /// Adds `s` to the row of (meter, subject, minute, groups) of a rollup tier.
@@ -715,19 +826,50 @@ struct Writer {
     conn: Connection,
     meters: MeterIndex,
     max_events: usize,
+    last_compaction: Instant,
 }
 
+/// How long the writer waits for work before compacting quarter hours.
+const COMPACT_IDLE: Duration = Duration::from_millis(200);
+/// Quarter hours one idle compaction transaction recomputes.
+const COMPACT_CHUNK: usize = 16;
+
 impl Writer {
+    /// Recomputes up to `max` ended dirty quarter hours; a failure is logged (the
+    /// quarters stay dirty and queries read their minutes).
+    fn compact(&mut self, max: usize) -> usize {
+        self.last_compaction = Instant::now();
+        let now_min = Utc::now().timestamp().div_euclid(60);
+        match compact(&mut self.conn, max, now_min) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(error = %error_chain(&e), "Failed to compact quarter hours; queries read their minutes");
+                0
+            }
+        }
+    }
+
     fn run(&mut self, rx: Receiver<Op>) {
         let mut next = None;
+        // Idle: compact dirty quarter hours in chunks until none is left, then wait.
+        let mut wait = COMPACT_IDLE;
         loop {
             let op = match next.take() {
                 Some(op) => op,
-                None => match rx.recv() {
+                None => match rx.recv_timeout(wait) {
                     Ok(op) => op,
-                    Err(_) => return,
+                    Err(RecvTimeoutError::Timeout) => {
+                        wait = match self.compact(COMPACT_CHUNK) {
+                            // (the current quarter hour ends within 15 minutes)
+                            0 => Duration::from_secs(30),
+                            _ => Duration::ZERO,
+                        };
+                        continue;
+                    }
+                    Err(RecvTimeoutError::Disconnected) => return,
                 },
             };
+            wait = COMPACT_IDLE;
             match op {
                 Op::Ingest {
                     namespace,
@@ -754,6 +896,10 @@ impl Writer {
                         }
                     }
                     self.ingest(batch);
+                    // Under steady load: one quarter hour a second.
+                    if self.last_compaction.elapsed() >= Duration::from_secs(1) {
+                        self.compact(1);
+                    }
                 }
                 Op::Sync { meters, reply } => {
                     let _ = reply.send(self.sync(meters));
@@ -884,6 +1030,7 @@ impl Writer {
             for sql in [
                 "DELETE FROM rollup WHERE meter = ?1",
                 "DELETE FROM rollup_q WHERE meter = ?1",
+                "DELETE FROM rollup_dirty WHERE meter = ?1",
                 "DELETE FROM rollup_uniq WHERE meter = ?1",
                 "DELETE FROM meter_errors WHERE meter = ?1",
                 "DELETE FROM meters WHERE id = ?1",
