@@ -102,13 +102,19 @@ pub async fn run(client: Client, settings: Option<AgentSettings>, ch: Option<Ch>
             .iter()
             .filter_map(|g| g.0.as_ref().ok().cloned())
             .collect();
+        let cluster = dep_reader
+            .get(&reflector::ObjectRef::new(CLUSTER_AGENT).within(&ns))
+            .map(|d| dep_counts(&d));
+        let cluster_claim_pending = match cluster {
+            Some((_, 0)) => claim_pending(&client, &ns).await,
+            _ => false,
+        };
         let workloads = Workloads {
             node: ds_reader
                 .get(&reflector::ObjectRef::new(NODE_AGENT).within(&ns))
                 .map(|d| ds_counts(&d)),
-            cluster: dep_reader
-                .get(&reflector::ObjectRef::new(CLUSTER_AGENT).within(&ns))
-                .map(|d| dep_counts(&d)),
+            cluster,
+            cluster_claim_pending,
         };
         let secret_problems = match render(&client, settings.as_ref(), &all, &mut applied).await {
             Ok(p) => p,
@@ -133,6 +139,18 @@ pub async fn run(client: Client, settings: Option<AgentSettings>, ch: Option<Ch>
         }
         let _ = tokio::time::timeout(every, changed.recv()).await;
     }
+}
+
+/// Whether the cluster agent's spool claim exists and is still Pending (unbound: no
+/// default StorageClass, or a class that cannot provision).
+async fn claim_pending(client: &Client, ns: &str) -> bool {
+    Api::<PersistentVolumeClaim>::namespaced(client.clone(), ns)
+        .get_opt(agents::CLUSTER_AGENT_SPOOL)
+        .await
+        .ok()
+        .flatten()
+        .and_then(|c| c.status?.phase)
+        .is_some_and(|phase| phase == "Pending")
 }
 
 fn key_of(c: &Collector) -> String {
@@ -179,6 +197,9 @@ struct Found<'a> {
 struct Workloads {
     node: Option<(i32, i32)>,
     cluster: Option<(i32, i32)>,
+    /// The cluster agent's spool claim is not bound (read only while that agent is
+    /// not ready).
+    cluster_claim_pending: bool,
 }
 
 fn ds_counts(d: &DaemonSet) -> (i32, i32) {
@@ -505,6 +526,14 @@ fn desired_status(
                     workloads.cluster,
                 ),
             };
+            let hint = if src.scope() == Scope::Cluster && workloads.cluster_claim_pending {
+                format!(
+                    "; its spool claim {} is Pending: give the cluster a default StorageClass or start the operator with --cluster-agent-storage-class (chart: operator.clusterAgentSpool.storageClass)",
+                    agents::CLUSTER_AGENT_SPOOL
+                )
+            } else {
+                String::new()
+            };
             match counts {
                 Some((desired, ready)) if desired > 0 && ready >= desired => (
                     true,
@@ -515,7 +544,7 @@ fn desired_status(
                 Some((desired, ready)) => (
                     false,
                     "AgentsNotReady",
-                    format!("{ready} of {desired} {scope} are ready"),
+                    format!("{ready} of {desired} {scope} are ready{hint}"),
                     counts,
                 ),
                 None => (

@@ -274,6 +274,34 @@ async fn collectors_become_agent_workloads_that_follow_every_change() {
         json!(["ReadWriteOnce"]),
         "the cluster agent's spool outlives its pod"
     );
+    // An unbound claim (no default StorageClass) is named in the not-ready message,
+    // with the fix. Only the test kit lets a test set a claim's phase.
+    if cluster.kit.is_some() {
+        claims
+            .patch_status(
+                "tally-cluster-agent-spool",
+                &PatchParams::default(),
+                &Patch::Merge(&json!({"status": {"phase": "Pending"}})),
+            )
+            .await
+            .unwrap();
+        let s = soon("the Pending claim in the Collector's status", async || {
+            let s = collectors_b.get("openai").await.unwrap().status?;
+            s.conditions[0]
+                .message
+                .contains("tally-cluster-agent-spool is Pending")
+                .then_some(s)
+        })
+        .await;
+        assert_eq!(s.conditions[0].reason, "AgentsNotReady");
+        assert!(
+            s.conditions[0]
+                .message
+                .contains("--cluster-agent-storage-class"),
+            "{:?}",
+            s.conditions[0]
+        );
+    }
     let node_yaml = cms.get("tally-agent").await.unwrap().data.unwrap()["agent.yaml"].clone();
     assert!(
         !node_yaml.contains("openai"),
