@@ -6,15 +6,17 @@
 //! - `rollup`: per meter rollup id, subject, UTC minute and group-by values, the
 //!   mergeable state of every numeric aggregation; `rollup_uniq`: UNIQUE_COUNT's
 //!   distinct values per minute.
-//! - `rollup_q`: the same states per quarter hour (its `minute` is the quarter's first),
-//!   so a query reads whole quarters from 15 times fewer rows (the plan is
+//! - `rollup_q`: the same states per quarter hour (its `minute` is the quarter's
+//!   first), so a query reads whole quarters from 15 times fewer rows (the plan is
 //!   [`crate::query::plan_rollup_reads`], shared with ClickHouse). Ingest writes only
 //!   minutes and marks their quarters in `rollup_dirty`, in the same transaction; the
-//!   writer recomputes ended dirty quarters from their minutes when idle (and one a
-//!   second under load), and a query reads a dirty quarter's minutes instead. So a
-//!   quarter row is used only when it equals the sum of its minutes, and ingest pays one
-//!   small upsert per quarter a batch touches, not one per state. `meters` maps (namespace, slug, definition) to a rollup
-//!   id: a changed definition gets a new id and a fresh backfill.
+//!   writer recomputes ended dirty quarters from their minutes when idle, one per
+//!   transaction (and one a second under load), and a query reads a dirty quarter's
+//!   minutes instead. So a quarter row is used only when it equals the sum of its
+//!   minutes, and ingest pays one small upsert per quarter a batch touches, not one
+//!   per state.
+//! - `meters` maps (namespace, slug, definition) to a rollup id: a changed definition
+//!   gets a new id and a fresh backfill.
 //! - `meter_errors`: per-meter validation errors by event.
 //!
 //! # Writes
@@ -831,8 +833,9 @@ struct Writer {
 
 /// How long the writer waits for work before compacting quarter hours.
 const COMPACT_IDLE: Duration = Duration::from_millis(200);
-/// Quarter hours one idle compaction transaction recomputes.
-const COMPACT_CHUNK: usize = 16;
+/// Quarter hours one idle compaction transaction recomputes: one, so queued work waits
+/// at most one quarter's recompute.
+const COMPACT_CHUNK: usize = 1;
 
 impl Writer {
     /// Recomputes up to `max` ended dirty quarter hours; a failure is logged (the
