@@ -415,6 +415,14 @@ async fn watch(
         if now == last {
             continue;
         }
+        // Files are written in steps (truncate, then write; an editor's save): reload
+        // only once the folder stopped changing, or a half-written file would read as
+        // a removed meter and its rewrite as a new one, slipping past the immutability
+        // rules.
+        tokio::time::sleep(every).await;
+        if manifests::fingerprint(&dir) != now {
+            continue;
+        }
         last = now;
         match reload(&dir, &store, &state, served.clone()).await {
             Ok(meters) => {
