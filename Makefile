@@ -4,6 +4,13 @@ export CARGO_TARGET_DIR ?= $(HOME)/.cache/tally-target
 CARGO ?= cargo
 LISTEN ?= 127.0.0.1:8080
 DATA ?= ./data
+# The Kubernetes tests' control plane: a folder with etcd, kube-apiserver and
+# kube-controller-manager. Unless given, ../shared/envtest/install.sh unpacks them (where
+# it exists); expanded only by the targets that run tests.
+ENVTEST_INSTALL ?= ../shared/envtest/install.sh
+ifeq ($(strip $(KUBEBUILDER_ASSETS)),)
+KUBEBUILDER_ASSETS = $(shell [ -f $(ENVTEST_INSTALL) ] && bash $(ENVTEST_INSTALL))
+endif
 
 .DEFAULT_GOAL := help
 .PHONY: help build run run-agent test test-unit test-e2e lint fmt generate bench clean-data services services-stop services-status tools helm-lint
@@ -20,11 +27,11 @@ run: ## Start the standalone server on 127.0.0.1:8080 with examples/quickstart (
 run-agent: ## Run tally-agent with examples/agent/agent.yaml, shipping to `make run`'s server
 	$(CARGO) run -p tally-agent -- --config examples/agent/agent.yaml
 
-test: lint services tools ## Check formatting and clippy, start the services, install the Helm library, then run every test
-	$(CARGO) test --workspace
+test: lint services tools ## Check formatting and clippy, start the services, install the Helm library, then run every test (Kubernetes tests on a real control plane from KUBEBUILDER_ASSETS)
+	KUBEBUILDER_ASSETS="$(KUBEBUILDER_ASSETS)" $(CARGO) test --workspace
 
-test-e2e: services ## Tests that need a Kubernetes API: against KUBECONFIG when set, else the in-memory test kit
-	TALLY_KUBECONFIG=$(KUBECONFIG) $(CARGO) test -p tally-tests --test kube_kit --test operator_meters --test operator_collectors --test operator_unreachable --test agent_pod_runtime --test agent_lease --test cluster_e2e --test helm_chart
+test-e2e: services tools ## Tests that need a Kubernetes API: against KUBECONFIG when set (a control plane without scheduler or kubelets, never a real cluster), else a real control plane from KUBEBUILDER_ASSETS
+	TALLY_KUBECONFIG=$(KUBECONFIG) KUBEBUILDER_ASSETS="$(KUBEBUILDER_ASSETS)" $(CARGO) test -p tally-tests --test kube_api --test operator_meters --test operator_collectors --test operator_unreachable --test agent_pod_runtime --test agent_lease --test cluster_e2e --test helm_chart
 
 tools: ## Install the Helm Go library for Python (helm-sdkpy) that the chart's tests lint and install with
 	@python3 -c 'import helm_sdkpy, yaml' 2>/dev/null || python3 -m pip install --quiet --ignore-requires-python helm-sdkpy cffi pyyaml
@@ -59,8 +66,8 @@ bench: services ## Benchmarks (release build): standalone vs bare SQLite; Kafka 
 	$(CARGO) bench -p tally-pipeline --bench standalone
 	$(CARGO) bench -p tally-pipeline --bench scaleout
 	$(CARGO) build -q --profile agent -p tally-agent
-	TALLY_BENCH_AGENT_BIN=$(CARGO_TARGET_DIR)/agent/tally-agent $(CARGO) bench -p tally-tests --bench agent
-	$(CARGO) bench -p tally-tests --bench operator
+	KUBEBUILDER_ASSETS="$(KUBEBUILDER_ASSETS)" TALLY_BENCH_AGENT_BIN=$(CARGO_TARGET_DIR)/agent/tally-agent $(CARGO) bench -p tally-tests --bench agent
+	KUBEBUILDER_ASSETS="$(KUBEBUILDER_ASSETS)" $(CARGO) bench -p tally-tests --bench operator
 
 clean-data: ## Delete the standalone server's ./data
 	rm -rf $(DATA)

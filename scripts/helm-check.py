@@ -5,8 +5,8 @@
       Lints the chart (renders every template, validates values.schema.json) with its
       default values, or with VALUES merged over them; exit 1 on any error.
   helm-check.py install CHART KUBECONFIG NAMESPACE [VALUES]
-      `helm install` into the cluster of KUBECONFIG (the tests use the in-memory API
-      server) without waiting; exit 1 when it fails. The release record is a Secret,
+      `helm install` into the cluster of KUBECONFIG (the tests use their real
+      control plane) without waiting; exit 1 when it fails. The release record is a Secret,
       as Helm's default (HELM_DRIVER=secret).
   helm-check.py upgrade CHART KUBECONFIG NAMESPACE [VALUES]
       `helm upgrade` of that release.

@@ -20,6 +20,7 @@ use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use serde_json::json;
+use tally_tests::kube::kubelet::Node;
 use tally_tests::kube::{Cluster, put_pod};
 use tally_tests::{
     Proc, cpu_time_of, free_port, kafka, release_bin, rfc3339, rss_of, rss_split_of,
@@ -58,7 +59,7 @@ fn pod(i: usize, started: i64) -> serde_json::Value {
         "metadata": {"name": format!("worker-{i}"), "namespace": "bench", "uid": format!("uid-{i}"),
                      "labels": {"app": "worker"}, "annotations": {"tally.dev/subject": format!("customer-{}", i % 20)}},
         "spec": {"nodeName": "bench-node", "containers": [{"name": "main", "image": "x",
-                 "resources": {"requests": {"cpu": "500m", "memory": "1Gi", "nvidia.com/gpu": "1"}}}]},
+                 "resources": {"requests": {"cpu": "500m", "memory": "1Gi", "nvidia.com/gpu": "1"}, "limits": {"nvidia.com/gpu": "1"}}}]},
         "status": {"phase": "Running", "qosClass": "Burstable",                    "containerStatuses": [{"name": "main", "image": "x", "imageID": "", "ready": true, "restartCount": 0,
                                           "state": {"running": {"startedAt": rfc3339(started)}}}]}
     })
@@ -164,9 +165,13 @@ fn main() {
         .unwrap_or(90);
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let cluster_dir = tempfile::tempdir().unwrap();
-        let cluster = Cluster::connect(cluster_dir.path());
+        let Some(cluster) = Cluster::connect("agent bench").await else {
+            return;
+        };
         let kube = cluster.client().await;
+        cluster.namespaces(&kube, &["bench"]).await;
+        // Pods on a Node that does not exist are removed by the pod garbage collector.
+        let node = Node::register(&kube, "bench-node").await;
         let started = now() - 3600;
         for i in 0..PODS {
             put_pod(&kube, pod(i, started)).await;
@@ -201,5 +206,6 @@ fn main() {
             None => println!("Kafka       skipped: no broker (run `make services`)"),
         }
         server.kill9();
+        node.remove(&kube).await;
     });
 }

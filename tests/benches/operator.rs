@@ -4,8 +4,8 @@
 //!
 //! The raw limit measured in the same run: the same rollup DDL and backfills issued
 //! straight to ClickHouse by the pipeline library's batch `provision()` (one cutover wait
-//! for all), with no Kubernetes in between. The operator runs against the test kit's
-//! API server; its cutover margin and grace are the defaults (5 s + 5 s), which bound
+//! for all), with no Kubernetes in between. The operator runs against the real control
+//! plane (`KUBEBUILDER_ASSETS`, or `TALLY_KUBECONFIG`); its cutover margin and grace are the defaults (5 s + 5 s), which bound
 //! any single meter's time to Ready from below.
 use std::time::{Duration, Instant};
 
@@ -71,8 +71,13 @@ async fn main() {
 
     // The operator.
     let dir = tempfile::tempdir().unwrap();
-    let cluster = Cluster::connect(dir.path());
+    let Some(cluster) = Cluster::connect("operator bench").await else {
+        return;
+    };
     let client = cluster.client().await;
+    cluster
+        .namespaces(&client, &["tally-system", "bench"])
+        .await;
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     let _ = crds.create(&PostParams::default(), &Meter::crd()).await;
     let db = format!("tally_bench_op_{unique}");

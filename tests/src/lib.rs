@@ -5,7 +5,8 @@
 //! package's binaries): [`bin`] runs `cargo build` for the workspace's binaries once
 //! per test process (a no-op when `make test` already built them) and returns the path.
 //!
-//! [`kube`] is the in-memory Kubernetes API server tests (and CI) run against.
+//! [`kube`] starts the real Kubernetes control plane tests run against (or connects to
+//! `TALLY_KUBECONFIG`'s) and plays the scheduler and kubelets.
 #![forbid(unsafe_code)]
 
 pub mod kube;
@@ -106,6 +107,23 @@ pub fn start_operator(
         ("RUST_LOG", "info"),
     ];
     (Proc::start(program, &all, &envs, log), metrics)
+}
+
+/// Says, on the test process's own stderr (not the harness's captured output, so a
+/// passing test's skip shows in the log), that a part of a test is skipped and why;
+/// under `CI` it fails the test instead: CI never passes by skipping.
+pub fn skip(why: &str) {
+    if std::env::var_os("CI").is_some() {
+        panic!("{why}; CI must not skip");
+    }
+    say(&format!("SKIPPED {why}"));
+}
+
+/// Writes a line to the process's stderr past the test harness's capture (for facts
+/// a passing run's log should show, like the control plane's version).
+pub fn say(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
 }
 
 /// A free TCP port on 127.0.0.1.

@@ -1,6 +1,7 @@
 //! tally's cluster deployment as processes: `tally-operator` replicas, `tally-server
 //! sink` and `tally-server --kubernetes` (ingest to Kafka, queries from ClickHouse,
-//! meters from the API), against a Kubernetes API (the kit or a real cluster) with real
+//! meters from the API), against a Kubernetes API (the kit's control plane or
+//! `TALLY_KUBECONFIG`'s) with real
 //! Kafka and ClickHouse. Every process stops (SIGKILL by PID) when the [`Stack`] drops.
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -34,11 +35,12 @@ pub struct Stack {
 }
 
 impl Stack {
-    /// Starts `replicas` operators (with `operator_args` besides the pipeline's), the
-    /// sink and the server, all logging into `dir`, and waits until the server listens.
+    /// Starts `replicas` operators (with `operator_args` besides the pipeline's, on
+    /// `operator_kubeconfig`), the sink and the server (on `kubeconfig`), all logging
+    /// into `dir`, and waits until the server listens.
     pub fn start(
         dir: &Path,
-        kubeconfig: &Path,
+        (kubeconfig, operator_kubeconfig): (&Path, &Path),
         p: &Pipeline,
         replicas: usize,
         operator_args: &[&str],
@@ -74,7 +76,7 @@ impl Stack {
                 let args: Vec<&str> = args.iter().map(String::as_str).collect();
                 start_operator(
                     bin("tally-operator"),
-                    kubeconfig,
+                    operator_kubeconfig,
                     "tally-system",
                     &args,
                     dir.join(format!("operator-{i}.log")),

@@ -1,5 +1,5 @@
-//! The agent binary measuring pod runtime from the Kubernetes API (the test kit, or
-//! `TALLY_KUBECONFIG`), the test acting as kubelet, shipping
+//! The agent binary measuring pod runtime from the Kubernetes API (the real control
+//! plane, or `TALLY_KUBECONFIG`), the test acting as the nodes' kubelets, shipping
 //! to the standalone server: GPU-seconds per subject are exact to the second, across a
 //! SIGKILL of the agent, with restarts, a pod finishing mid-run, and pods that must be
 //! ignored (other node, other namespace).
@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use tally_tests::kube::kubelet::Node;
 use tally_tests::kube::{Cluster, put_pod};
 use tally_tests::{
     Proc, Standalone, await_subject_totals, bin, free_port, rfc3339, subject_totals,
@@ -51,13 +52,21 @@ fn pod(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn gpu_seconds_per_subject_are_exact_across_an_agent_sigkill() {
+    let Some(cluster) = Cluster::connect("agent_pod_runtime").await else {
+        return;
+    };
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
     let mut server = Standalone::with_meter(root, METER);
     let addr = server.addr.clone();
 
-    let cluster = Cluster::connect(root);
     let kube = cluster.client().await;
+    cluster.namespaces(&kube, &["team-a", "other"]).await;
+    // Pods on a Node that does not exist are removed by the pod garbage collector.
+    let nodes = [
+        Node::register(&kube, "node-1").await,
+        Node::register(&kube, "node-2").await,
+    ];
     let base = now().div_euclid(60) * 60 - 900;
     let none = json!({});
     let t = ("tally.dev/subject", "customer-a");
@@ -196,4 +205,7 @@ async fn gpu_seconds_per_subject_are_exact_across_an_agent_sigkill() {
     );
     assert!(agent.terminate(), "graceful shutdown:\n{}", agent.log());
     server.kill9();
+    for node in nodes {
+        node.remove(&kube).await;
+    }
 }

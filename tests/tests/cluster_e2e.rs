@@ -1,4 +1,4 @@
-//! The whole system on a cluster — the test kit's API server (or `TALLY_KUBECONFIG`),
+//! The whole system on a cluster — the real control plane (or `TALLY_KUBECONFIG`),
 //! real tansu and ClickHouse, and the real binaries: `tally-operator`, `tally-agent`
 //! (run from the DaemonSet and ConfigMap the operator rendered), `tally-server sink` and
 //! `tally-server --kubernetes`.
@@ -7,9 +7,10 @@
 //! the `cluster-walkthrough` markers) command by command with the real `kubectl` and
 //! `curl`, checking each output the README shows (ages and apply verbs aside). In
 //! between, the test plays the parts of a cluster that run no code here: the scheduler
-//! binds pods, the kubelet of node `gpu-node-1` registers its Node, keeps it Ready and
-//! writes pod status, the DaemonSet controller and kubelet run the agent pod (the
-//! rendered arguments and environment, the ConfigMap projected into a folder).
+//! binds pods, the kubelet of node `gpu-node-1` registers its Node, keeps it Ready,
+//! writes pod status and runs the agent container of the pod the real DaemonSet
+//! controller made (the rendered arguments and environment, the ConfigMap projected
+//! into a folder); the DaemonSet's readiness is the real controller's.
 //!
 //! Then, beyond the README: a pod restarted mid-run while the agent is SIGKILLed and
 //! restarted, with pods on another node and in another namespace that must not count →
@@ -28,7 +29,7 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 use tally_crds::Collector;
 use tally_tests::kube::Cluster;
-use tally_tests::kube::kubelet::Node;
+use tally_tests::kube::kubelet::{Node, PodRunner};
 use tally_tests::stack::{Pipeline, Stack};
 use tally_tests::{
     KeptDir, Proc, bin, clickhouse, eventually, free_port, group_totals, kafka, repo, rfc3339,
@@ -283,16 +284,17 @@ impl AgentPod {
                 .filter(|r| r.status().is_success())
         })
         .await;
-        // The DaemonSet controller reports its one pod ready.
-        let status = json!({"status": {"desiredNumberScheduled": 1, "currentNumberScheduled": 1,
-            "numberMisscheduled": 0, "numberReady": 1, "updatedNumberScheduled": 1, "numberAvailable": 1}});
-        dss.patch_status(
-            "tally-agent",
-            &PatchParams::default(),
-            &Patch::Merge(&status),
+        // The test's kubelet reports the DaemonSet's pod running; the real DaemonSet
+        // controller counts it ready.
+        within(
+            30,
+            "the DaemonSet controller to count its pod ready",
+            async || {
+                let ds = dss.get("tally-agent").await.ok()?;
+                (ds.status?.number_ready >= 1).then_some(())
+            },
         )
-        .await
-        .unwrap();
+        .await;
         AgentPod {
             proc,
             config_dir,
@@ -400,25 +402,24 @@ async fn meter_and_collector_on_a_cluster_bill_gpu_seconds_exactly() {
         "logs in {} (kept with TALLY_KEEP_LOGS=1)",
         dir.path().display()
     );
-    let cluster = Cluster::connect(dir.path());
+    let Some(cluster) = Cluster::connect(test).await else {
+        return;
+    };
     let kc = cluster.kubeconfig.clone();
+    let operator_kc = cluster.kubeconfig_as("tally-operator", dir.path());
     let client = cluster.client().await;
     let http = reqwest::Client::new();
     let unique = format!("{}_{}", std::process::id(), unix_now());
     let (db, topic) = (format!("tally_e2e_{unique}"), format!("tally-e2e-{unique}"));
 
-    // The cluster's nodes: the one the agent runs on, and another.
+    // The README's cluster has one node, the one the agent runs on; a second joins
+    // after the walkthrough. The test's kubelets run the pods the controllers make in
+    // tally's namespace (the agent container of node 1's is the process below).
     let node = Node::register(&client, "gpu-node-1").await;
-    let other_node = Node::register(&client, "gpu-node-2").await;
-    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
-    for ns in [AGENTS_NS, "other-team"] {
-        let _ = namespaces
-            .create(
-                &PostParams::default(),
-                &serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap(),
-            )
-            .await;
-    }
+    cluster
+        .namespaces(&client, &[AGENTS_NS, "other-team"])
+        .await;
+    let _runner = PodRunner::start(&client, AGENTS_NS, &[&node]);
 
     // ---- The README walkthrough -------------------------------------------------
     let mut stack: Option<Stack> = None;
@@ -430,7 +431,7 @@ async fn meter_and_collector_on_a_cluster_bill_gpu_seconds_exactly() {
             // The walkthrough starts with tally running against the cluster.
             stack = Some(Stack::start(
                 dir.path(),
-                &kc,
+                (&kc, &operator_kc),
                 &Pipeline {
                     brokers: &brokers,
                     clickhouse: &ch,
@@ -454,6 +455,8 @@ async fn meter_and_collector_on_a_cluster_bill_gpu_seconds_exactly() {
     exact_subjects(&http, &server, &expected).await;
 
     // ---- A restart, the agent SIGKILLed and restarted, pods that do not count -------
+    let other_node = Node::register(&client, "gpu-node-2").await;
+    let _other_runner = PodRunner::start(&client, AGENTS_NS, &[&other_node]);
     let pods = Api::<Pod>::namespaced(client.clone(), NS);
     let pp = PostParams::default();
     pods.create(&pp, &gpu_pod("finetune-2", NS, "globex", 1, json!({})))
@@ -578,7 +581,23 @@ async fn meter_and_collector_on_a_cluster_bill_gpu_seconds_exactly() {
         },
     )
     .await;
-    // The DaemonSet controller removes its pod: the agent stops gracefully.
+    // The garbage collector removes the DaemonSet's pods: the agent stops gracefully.
+    let agent_pods = Api::<Pod>::namespaced(client.clone(), AGENTS_NS);
+    let of_agent = kube::api::ListParams::default().labels("app.kubernetes.io/name=tally-agent");
+    within(
+        60,
+        "the garbage collector to remove the agents' pods",
+        async || {
+            agent_pods
+                .list(&of_agent)
+                .await
+                .ok()?
+                .items
+                .is_empty()
+                .then_some(())
+        },
+    )
+    .await;
     assert!(
         agent.proc.terminate(),
         "graceful stop:\n{}",
@@ -590,4 +609,6 @@ async fn meter_and_collector_on_a_cluster_bill_gpu_seconds_exactly() {
         "the usage stays"
     );
     drop(stack);
+    node.remove(&client).await;
+    other_node.remove(&client).await;
 }

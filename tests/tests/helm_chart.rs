@@ -2,8 +2,9 @@
 //! helm-sdkpy; there is no helm binary here):
 //! - `helm lint` with the default values and with `ci/ci-values.yaml` (every template
 //!   rendered, values.schema.json enforced): no errors; a wrong value is an error;
-//! - `helm install` of the chart into the test kit's API server, with the default values
-//!   and with the CI values: the CRDs, workloads, ServiceAccounts, RBAC, Secrets,
+//! - `helm install` of the chart into the real control plane (namespace `tally-system`
+//!   with the default values, `tally-ci` with the CI values: both releases side by side,
+//!   as their cluster-scoped names carry the namespace): the CRDs, workloads, ServiceAccounts, RBAC, Secrets,
 //!   NetworkPolicy and ServiceMonitor it creates are checked as stored objects — the
 //!   kinds, least-privilege rules, restricted security contexts, and credentials only
 //!   by Secret reference; then `helm upgrade` keeps the generated agents' token;
@@ -11,7 +12,6 @@
 //!   own argument parser;
 //! - the chart's CRDs are the generated ones (the drift test in `crds/` covers
 //!   `charts/tally/crds/` too).
-use std::path::Path;
 use std::process::Command;
 
 use k8s_openapi::api::apps::v1::Deployment;
@@ -20,7 +20,7 @@ use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::rbac::v1::{ClusterRole, Role};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, ListParams};
-use tally_tests::kube::KubeKit;
+use tally_tests::kube::Cluster;
 use tally_tests::repo;
 
 fn helm_check(args: &[&str]) -> Option<(bool, String)> {
@@ -165,9 +165,13 @@ fn accepted_by_the_binary(pod: &serde_json::Value, what: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn helm_install_creates_least_privilege_restricted_objects() {
-    let dir = tempfile::tempdir().unwrap();
-    let kit = KubeKit::start(dir.path());
-    let kubeconfig = kit.kubeconfig.to_str().unwrap().to_string();
+    let Some(cluster) = Cluster::connect("helm_install").await else {
+        return;
+    };
+    let client = cluster.client().await;
+    let ns = "tally-system";
+    cluster.namespaces(&client, &[ns]).await;
+    let kubeconfig = cluster.kubeconfig.to_str().unwrap().to_string();
     let result = tokio::task::spawn_blocking(move || {
         helm_check(&["install", "charts/tally", &kubeconfig, "tally-system"])
     })
@@ -176,9 +180,7 @@ async fn helm_install_creates_least_privilege_restricted_objects() {
     let Some((ok, out)) = result else {
         return;
     };
-    assert!(ok, "helm install into the test kit:\n{out}");
-    let client = kube_client(&kit).await;
-    let ns = "tally-system";
+    assert!(ok, "helm install into the control plane:\n{out}");
 
     // The CRDs come from the chart's crds/ folder.
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
@@ -241,7 +243,10 @@ async fn helm_install_creates_least_privilege_restricted_objects() {
     // Least privilege.
     let cluster_roles: Api<ClusterRole> = Api::all(client.clone());
     let rules = |r: &ClusterRole| serde_json::to_value(&r.rules).unwrap();
-    let op = cluster_roles.get("tally-operator").await.unwrap();
+    let op = cluster_roles
+        .get("tally-operator-tally-system")
+        .await
+        .unwrap();
     let op_rules = rules(&op);
     for rule in op_rules.as_array().unwrap() {
         let resources = rule["resources"].to_string();
@@ -291,14 +296,14 @@ async fn helm_install_creates_least_privilege_restricted_objects() {
     // `helm upgrade` (the release record is a Secret, as by default) keeps the agents'
     // token: the chart looks the Secret up instead of generating a new one, so agents
     // and server stay in step.
-    let kubeconfig = kit.kubeconfig.to_str().unwrap().to_string();
+    let kubeconfig = cluster.kubeconfig.to_str().unwrap().to_string();
     let (ok, out) = tokio::task::spawn_blocking(move || {
         helm_check(&["upgrade", "charts/tally", &kubeconfig, "tally-system"])
     })
     .await
     .unwrap()
     .unwrap();
-    assert!(ok, "helm upgrade in the test kit:\n{out}");
+    assert!(ok, "helm upgrade in the control plane:\n{out}");
     let after = secrets
         .get("tally-agent-token")
         .await
@@ -317,9 +322,12 @@ async fn helm_install_creates_least_privilege_restricted_objects() {
 /// Secret, NetworkPolicy and ServiceMonitor — installed, and the wiring checked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn helm_install_with_the_ci_values_wires_every_secret() {
-    let dir = tempfile::tempdir().unwrap();
-    let kit = KubeKit::start(dir.path());
-    let client = kube_client(&kit).await;
+    let Some(cluster) = Cluster::connect("helm_install_ci_values").await else {
+        return;
+    };
+    let client = cluster.client().await;
+    let ns = "tally-ci";
+    cluster.namespaces(&client, &[ns]).await;
     // The Prometheus Operator's kind, as a cluster that has it would serve it.
     let monitor: CustomResourceDefinition = serde_json::from_value(serde_json::json!({
         "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
@@ -333,14 +341,34 @@ async fn helm_install_with_the_ci_values_wires_every_secret() {
         .create(&Default::default(), &monitor)
         .await
         .unwrap();
-    let kubeconfig = kit.kubeconfig.to_str().unwrap().to_string();
+    // The apiserver serves a new CRD's kind a moment after accepting it.
+    tally_tests::eventually(
+        std::time::Duration::from_secs(30),
+        std::time::Duration::from_millis(200),
+        "the ServiceMonitor kind to be served",
+        async || {
+            let ar = kube::api::ApiResource {
+                group: "monitoring.coreos.com".into(),
+                version: "v1".into(),
+                api_version: "monitoring.coreos.com/v1".into(),
+                kind: "ServiceMonitor".into(),
+                plural: "servicemonitors".into(),
+            };
+            Api::<kube::api::DynamicObject>::namespaced_with(client.clone(), ns, &ar)
+                .list(&ListParams::default())
+                .await
+                .ok()
+        },
+    )
+    .await;
+    let kubeconfig = cluster.kubeconfig.to_str().unwrap().to_string();
     let values = repo().join("charts/tally/ci/ci-values.yaml");
     let result = tokio::task::spawn_blocking(move || {
         helm_check(&[
             "install",
             "charts/tally",
             &kubeconfig,
-            "tally-system",
+            "tally-ci",
             values.to_str().unwrap(),
         ])
     })
@@ -350,7 +378,6 @@ async fn helm_install_with_the_ci_values_wires_every_secret() {
         return;
     };
     assert!(ok, "helm install with the CI values:\n{out}");
-    let ns = "tally-system";
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
     for name in ["tally-operator", "tally-server", "tally-sink"] {
         let d = serde_json::to_value(deployments.get(name).await.unwrap()).unwrap();
@@ -440,12 +467,4 @@ async fn helm_install_with_the_ci_values_wires_every_secret() {
         "prometheus",
         "the ServiceMonitor carries the labels Prometheus selects"
     );
-}
-
-async fn kube_client(kit: &KubeKit) -> kube::Client {
-    let kc = kube::config::Kubeconfig::read_from(Path::new(&kit.kubeconfig)).unwrap();
-    let config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
-        .await
-        .unwrap();
-    kube::Client::try_from(config).unwrap()
 }

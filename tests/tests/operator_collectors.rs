@@ -1,7 +1,9 @@
-//! The Collector controller against the test kit (or `TALLY_KUBECONFIG`): Collectors →
+//! The Collector controller against the real control plane (or `TALLY_KUBECONFIG`),
+//! the test playing scheduler and kubelets of two Nodes: Collectors →
 //! one ConfigMap + DaemonSet for node-scoped ones, one ConfigMap + Deployment for
 //! cluster-scoped ones, RBAC; the config hash in the pod template follows every change;
-//! statuses follow the workloads; a referenced Secret key is mounted (copied only into
+//! statuses follow the workloads as the real DaemonSet controller reports them; an
+//! unbound spool claim is named with its fix; a referenced Secret key is mounted (copied only into
 //! the scope's Secret, never into the ConfigMap) and a missing one is reported; a
 //! Collector reading the agent's files is refused; deleting the last Collector of a
 //! scope removes its objects, and the last of all the agents' RBAC; at rest nothing is
@@ -17,6 +19,7 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use tally_crds::Collector;
 use tally_tests::kube::Cluster;
+use tally_tests::kube::kubelet::{Node, PodRunner};
 use tally_tests::{KeptDir, bin, eventually, free_port, start_operator};
 
 async fn soon<T>(what: &str, probe: impl AsyncFnMut() -> Option<T>) -> T {
@@ -51,14 +54,26 @@ fn template_hash(ds: &serde_json::Value) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn collectors_become_agent_workloads_that_follow_every_change() {
     let dir = KeptDir(Some(tempfile::tempdir().unwrap()));
-    let cluster = Cluster::connect(dir.path());
+    let Some(cluster) = Cluster::connect("operator_collectors").await else {
+        return;
+    };
     let client = cluster.client().await;
+    cluster
+        .namespaces(&client, &["tally-system", "team-a", "billing"])
+        .await;
+    let nodes = [
+        Node::register(&client, "collectors-node-1").await,
+        Node::register(&client, "collectors-node-2").await,
+    ];
+    let _pods = PodRunner::start(&client, "tally-system", &[&nodes[0], &nodes[1]]);
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     let _ = crds.create(&PostParams::default(), &Collector::crd()).await;
     let dead_ch = format!("http://127.0.0.1:{}", free_port());
+    // Its own identity, so the audit log tells its writes from the test's.
+    let operator_kc = cluster.kubeconfig_as("tally-operator", dir.path());
     let (op, _metrics) = start_operator(
         bin("tally-operator"),
-        &cluster.kubeconfig,
+        &operator_kc,
         "tally-system",
         &[
             "--clickhouse",
@@ -124,21 +139,8 @@ async fn collectors_become_agent_workloads_that_follow_every_change() {
         "no cluster-scoped Collector, no cluster agent"
     );
 
-    // Not ready until the DaemonSet's pods are; then ready, with the counts.
-    let status = soon("the Collector's status", async || {
-        collectors_a.get("gpus").await.unwrap().status
-    })
-    .await;
-    assert_eq!(status.source.as_deref(), Some("podRuntime"));
-    assert_eq!(status.conditions[0].status, "False");
-    let ds_status = json!({"status": {"desiredNumberScheduled": 2, "currentNumberScheduled": 2, "numberMisscheduled": 0, "numberReady": 2}});
-    dss.patch_status(
-        "tally-agent",
-        &PatchParams::default(),
-        &Patch::Merge(&ds_status),
-    )
-    .await
-    .unwrap();
+    // Ready once the DaemonSet controller counts its pods (one per Node, run by the
+    // test's kubelets) ready, with the counts.
     let status = soon("the Collector to be Ready", async || {
         collectors_a
             .get("gpus")
@@ -153,6 +155,7 @@ async fn collectors_become_agent_workloads_that_follow_every_change() {
         (Some(2), Some(2))
     );
     assert_eq!(status.conditions[0].reason, "AgentsReady");
+    assert_eq!(status.source.as_deref(), Some("podRuntime"));
 
     // A change of the Collector changes the hash, and so the pod template: agents roll.
     let patch = Patch::Merge(json!({"spec": {"podRuntime": {"windowSecs": 120}}}));
@@ -274,44 +277,36 @@ async fn collectors_become_agent_workloads_that_follow_every_change() {
         json!(["ReadWriteOnce"]),
         "the cluster agent's spool outlives its pod"
     );
-    // An unbound claim (no default StorageClass) is named in the not-ready message,
-    // with the fix. Only the test kit lets a test set a claim's phase.
-    if cluster.kit.is_some() {
-        claims
-            .patch_status(
-                "tally-cluster-agent-spool",
-                &PatchParams::default(),
-                &Patch::Merge(&json!({"status": {"phase": "Pending"}})),
-            )
-            .await
-            .unwrap();
-        let s = soon("the Pending claim in the Collector's status", async || {
-            let s = collectors_b.get("openai").await.unwrap().status?;
-            s.conditions[0]
-                .message
-                .contains("tally-cluster-agent-spool is Pending")
-                .then_some(s)
-        })
-        .await;
-        assert_eq!(s.conditions[0].reason, "AgentsNotReady");
-        assert!(
-            s.conditions[0]
-                .message
-                .contains("--cluster-agent-storage-class"),
-            "{:?}",
-            s.conditions[0]
-        );
-    }
+    // The claim stays Pending (no StorageClass, no volume: the real PV controller
+    // binds nothing), which the not-ready message names, with the fix.
+    let s = soon("the Pending claim in the Collector's status", async || {
+        let s = collectors_b.get("openai").await.unwrap().status?;
+        s.conditions[0]
+            .message
+            .contains("tally-cluster-agent-spool is Pending")
+            .then_some(s)
+    })
+    .await;
+    assert_eq!(s.conditions[0].reason, "AgentsNotReady");
+    assert!(
+        s.conditions[0]
+            .message
+            .contains("--cluster-agent-storage-class"),
+        "{:?}",
+        s.conditions[0]
+    );
     let node_yaml = cms.get("tally-agent").await.unwrap().data.unwrap()["agent.yaml"].clone();
     assert!(
         !node_yaml.contains("openai"),
         "the node agents do not run cluster-scoped collectors"
     );
 
-    // At rest: no writes but the operator's Lease renewals.
-    if let Some(kit) = &cluster.kit {
+    // At rest: the operator writes nothing but its Lease renewals (the audit log says).
+    if let Some(plane) = cluster.own_plane("operator_collectors: writes at rest") {
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let writes = kit.writes_at_rest(Duration::from_secs(4)).await;
+        let mark = plane.audit_mark();
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        let writes = plane.writes_since(mark, "tally-operator");
         assert!(writes.is_empty(), "writes at rest: {writes:?}");
     }
 
@@ -366,4 +361,7 @@ async fn collectors_become_agent_workloads_that_follow_every_change() {
         "the spool claim stays: it may hold events not yet shipped"
     );
     drop(op);
+    for node in nodes {
+        node.remove(&client).await;
+    }
 }

@@ -1,6 +1,6 @@
 //! The Meter controller end to end: two `tally-operator` replicas (one leads), a
 //! `tally-server --kubernetes` (ingest to Kafka, queries from ClickHouse, meters from the
-//! API) and `tally-server sink`, against the test kit's API server (or `TALLY_KUBECONFIG`)
+//! API) and `tally-server sink`, against the real control plane (or `TALLY_KUBECONFIG`)
 //! with real tansu and ClickHouse.
 //!
 //! One story, in order: events before the Meter exist → apply it → Ready, rollup in
@@ -107,7 +107,9 @@ async fn meters_are_provisioned_backfilled_rebuilt_and_cleaned_up_by_the_operato
         dir.path().display()
     );
     let dir = tally_tests::KeptDir(Some(dir));
-    let cluster = Cluster::connect(dir.path());
+    let Some(cluster) = Cluster::connect(test).await else {
+        return;
+    };
     let client = cluster.client().await;
     let http = reqwest::Client::new();
     let unique = format!("{}_{}", std::process::id(), tally_tests::unix_now());
@@ -115,19 +117,11 @@ async fn meters_are_provisioned_backfilled_rebuilt_and_cleaned_up_by_the_operato
 
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     let _ = crds.create(&PostParams::default(), &Meter::crd()).await;
-    // On a real cluster the namespaces must exist (the kit does not require them).
-    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
-    for ns in ["acme", "tally-system"] {
-        let _ = namespaces
-            .create(
-                &PostParams::default(),
-                &serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap(),
-            )
-            .await;
-    }
+    cluster.namespaces(&client, &["acme", "tally-system"]).await;
+    let operator_kc = cluster.kubeconfig_as("tally-operator", dir.path());
     let mut stack = Stack::start(
         dir.path(),
-        &cluster.kubeconfig,
+        (&cluster.kubeconfig, &operator_kc),
         &Pipeline {
             brokers: &brokers,
             clickhouse: &ch,
@@ -377,8 +371,8 @@ async fn meters_are_provisioned_backfilled_rebuilt_and_cleaned_up_by_the_operato
         "1"
     );
 
-    // At rest: no writes but the Lease's renewals.
-    if let Some(kit) = &cluster.kit {
+    // At rest: the operators write nothing but the Lease's renewals (the audit log says).
+    if let Some(plane) = cluster.own_plane("operator_meters: writes at rest") {
         wait(
             Duration::from_secs(30),
             "the retiring rollup to leave the status",
@@ -393,7 +387,9 @@ async fn meters_are_provisioned_backfilled_rebuilt_and_cleaned_up_by_the_operato
         )
         .await;
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let writes = kit.writes_at_rest(Duration::from_secs(6)).await;
+        let mark = plane.audit_mark();
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        let writes = plane.writes_since(mark, "tally-operator");
         assert!(writes.is_empty(), "writes at rest: {writes:?}");
     }
 

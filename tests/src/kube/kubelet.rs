@@ -1,19 +1,22 @@
 //! The parts of a cluster that run no code here, played by a test through the API as
-//! the real components would write: a node's kubelet (registers its Node, keeps the
-//! `Ready` condition's heartbeat fresh, writes pod status through `/status`), the node
-//! lifecycle controller (removes the `not-ready` taint once the node is Ready) and the
-//! scheduler (binds pods through `pods/{name}/binding`).
+//! the real components write: a node's kubelet (registers its Node, keeps the `Ready`
+//! condition's heartbeat fresh, writes pod status through `/status`, completes the
+//! deletion of its pods) and the scheduler (binds pods through `pods/{name}/binding`).
+//! Taints are left to the real node lifecycle controller, and every workload's status
+//! to its real controller: a test never writes them.
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Node as NodeObject, Pod};
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::ResourceExt;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 
-/// How often the kubelet refreshes its Node's `Ready` condition.
-const HEARTBEAT: Duration = Duration::from_secs(5);
+/// How often the kubelet refreshes its Node's `Ready` condition (the node lifecycle
+/// controller marks a node NotReady after 50 s without one).
+const HEARTBEAT: Duration = Duration::from_secs(10);
 
-/// The taint a new node carries until the node lifecycle controller sees it Ready.
-const NOT_READY: &str = "node.kubernetes.io/not-ready";
+/// How often [`PodRunner`] looks at its namespace's pods.
+const RUNNER_EVERY: Duration = Duration::from_millis(300);
 
 /// A registered Node whose kubelet is alive: its heartbeat stops when this is dropped.
 #[derive(Debug)]
@@ -33,53 +36,39 @@ fn now() -> String {
     crate::rfc3339(crate::unix_now())
 }
 
-fn ready_status(ready: bool, since: &str) -> Value {
-    let (status, reason, message) = if ready {
-        ("True", "KubeletReady", "kubelet is posting ready status")
-    } else {
-        ("False", "KubeletNotReady", "container runtime is starting")
-    };
-    json!({"status": {"conditions": [{"type": "Ready", "status": status, "reason": reason,
-        "message": message, "lastHeartbeatTime": now(), "lastTransitionTime": since}],
+fn ready_status(since: &str) -> Value {
+    json!({"status": {"conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
+        "message": "kubelet is posting ready status", "lastHeartbeatTime": now(), "lastTransitionTime": since}],
+        "addresses": [{"type": "InternalIP", "address": "127.0.0.1"}],
         "capacity": {"cpu": "8", "memory": "64Gi", "nvidia.com/gpu": "8", "pods": "110"},
         "allocatable": {"cpu": "8", "memory": "62Gi", "nvidia.com/gpu": "8", "pods": "110"}}})
 }
 
 impl Node {
-    /// Registers node `name` as a kubelet does (not ready, tainted), reports it Ready,
-    /// lifts the taint as the node lifecycle controller would, and keeps the heartbeat
-    /// fresh until dropped.
+    /// Registers node `name` as a kubelet does, reports it Ready and keeps the
+    /// heartbeat fresh until dropped. A Node left from an earlier run is taken over.
     pub async fn register(client: &kube::Client, name: &str) -> Node {
         let nodes: Api<NodeObject> = Api::all(client.clone());
         let node: NodeObject = serde_json::from_value(json!({
             "apiVersion": "v1", "kind": "Node",
             "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name,
-                         "nvidia.com/gpu.present": "true"}},
-            "spec": {"taints": [{"key": NOT_READY, "effect": "NoSchedule"}]},
+                         "kubernetes.io/os": "linux", "nvidia.com/gpu.present": "true"}},
         }))
         .expect("a valid Node");
-        nodes
-            .create(&PostParams::default(), &node)
-            .await
-            .unwrap_or_else(|e| panic!("registering node {name}: {e}"));
+        match nodes.create(&PostParams::default(), &node).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 409 => {}
+            Err(e) => panic!("registering node {name}: {e}"),
+        }
         let since = now();
-        let status = |ready| Patch::Merge(ready_status(ready, &since));
         nodes
-            .patch_status(name, &PatchParams::default(), &status(false))
-            .await
-            .expect("the kubelet's first node status");
-        nodes
-            .patch_status(name, &PatchParams::default(), &status(true))
-            .await
-            .expect("the node reported Ready");
-        nodes
-            .patch(
+            .patch_status(
                 name,
                 &PatchParams::default(),
-                &Patch::Merge(json!({"spec": {"taints": null}})),
+                &Patch::Merge(ready_status(&since)),
             )
             .await
-            .expect("the not-ready taint lifted");
+            .expect("the node reported Ready");
         let (nodes2, name2) = (nodes.clone(), name.to_string());
         let heartbeat = tokio::spawn(async move {
             loop {
@@ -88,7 +77,7 @@ impl Node {
                     .patch_status(
                         &name2,
                         &PatchParams::default(),
-                        &Patch::Merge(ready_status(true, &since)),
+                        &Patch::Merge(ready_status(&since)),
                     )
                     .await;
             }
@@ -99,21 +88,20 @@ impl Node {
         }
     }
 
+    /// Stops the heartbeat and deletes the Node (so a later test on the same control
+    /// plane does not get DaemonSet pods for it).
+    pub async fn remove(self, client: &kube::Client) {
+        self.heartbeat.abort();
+        let nodes: Api<NodeObject> = Api::all(client.clone());
+        let _ = nodes.delete(&self.name, &DeleteParams::default()).await;
+    }
+
     /// Binds pod `ns/pod` to this node, as the scheduler does.
     pub async fn bind(&self, client: &kube::Client, ns: &str, pod: &str) {
-        let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
-        let binding = json!({"apiVersion": "v1", "kind": "Binding",
-            "metadata": {"name": pod, "namespace": ns},
-            "target": {"apiVersion": "v1", "kind": "Node", "name": self.name}});
-        let body = serde_json::to_vec(&binding).expect("a binding serializes");
-        let req = http::Request::post(format!("/api/v1/namespaces/{ns}/pods/{pod}/binding"))
-            .header("content-type", "application/json")
-            .body(body)
-            .expect("a binding request");
-        client
-            .request_text(req)
+        bind(client, ns, pod, &self.name)
             .await
             .unwrap_or_else(|e| panic!("binding pod {ns}/{pod} to {}: {e}", self.name));
+        let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
         let bound = pods.get(pod).await.expect("the bound pod");
         assert_eq!(
             bound.spec.and_then(|s| s.node_name).as_deref(),
@@ -132,5 +120,137 @@ impl Node {
         )
         .await
         .unwrap_or_else(|e| panic!("writing the status of pod {ns}/{pod}: {e}"));
+    }
+}
+
+async fn bind(client: &kube::Client, ns: &str, pod: &str, node: &str) -> kube::Result<()> {
+    let binding = json!({"apiVersion": "v1", "kind": "Binding",
+        "metadata": {"name": pod, "namespace": ns},
+        "target": {"apiVersion": "v1", "kind": "Node", "name": node}});
+    let body = serde_json::to_vec(&binding).expect("a binding serializes");
+    let req = http::Request::post(format!("/api/v1/namespaces/{ns}/pods/{pod}/binding"))
+        .header("content-type", "application/json")
+        .body(body)
+        .expect("a binding request");
+    client.request_text(req).await.map(drop)
+}
+
+/// The node a DaemonSet pod is pinned to (its required node affinity on
+/// `metadata.name`, as the DaemonSet controller writes it).
+fn pinned_node(pod: &Pod) -> Option<String> {
+    let v = serde_json::to_value(pod).ok()?;
+    let terms = v["spec"]["affinity"]["nodeAffinity"]
+        ["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+        .as_array()?
+        .clone();
+    terms.iter().find_map(|t| {
+        t["matchFields"].as_array()?.iter().find_map(|f| {
+            (f["key"] == "metadata.name" && f["operator"] == "In")
+                .then(|| f["values"][0].as_str().map(str::to_string))?
+        })
+    })
+}
+
+/// A running pod's status as a kubelet reports it: every container running and ready.
+fn running_status(pod: &Pod) -> Value {
+    let started = now();
+    let containers: Vec<Value> = pod
+        .spec
+        .as_ref()
+        .map(|s| s.containers.clone())
+        .unwrap_or_default()
+        .iter()
+        .map(|c| {
+            json!({"name": c.name, "image": c.image.clone().unwrap_or_default(), "imageID": "",
+                   "ready": true, "started": true, "restartCount": 0,
+                   "state": {"running": {"startedAt": started}}})
+        })
+        .collect();
+    let condition = |t: &str| json!({"type": t, "status": "True", "lastTransitionTime": started});
+    json!({"status": {"phase": "Running", "hostIP": "127.0.0.1", "startTime": started,
+        "conditions": [condition("PodScheduled"), condition("Initialized"),
+                       condition("ContainersReady"), condition("Ready")],
+        "containerStatuses": containers}})
+}
+
+fn is_ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// Plays the scheduler and the kubelets of some nodes for the pods that controllers
+/// (DaemonSet, ReplicaSet) make in one namespace: binds each pending one (a DaemonSet
+/// pod to the node it is pinned to, any other to the first node), reports each bound
+/// one Running and Ready, and completes the deletion of those being deleted, as a
+/// kubelet does once their containers stopped. Pods without an owner (a user's) are
+/// left to the test. Stops when dropped.
+#[derive(Debug)]
+pub struct PodRunner {
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for PodRunner {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl PodRunner {
+    /// Starts running the controllers' pods of `namespace` on `nodes`.
+    pub fn start(client: &kube::Client, namespace: &str, nodes: &[&Node]) -> PodRunner {
+        let api: Api<Pod> = Api::namespaced(client.clone(), namespace);
+        let client = client.clone();
+        let ns = namespace.to_string();
+        let nodes: Vec<String> = nodes.iter().map(|n| n.name.clone()).collect();
+        let task = tokio::spawn(async move {
+            loop {
+                if let Ok(pods) = api.list(&ListParams::default()).await {
+                    for pod in pods {
+                        run_one(&client, &api, &ns, &nodes, &pod).await;
+                    }
+                }
+                tokio::time::sleep(RUNNER_EVERY).await;
+            }
+        });
+        PodRunner { task }
+    }
+}
+
+async fn run_one(client: &kube::Client, api: &Api<Pod>, ns: &str, nodes: &[String], pod: &Pod) {
+    if pod.owner_references().is_empty() {
+        return;
+    }
+    let name = pod.name_any();
+    let on = pod.spec.as_ref().and_then(|s| s.node_name.clone());
+    if pod.metadata.deletion_timestamp.is_some() {
+        if on.as_ref().is_none_or(|n| nodes.contains(n)) {
+            let now = DeleteParams {
+                grace_period_seconds: Some(0),
+                ..DeleteParams::default()
+            };
+            let _ = api.delete(&name, &now).await;
+        }
+        return;
+    }
+    match on {
+        None => {
+            let target = pinned_node(pod).or_else(|| nodes.first().cloned());
+            if let Some(node) = target.filter(|n| nodes.contains(n)) {
+                // A lost race (already bound) is seen on the next look.
+                let _ = bind(client, ns, &name, &node).await;
+            }
+        }
+        Some(node) if nodes.contains(&node) && !is_ready(pod) => {
+            let _ = api
+                .patch_status(
+                    &name,
+                    &PatchParams::default(),
+                    &Patch::Merge(running_status(pod)),
+                )
+                .await;
+        }
+        Some(_) => {}
     }
 }
