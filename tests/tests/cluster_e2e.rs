@@ -19,7 +19,7 @@
 //! new configuration once the kubelet updates its file; the Collector deleted → the
 //! agents' objects removed.
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::DaemonSet;
@@ -29,11 +29,11 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 use tally_crds::Collector;
 use tally_tests::kube::Cluster;
-use tally_tests::kube::kubelet::{Node, PodRunner};
+use tally_tests::kube::agent_pod::{AgentContainer, CONFIG_HASH, PodPlace};
+use tally_tests::kube::kubelet::{Node, PodRunner, container, finished, running, terminated};
 use tally_tests::stack::{Pipeline, Stack};
 use tally_tests::{
-    KeptDir, Proc, bin, clickhouse, eventually, free_port, group_totals, kafka, repo, rfc3339,
-    subject_totals, unix_now,
+    KeptDir, clickhouse, eventually, group_totals, kafka, repo, rfc3339, subject_totals, unix_now,
 };
 
 const NS: &str = "ml-team";
@@ -182,148 +182,51 @@ fn tools_present(test: &str) -> bool {
 }
 
 // ---------------------------------------------------------------------------------
-// The DaemonSet controller and kubelet for the agent pod.
+// The kubelet for the agent pod, pods as the user creates them.
 
-/// The node agent's pod on one node: the binary started from the DaemonSet's pod
-/// template, its ConfigMap projected into a folder as the kubelet does.
-struct AgentPod {
-    proc: Proc,
-    config_dir: PathBuf,
-    config_map: String,
-}
-
-impl AgentPod {
-    async fn start(client: &kube::Client, kubeconfig: &Path, node: &Node, dir: &Path) -> AgentPod {
-        let dss: Api<DaemonSet> = Api::namespaced(client.clone(), AGENTS_NS);
-        let ds = within(30, "the node agents' DaemonSet", async || {
-            dss.get_opt("tally-agent").await.unwrap()
-        })
-        .await;
-        let pod = ds.spec.unwrap().template;
-        let hash = pod.metadata.unwrap().annotations.unwrap()["tally.dev/config-hash"].clone();
-        let spec = pod.spec.unwrap();
-        let c = &spec.containers[0];
-        let mount = c
-            .volume_mounts
-            .as_ref()
+/// Node 1's agent: the container of the pod the DaemonSet controller made for it, run
+/// once the DaemonSet exists; returns when the controller counts the pod ready.
+async fn start_agent(
+    client: &kube::Client,
+    kubeconfig: &Path,
+    node: &Node,
+    dir: &Path,
+) -> AgentContainer {
+    let dss: Api<DaemonSet> = Api::namespaced(client.clone(), AGENTS_NS);
+    let ds = within(30, "the node agents' DaemonSet", async || {
+        dss.get_opt("tally-agent").await.unwrap()
+    })
+    .await;
+    let template = ds.spec.unwrap().template;
+    let env = serde_json::to_value(&template.spec.as_ref().unwrap().containers[0].env).unwrap();
+    assert!(
+        env.as_array()
             .unwrap()
             .iter()
-            .find(|m| m.name == "config")
-            .expect("the configuration is mounted")
-            .mount_path
-            .clone();
-        let config_map = spec
-            .volumes
-            .as_ref()
-            .unwrap()
-            .iter()
-            .find(|v| v.name == "config")
-            .and_then(|v| v.config_map.as_ref())
-            .expect("from a ConfigMap")
-            .name
-            .clone();
-        let config_dir = dir.join("agent-config");
-        let projected = project(client, &config_map, &config_dir).await;
-        assert_eq!(
-            projected, hash,
-            "the pod template carries the config's hash"
-        );
-
-        let mut env: Vec<(String, String)> = Vec::new();
-        for e in c.env.as_ref().unwrap() {
-            if let Some(v) = &e.value {
-                env.push((e.name.clone(), v.clone()));
-            }
-            let field = e
-                .value_from
-                .as_ref()
-                .and_then(|f| f.field_ref.as_ref())
-                .map(|f| f.field_path.as_str());
-            match (e.name.as_str(), field) {
-                ("NODE_NAME", Some(path)) => {
-                    assert_eq!(path, "spec.nodeName", "NODE_NAME from the downward API");
-                    env.push((e.name.clone(), node.name.clone()));
-                }
-                ("POD_NAMESPACE", Some(_)) => env.push((e.name.clone(), AGENTS_NS.into())),
-                ("POD_NAME", Some(_)) => {
-                    env.push((e.name.clone(), format!("tally-agent-{}", node.name)))
-                }
-                _ => {}
-            }
-        }
-        assert!(env.iter().any(|(k, _)| k == "NODE_NAME"));
-        // Stand-ins for what a pod has: its service account's API access, the spool's
-        // hostPath and the metrics port.
-        let metrics = format!("127.0.0.1:{}", free_port());
-        env.extend([
-            ("KUBECONFIG".into(), kubeconfig.display().to_string()),
-            (
-                "TALLY_AGENT_SPOOL".into(),
-                dir.join("agent-spool").display().to_string(),
-            ),
-            ("TALLY_AGENT_METRICS_LISTEN".into(), metrics.clone()),
-            ("RUST_LOG".into(), "info".into()),
-        ]);
-        let args: Vec<String> = c
-            .args
-            .as_ref()
-            .unwrap()
-            .iter()
-            .map(|a| a.replace(&mount, config_dir.to_str().unwrap()))
-            .collect();
-        let program = c.command.as_ref().unwrap()[0].clone();
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        let proc = Proc::start(bin(&program), &args, &env, dir.join("agent.log"));
-        let http = reqwest::Client::new();
-        within(30, "the agent's /healthz", async || {
-            http.get(format!("http://{metrics}/healthz"))
-                .send()
-                .await
-                .ok()
-                .filter(|r| r.status().is_success())
-        })
-        .await;
-        // The test's kubelet reports the DaemonSet's pod running; the real DaemonSet
-        // controller counts it ready.
-        within(
-            30,
-            "the DaemonSet controller to count its pod ready",
-            async || {
-                let ds = dss.get("tally-agent").await.ok()?;
-                (ds.status?.number_ready >= 1).then_some(())
-            },
-        )
-        .await;
-        AgentPod {
-            proc,
-            config_dir,
-            config_map,
-        }
-    }
-
-    /// The kubelet's periodic sync of the mounted ConfigMap; returns its config hash.
-    async fn sync_config(&self, client: &kube::Client) -> String {
-        project(client, &self.config_map, &self.config_dir).await
-    }
+            .any(|e| e["name"] == "NODE_NAME"
+                && e["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"),
+        "NODE_NAME from the downward API: {env}"
+    );
+    let name = format!("tally-agent-{}", node.name);
+    let place = PodPlace {
+        namespace: AGENTS_NS,
+        name: &name,
+        node: &node.name,
+    };
+    let agent = AgentContainer::start(client, kubeconfig, template, place, dir).await;
+    // The test's kubelet reports the DaemonSet's pod running; the real DaemonSet
+    // controller counts it ready.
+    within(
+        30,
+        "the DaemonSet controller to count its pod ready",
+        async || {
+            let ds = dss.get("tally-agent").await.ok()?;
+            (ds.status?.number_ready >= 1).then_some(())
+        },
+    )
+    .await;
+    agent
 }
-
-/// Writes ConfigMap `name`'s files into `dir`, each replaced atomically (the kubelet
-/// swaps a symlink); returns the ConfigMap's config hash.
-async fn project(client: &kube::Client, name: &str, dir: &Path) -> String {
-    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), AGENTS_NS);
-    let cm = cms.get(name).await.unwrap();
-    std::fs::create_dir_all(dir).unwrap();
-    for (file, text) in cm.data.unwrap() {
-        let tmp = dir.join(format!("..{file}.tmp"));
-        std::fs::write(&tmp, text).unwrap();
-        std::fs::rename(&tmp, dir.join(&file)).unwrap();
-    }
-    cm.metadata.annotations.unwrap()["tally.dev/config-hash"].clone()
-}
-
-// ---------------------------------------------------------------------------------
-// Pods, as the user creates them and the kubelet reports them.
 
 fn gpu_pod(name: &str, ns: &str, subject: &str, gpus: u32, labels: Value) -> Pod {
     serde_json::from_value(json!({
@@ -334,37 +237,6 @@ fn gpu_pod(name: &str, ns: &str, subject: &str, gpus: u32, labels: Value) -> Pod
                  "resources": {"limits": {"nvidia.com/gpu": gpus.to_string()}}}]},
     }))
     .unwrap()
-}
-
-fn container(name: &str, restarts: u32, state: Value, last: Value) -> Value {
-    json!({"name": name, "image": "trainer", "imageID": "", "ready": state.get("running").is_some(),
-           "restartCount": restarts, "state": state, "lastState": last})
-}
-
-fn running(name: &str, since: i64) -> Value {
-    json!({"phase": "Running", "containerStatuses": [
-        container(name, 0, json!({"running": {"startedAt": rfc3339(since)}}), json!({}))]})
-}
-
-fn terminated(start: i64, end: i64, code: i32) -> Value {
-    json!({"terminated": {"exitCode": code, "reason": if code == 0 { "Completed" } else { "Error" },
-                          "startedAt": rfc3339(start), "finishedAt": rfc3339(end)}})
-}
-
-fn finished(name: &str, restarts: u32, start: i64, end: i64, last: Value) -> Value {
-    json!({"phase": "Succeeded", "containerStatuses": [
-        container(name, restarts, terminated(start, end, 0), last)]})
-}
-
-/// Binds `ns/name` to `node` and runs its one container for `secs` from now, as the
-/// scheduler and the kubelet would; returns the start.
-async fn run_pod(client: &kube::Client, node: &Node, ns: &str, name: &str, c: &str, secs: i64) {
-    node.bind(client, ns, name).await;
-    let start = unix_now();
-    node.pod_status(client, ns, name, running(c, start)).await;
-    until(start + secs).await;
-    let done = finished(c, 0, start, start + secs, json!({}));
-    node.pod_status(client, ns, name, done).await;
 }
 
 async fn exact_subjects(http: &reqwest::Client, server: &str, expected: &BTreeMap<String, u64>) {
@@ -423,7 +295,7 @@ async fn meter_and_collector_on_a_cluster_bill_gpu_seconds_exactly() {
 
     // ---- The README walkthrough -------------------------------------------------
     let mut stack: Option<Stack> = None;
-    let mut agent: Option<AgentPod> = None;
+    let mut agent: Option<AgentContainer> = None;
     for step in walkthrough() {
         let server = stack.as_ref().map(|s| s.server.clone());
         replay(&step, &kc, server.as_deref()).await;
@@ -442,10 +314,10 @@ async fn meter_and_collector_on_a_cluster_bill_gpu_seconds_exactly() {
                 &["--agent-image", "tally:e2e", "--collector-status-secs", "2"],
             ));
         } else if step.command.contains("examples/cluster/gpu-billing.yaml") {
-            agent = Some(AgentPod::start(&client, &kc, &node, dir.path()).await);
+            agent = Some(start_agent(&client, &kc, &node, dir.path()).await);
         } else if step.command.contains("examples/cluster/train-pod.yaml") {
             // The README's pod runs 20 s on its two GPUs.
-            run_pod(&client, &node, NS, "train-1", "train", 20).await;
+            node.run_pod(&client, (NS, "train-1"), "train", 20).await;
         }
     }
     let stack = stack.expect("the walkthrough installs the CRDs");
@@ -512,8 +384,7 @@ async fn meter_and_collector_on_a_cluster_bill_gpu_seconds_exactly() {
     // ---- A changed Collector: new hash, the agent picks the new configuration up ----
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), AGENTS_NS);
     let dss: Api<DaemonSet> = Api::namespaced(client.clone(), AGENTS_NS);
-    let hash_of =
-        |cm: &ConfigMap| cm.metadata.annotations.as_ref().unwrap()["tally.dev/config-hash"].clone();
+    let hash_of = |cm: &ConfigMap| cm.metadata.annotations.as_ref().unwrap()[CONFIG_HASH].clone();
     let old_hash = hash_of(&cms.get("tally-agent").await.unwrap());
     let collectors: Api<Collector> = Api::namespaced(client.clone(), NS);
     let with_labels = Patch::Merge(json!({"spec": {"podRuntime": {"labels": ["team"]}}}));
@@ -529,7 +400,7 @@ async fn meter_and_collector_on_a_cluster_bill_gpu_seconds_exactly() {
     within(30, "the DaemonSet's pod template to carry it", async || {
         let ds = dss.get("tally-agent").await.unwrap();
         let annotations = ds.spec?.template.metadata?.annotations?;
-        (annotations["tally.dev/config-hash"] == new_hash).then_some(())
+        (annotations[CONFIG_HASH] == new_hash).then_some(())
     })
     .await;
     assert_eq!(agent.sync_config(&client).await, new_hash);
@@ -547,7 +418,7 @@ async fn meter_and_collector_on_a_cluster_bill_gpu_seconds_exactly() {
     )
     .await
     .unwrap();
-    run_pod(&client, &node, NS, "eval-3", "main", 6).await;
+    node.run_pod(&client, (NS, "eval-3"), "main", 6).await;
     *expected.get_mut("acme").unwrap() += 6;
     exact_subjects(&http, &server, &expected).await;
     let by_team = group_totals(&http, &server, METER, "team").await.unwrap();

@@ -549,13 +549,17 @@ impl ControlPlane {
         AuditMark(self.audit_events().len())
     }
 
+    /// The audit log's events after `mark`.
+    pub fn audit_events_since(&self, mark: AuditMark) -> Vec<serde_json::Value> {
+        self.audit_events().into_iter().skip(mark.0).collect()
+    }
+
     /// The writes (`create`, `update`, `patch`, `delete`) `user` made since `mark`,
     /// Lease renewals aside (a leader-elected process renews forever), as
     /// `verb resource namespace/name` lines.
     pub fn writes_since(&self, mark: AuditMark, user: &str) -> Vec<String> {
-        self.audit_events()
+        self.audit_events_since(mark)
             .into_iter()
-            .skip(mark.0)
             .filter(|e| e["user"]["username"] == user)
             .filter(|e| {
                 ["create", "update", "patch", "delete", "deletecollection"]

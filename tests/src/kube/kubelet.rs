@@ -254,3 +254,50 @@ async fn run_one(client: &kube::Client, api: &Api<Pod>, ns: &str, nodes: &[Strin
         Some(_) => {}
     }
 }
+
+/// A container's status as the kubelet writes it.
+pub fn container(name: &str, restarts: u32, state: Value, last: Value) -> Value {
+    json!({"name": name, "image": "trainer", "imageID": "", "ready": state.get("running").is_some(),
+           "restartCount": restarts, "state": state, "lastState": last})
+}
+
+/// A pod whose one container `name` runs since Unix second `since`.
+pub fn running(name: &str, since: i64) -> Value {
+    json!({"phase": "Running", "containerStatuses": [
+        container(name, 0, json!({"running": {"startedAt": crate::rfc3339(since)}}), json!({}))]})
+}
+
+/// A container state: terminated with `code` after running from `start` to `end`.
+pub fn terminated(start: i64, end: i64, code: i32) -> Value {
+    json!({"terminated": {"exitCode": code, "reason": if code == 0 { "Completed" } else { "Error" },
+                          "startedAt": crate::rfc3339(start), "finishedAt": crate::rfc3339(end)}})
+}
+
+/// A pod whose one container `name` finished, after `restarts` restarts (`last` being
+/// the state before).
+pub fn finished(name: &str, restarts: u32, start: i64, end: i64, last: Value) -> Value {
+    json!({"phase": "Succeeded", "containerStatuses": [
+        container(name, restarts, terminated(start, end, 0), last)]})
+}
+
+impl Node {
+    /// Binds `ns/name` to this node and runs its one container `c` for `secs` from
+    /// now, as the scheduler and the kubelet would.
+    pub async fn run_pod(
+        &self,
+        client: &kube::Client,
+        (ns, name): (&str, &str),
+        c: &str,
+        secs: i64,
+    ) {
+        self.bind(client, ns, name).await;
+        let start = crate::unix_now();
+        self.pod_status(client, ns, name, running(c, start)).await;
+        let wait = start + secs - crate::unix_now();
+        if wait > 0 {
+            tokio::time::sleep(Duration::from_secs(wait as u64)).await;
+        }
+        let done = finished(c, 0, start, start + secs, json!({}));
+        self.pod_status(client, ns, name, done).await;
+    }
+}

@@ -12,6 +12,7 @@
 //!
 //! Without assets and without `TALLY_KUBECONFIG`, [`Cluster::connect`] prints why the
 //! test is skipped, and fails it under `CI` (CI never passes by skipping).
+pub mod agent_pod;
 pub mod control_plane;
 pub mod kubelet;
 
