@@ -480,6 +480,9 @@ async fn meter_and_collector_on_a_cluster_bill_gpu_seconds_exactly() {
         "the usage stays"
     );
     drop(stack);
+    if let Some(plane) = cluster.plane {
+        tally_tests::say(&plane.report());
+    }
     node.remove(&client).await;
     other_node.remove(&client).await;
 }

@@ -80,7 +80,12 @@ pub struct ControlPlane {
 /// Where the assets are, or why there are none (`Err` names the missing binary or the
 /// missing variable).
 pub fn assets() -> Result<PathBuf, String> {
-    let dir = std::env::var_os("KUBEBUILDER_ASSETS")
+    assets_in(std::env::var_os("KUBEBUILDER_ASSETS").as_deref())
+}
+
+/// [`assets`] for a given value of `KUBEBUILDER_ASSETS`.
+pub fn assets_in(value: Option<&std::ffi::OsStr>) -> Result<PathBuf, String> {
+    let dir = value
         .filter(|d| !d.is_empty())
         .ok_or("KUBEBUILDER_ASSETS is not set (a folder with etcd, kube-apiserver and kube-controller-manager; `make test` sets it from ../shared/envtest/install.sh)")?;
     let dir = PathBuf::from(dir);
@@ -250,6 +255,40 @@ impl ControlPlane {
     /// The PIDs of etcd, kube-apiserver and kube-controller-manager.
     pub fn pids(&self) -> &[u32] {
         &self.pids
+    }
+
+    /// Peak resident memory (`VmHWM`) of etcd, kube-apiserver and
+    /// kube-controller-manager so far, in bytes, in that order.
+    pub fn peak_rss(&self) -> Vec<(&'static str, u64)> {
+        ASSETS
+            .iter()
+            .zip(&self.pids)
+            .map(|(name, pid)| {
+                let status =
+                    std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+                let kb = status
+                    .lines()
+                    .find_map(|l| l.strip_prefix("VmHWM:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+                    .unwrap_or(0);
+                (*name, kb * 1024)
+            })
+            .collect()
+    }
+
+    /// A line for the log: start time and each process's peak RSS.
+    pub fn report(&self) -> String {
+        let rss: Vec<String> = self
+            .peak_rss()
+            .iter()
+            .map(|(n, b)| format!("{n} {:.0} MiB", *b as f64 / 1048576.0))
+            .collect();
+        format!(
+            "control plane {}: started in {:.1?}, peak RSS {}",
+            self.url,
+            self.started_in,
+            rss.join(", ")
+        )
     }
 
     /// The audit log's events so far (JSON objects, oldest first).
@@ -581,5 +620,26 @@ impl ControlPlane {
                 )
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::assets_in;
+
+    #[test]
+    fn assets_name_what_is_missing() {
+        let e = assets_in(None).unwrap_err();
+        assert!(e.contains("KUBEBUILDER_ASSETS is not set"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let e = assets_in(Some(dir.path().as_os_str())).unwrap_err();
+        assert!(e.contains("has no etcd"), "{e}");
+        for name in ["etcd", "kube-apiserver"] {
+            std::fs::write(dir.path().join(name), "").unwrap();
+        }
+        let e = assets_in(Some(dir.path().as_os_str())).unwrap_err();
+        assert!(e.contains("has no kube-controller-manager"), "{e}");
+        std::fs::write(dir.path().join("kube-controller-manager"), "").unwrap();
+        assert_eq!(assets_in(Some(dir.path().as_os_str())).unwrap(), dir.path());
     }
 }
