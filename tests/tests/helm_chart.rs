@@ -2,7 +2,7 @@
 //! helm-sdkpy; there is no helm binary here):
 //! - `helm lint` with the default values and with `ci/ci-values.yaml` (every template
 //!   rendered, values.schema.json enforced): no errors; a wrong value is an error;
-//! - `helm install` of the chart into the real control plane (namespace `tally-system`
+//! - `helm install` of the chart into the real control plane (namespace `tally-helm`
 //!   with the default values, `tally-ci` with the CI values: both releases side by side,
 //!   as their cluster-scoped names carry the namespace): the CRDs, workloads, ServiceAccounts, RBAC, Secrets,
 //!   NetworkPolicy and ServiceMonitor it creates are checked as stored objects — the
@@ -169,11 +169,11 @@ async fn helm_install_creates_least_privilege_restricted_objects() {
         return;
     };
     let client = cluster.client().await;
-    let ns = "tally-system";
+    let ns = "tally-helm";
     cluster.namespaces(&client, &[ns]).await;
     let kubeconfig = cluster.kubeconfig.to_str().unwrap().to_string();
     let result = tokio::task::spawn_blocking(move || {
-        helm_check(&["install", "charts/tally", &kubeconfig, "tally-system"])
+        helm_check(&["install", "charts/tally", &kubeconfig, "tally-helm"])
     })
     .await
     .unwrap();
@@ -213,7 +213,7 @@ async fn helm_install_creates_least_privilege_restricted_objects() {
     let operator = serde_json::to_value(deployments.get("tally-operator").await.unwrap()).unwrap();
     let args = operator["spec"]["template"]["spec"]["containers"][0]["args"].to_string();
     for flag in [
-        "--agent-ingest-url=http://tally-server.tally-system:8080",
+        "--agent-ingest-url=http://tally-server.tally-helm:8080",
         "--agent-ingest-token-secret=tally-agent-token",
         "--no-agent-rbac",
     ] {
@@ -244,7 +244,7 @@ async fn helm_install_creates_least_privilege_restricted_objects() {
     let cluster_roles: Api<ClusterRole> = Api::all(client.clone());
     let rules = |r: &ClusterRole| serde_json::to_value(&r.rules).unwrap();
     let op = cluster_roles
-        .get("tally-operator-tally-system")
+        .get("tally-operator-tally-helm")
         .await
         .unwrap();
     let op_rules = rules(&op);
@@ -298,7 +298,7 @@ async fn helm_install_creates_least_privilege_restricted_objects() {
     // and server stay in step.
     let kubeconfig = cluster.kubeconfig.to_str().unwrap().to_string();
     let (ok, out) = tokio::task::spawn_blocking(move || {
-        helm_check(&["upgrade", "charts/tally", &kubeconfig, "tally-system"])
+        helm_check(&["upgrade", "charts/tally", &kubeconfig, "tally-helm"])
     })
     .await
     .unwrap()
@@ -316,6 +316,7 @@ async fn helm_install_creates_least_privilege_restricted_objects() {
         "the upgrade kept the agents' token"
     );
     assert_eq!(after["tokens.yaml"].0, data["tokens.yaml"].0);
+    cluster.remove_namespaces(&client, &[ns]).await;
 }
 
 /// The CI values: secured Kafka, ClickHouse credentials, tokens from an existing
@@ -467,4 +468,5 @@ async fn helm_install_with_the_ci_values_wires_every_secret() {
         "prometheus",
         "the ServiceMonitor carries the labels Prometheus selects"
     );
+    cluster.remove_namespaces(&client, &[ns]).await;
 }

@@ -190,6 +190,7 @@ async fn each_invalid_meter_is_refused_with_the_message_the_crd_promises() {
         .await
         .unwrap();
     assert_eq!(regrouped.metadata.generation, Some(2));
+    cluster.remove_namespaces(&client, &[ns]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -221,6 +222,7 @@ async fn an_invalid_collector_is_refused_with_the_message_the_crd_promises() {
         "spec.podRuntime.windowSecs",
     )
     .await;
+    cluster.remove_namespaces(&client, &[ns]).await;
 }
 
 /// Runs `kubectl get KIND -n NS [-o wide]` against the cluster; `None` (after saying
@@ -343,6 +345,7 @@ async fn kubectl_get_prints_the_printer_columns() {
         ["gpu-pods", "podRuntime", "pod-runtime", "3", "True"],
         "{plain}"
     );
+    cluster.remove_namespaces(&client, &[ns]).await;
 }
 
 /// Every example manifest is accepted as `kubectl apply` would be (schema + CEL).
@@ -352,7 +355,7 @@ async fn the_example_manifests_pass_the_crds_schema_and_cel_rules() {
         return;
     };
     let repo = tally_tests::repo();
-    let mut applied = 0;
+    let mut applied = Vec::new();
     for dir in [
         "examples/quickstart",
         "examples/collectors",
@@ -387,9 +390,13 @@ async fn the_example_manifests_pass_the_crds_schema_and_cel_rules() {
                     .unwrap_or_else(|e| {
                         panic!("{}: {} refused: {e}", path.display(), obj.name_any())
                     });
-                applied += 1;
+                applied.push((api, obj.name_any()));
             }
         }
     }
-    assert!(applied >= 8, "{applied} manifests applied");
+    assert!(applied.len() >= 8, "{} manifests applied", applied.len());
+    // Other tests use these namespaces: only the objects go.
+    for (api, name) in applied {
+        api.delete(&name, &Default::default()).await.unwrap();
+    }
 }

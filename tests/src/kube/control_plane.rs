@@ -421,13 +421,49 @@ rm -rf "$etcd"
         .map_err(|e| format!("the control plane's watchdog (sh) does not start: {e}"))
 }
 
-async fn start_etcd(bin: &Path, dir: &Path, data: &Path) -> Result<(Child, String), String> {
-    let log = dir.join("etcd.log");
+/// Starts `program` (logging to `log`) with the arguments `pick` makes from freshly
+/// picked ports, until `ready` says it serves; a start that lost a port to someone
+/// else ("address already in use") is retried with new ones. Returns the process and
+/// what `pick` returned with the arguments (the address to reach it at).
+async fn start_on_free_ports<A>(
+    program: &Path,
+    log: &Path,
+    pick: impl Fn() -> (Vec<String>, A),
+    ready: impl AsyncFn(&A) -> bool,
+) -> Result<(Child, A), String> {
+    let name = program.file_name().unwrap_or_default().to_string_lossy();
     for _ in 0..PORT_TRIES {
-        let (client, peer) = (free_port(), free_port());
-        let client_url = format!("http://127.0.0.1:{client}");
-        let peer_url = format!("http://127.0.0.1:{peer}");
-        let args: Vec<String> = [
+        let (args, addr) = pick();
+        let mut child = spawn(program, &args, log)?;
+        let deadline = Instant::now() + READY_LIMIT;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                if lost_port(log) {
+                    break;
+                }
+                return Err(format!("{name} exited ({status}):\n{}", tail(log)));
+            }
+            if ready(&addr).await {
+                return Ok((child, addr));
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                return Err(format!(
+                    "{name} not ready in {READY_LIMIT:?}:\n{}",
+                    tail(log)
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    Err(format!("{name} found no free ports in {PORT_TRIES} tries"))
+}
+
+async fn start_etcd(bin: &Path, dir: &Path, data: &Path) -> Result<(Child, String), String> {
+    let pick = || {
+        let client_url = format!("http://127.0.0.1:{}", free_port());
+        let peer_url = format!("http://127.0.0.1:{}", free_port());
+        let args = vec![
             "--name=tally-test".to_string(),
             format!("--data-dir={}", data.display()),
             format!("--listen-client-urls={client_url}"),
@@ -435,44 +471,23 @@ async fn start_etcd(bin: &Path, dir: &Path, data: &Path) -> Result<(Child, Strin
             format!("--listen-peer-urls={peer_url}"),
             format!("--initial-advertise-peer-urls={peer_url}"),
             format!("--initial-cluster=tally-test={peer_url}"),
-        ]
-        .into();
-        let mut etcd = spawn(&bin.join("etcd"), &args, &log)?;
-        let http = reqwest::Client::new();
-        let deadline = Instant::now() + READY_LIMIT;
-        loop {
-            let health = http.get(format!("{client_url}/health")).send().await;
-            if let Ok(r) = health
-                && r.text().await.is_ok_and(|t| t.contains("true"))
-            {
-                return Ok((etcd, client_url));
-            }
-            if let Ok(Some(status)) = etcd.try_wait() {
-                if lost_port(&log) {
-                    break;
-                }
-                return Err(format!("etcd exited ({status}):\n{}", tail(&log)));
-            }
-            if Instant::now() > deadline {
-                let _ = etcd.kill();
-                return Err(format!(
-                    "etcd not healthy in {READY_LIMIT:?}:\n{}",
-                    tail(&log)
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-    Err(format!("etcd found no free ports in {PORT_TRIES} tries"))
+        ];
+        (args, client_url)
+    };
+    let http = reqwest::Client::new();
+    let healthy = async |url: &String| match http.get(format!("{url}/health")).send().await {
+        Ok(r) => r.text().await.is_ok_and(|t| t.contains("true")),
+        Err(_) => false,
+    };
+    start_on_free_ports(&bin.join("etcd"), &dir.join("etcd.log"), pick, healthy).await
 }
 
 async fn start_apiserver(bin: &Path, dir: &Path, etcd: &str) -> Result<(Child, u16), String> {
-    let log = dir.join("kube-apiserver.log");
     let pki = dir.join("pki");
     let p = |name: &str| pki.join(name).display().to_string();
-    for _ in 0..PORT_TRIES {
+    let pick = || {
         let port = free_port();
-        let args: Vec<String> = [
+        let args = vec![
             format!("--etcd-servers={etcd}"),
             "--bind-address=127.0.0.1".into(),
             "--advertise-address=127.0.0.1".into(),
@@ -491,38 +506,18 @@ async fn start_apiserver(bin: &Path, dir: &Path, etcd: &str) -> Result<(Child, u
             ),
             format!("--audit-log-path={}", dir.join("audit.log").display()),
             "--audit-log-maxsize=200".into(),
-        ]
-        .into();
-        let mut apiserver = spawn(&bin.join("kube-apiserver"), &args, &log)?;
-        let deadline = Instant::now() + READY_LIMIT;
-        // Readiness over TLS needs a client, which needs the serving certificate the
-        // apiserver writes into --cert-dir at start; until then, only watch the process.
-        loop {
-            if let Ok(Some(status)) = apiserver.try_wait() {
-                if lost_port(&log) {
-                    break;
-                }
-                return Err(format!("kube-apiserver exited ({status}):\n{}", tail(&log)));
-            }
-            if pki.join("apiserver.crt").is_file()
-                && std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-                && ready(dir, port).await
-            {
-                return Ok((apiserver, port));
-            }
-            if Instant::now() > deadline {
-                let _ = apiserver.kill();
-                return Err(format!(
-                    "kube-apiserver not ready in {READY_LIMIT:?}:\n{}",
-                    tail(&log)
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
-    Err(format!(
-        "kube-apiserver found no free port in {PORT_TRIES} tries"
-    ))
+        ];
+        (args, port)
+    };
+    // Readiness over TLS needs a client, which needs the serving certificate the
+    // apiserver writes into --cert-dir at start; until then, only the process counts.
+    let serving = async |port: &u16| {
+        pki.join("apiserver.crt").is_file()
+            && std::net::TcpStream::connect(("127.0.0.1", *port)).is_ok()
+            && ready(dir, *port).await
+    };
+    let log = dir.join("kube-apiserver.log");
+    start_on_free_ports(&bin.join("kube-apiserver"), &log, pick, serving).await
 }
 
 /// `/readyz` answers `ok` (and so does `/openapi/v3`, which `kubectl apply` needs).

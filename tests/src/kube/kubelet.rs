@@ -151,6 +151,33 @@ fn pinned_node(pod: &Pod) -> Option<String> {
     })
 }
 
+/// Whether every PersistentVolumeClaim the pod mounts is Bound.
+async fn claims_bound(client: &kube::Client, ns: &str, pod: &Pod) -> bool {
+    let claims: Api<k8s_openapi::api::core::v1::PersistentVolumeClaim> =
+        Api::namespaced(client.clone(), ns);
+    let volumes = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.volumes.clone())
+        .unwrap_or_default();
+    for claim in volumes
+        .iter()
+        .filter_map(|v| v.persistent_volume_claim.as_ref())
+    {
+        let phase = claims
+            .get_opt(&claim.claim_name)
+            .await
+            .ok()
+            .flatten()
+            .and_then(|c| c.status)
+            .and_then(|s| s.phase);
+        if phase.as_deref() != Some("Bound") {
+            return false;
+        }
+    }
+    true
+}
+
 /// A running pod's status as a kubelet reports it: every container running and ready.
 fn running_status(pod: &Pod) -> Value {
     let started = now();
@@ -181,8 +208,9 @@ fn is_ready(pod: &Pod) -> bool {
 }
 
 /// Plays the scheduler and the kubelets of some nodes for the pods that controllers
-/// (DaemonSet, ReplicaSet) make in one namespace: binds each pending one (a DaemonSet
-/// pod to the node it is pinned to, any other to the first node), reports each bound
+/// (DaemonSet, ReplicaSet) make in one namespace: binds each pending one whose claims
+/// are bound (a DaemonSet pod to the node it is pinned to, any other to the first
+/// node), reports each bound
 /// one Running and Ready, and completes the deletion of those being deleted, as a
 /// kubelet does once their containers stopped. Pods without an owner (a user's) are
 /// left to the test. Stops when dropped.
@@ -235,6 +263,9 @@ async fn run_one(client: &kube::Client, api: &Api<Pod>, ns: &str, nodes: &[Strin
         return;
     }
     match on {
+        // As the scheduler: a pod whose claim is not bound waits ("unbound immediate
+        // PersistentVolumeClaims").
+        None if !claims_bound(client, ns, pod).await => {}
         None => {
             let target = pinned_node(pod).or_else(|| nodes.first().cloned());
             if let Some(node) = target.filter(|n| nodes.contains(n)) {

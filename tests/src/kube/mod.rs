@@ -104,6 +104,32 @@ impl Cluster {
     }
 }
 
+impl Cluster {
+    /// Deletes namespaces a test made and waits (up to 60 s) until they are gone, so a
+    /// later test binary on the same control plane (`TALLY_KUBECONFIG`) does not meet
+    /// their objects — an operator there would act on a leftover Collector.
+    pub async fn remove_namespaces(&self, client: &kube::Client, names: &[&str]) {
+        let api: Api<Namespace> = Api::all(client.clone());
+        for name in names {
+            let _ = api.delete(name, &Default::default()).await;
+        }
+        crate::eventually(
+            std::time::Duration::from_secs(60),
+            std::time::Duration::from_millis(250),
+            &format!("namespaces {names:?} to be deleted"),
+            async || {
+                for name in names {
+                    if api.get_opt(name).await.ok()?.is_some() {
+                        return None;
+                    }
+                }
+                Some(())
+            },
+        )
+        .await;
+    }
+}
+
 /// Acts as the user and the kubelet for a pod given as JSON (spec with `nodeName`, and
 /// status): creates it (or keeps the existing one) and writes its status through the
 /// status subresource, as the kubelet of its node does. The server assigns the uid.
