@@ -10,7 +10,6 @@
 use std::time::{Duration, Instant};
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::CustomResourceExt;
 use kube::api::{Api, ListParams, PostParams};
 use serde_json::json;
 use tally_crds::Meter;
@@ -79,7 +78,9 @@ async fn main() {
         .namespaces(&client, &["tally-system", "bench"])
         .await;
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let _ = crds.create(&PostParams::default(), &Meter::crd()).await;
+    let _ = crds
+        .create(&PostParams::default(), &tally_crds::meter_crd())
+        .await;
     let db = format!("tally_bench_op_{unique}");
     let (op, metrics) = start_operator(
         bin,

@@ -151,6 +151,11 @@ async fn replay(step: &Step, kubeconfig: &Path, server: Option<&str>) {
     let deadline = std::time::Instant::now() + Duration::from_secs(90);
     loop {
         let (ok, out) = sh(&command, kubeconfig).await;
+        // The apiserver's warnings (e.g. an unrecognized schema format) would show too.
+        assert!(
+            !out.contains("Warning:"),
+            "`{command}` prints a warning the README does not show:\n{out}"
+        );
         if ok && shows(&step.expected, &out) {
             eprintln!("$ {}\n{out}", step.command);
             return;

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams, PostParams};
-use kube::{Client, CustomResourceExt, ResourceExt};
+use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
 use tally_crds::{Collector, Meter};
 use tally_tests::eventually;
@@ -21,7 +21,7 @@ async fn cluster_with_crds(test: &str) -> Option<(Cluster, Client)> {
     let client = cluster.client().await;
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     let apply = PatchParams::apply("tally-tests").force();
-    for crd in [Meter::crd(), Collector::crd()] {
+    for crd in tally_crds::crds() {
         let name = crd.name_any();
         crds.patch(&name, &apply, &Patch::Apply(&crd))
             .await

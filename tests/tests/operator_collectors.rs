@@ -14,7 +14,6 @@ use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Secret, ServiceAccount};
 use k8s_openapi::api::rbac::v1::ClusterRole;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::CustomResourceExt;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use tally_crds::Collector;
@@ -67,7 +66,9 @@ async fn collectors_become_agent_workloads_that_follow_every_change() {
     ];
     let _pods = PodRunner::start(&client, "tally-system", &[&nodes[0], &nodes[1]]);
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let _ = crds.create(&PostParams::default(), &Collector::crd()).await;
+    let _ = crds
+        .create(&PostParams::default(), &tally_crds::collector_crd())
+        .await;
     let dead_ch = format!("http://127.0.0.1:{}", free_port());
     // Its own identity, so the audit log tells its writes from the test's.
     let operator_kc = cluster.kubeconfig_as("tally-operator", dir.path());

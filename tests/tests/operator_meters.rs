@@ -13,8 +13,8 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
-use kube::{CustomResourceExt, ResourceExt};
 use serde_json::json;
 use tally_crds::Meter;
 use tally_tests::kube::Cluster;
@@ -116,7 +116,9 @@ async fn meters_are_provisioned_backfilled_rebuilt_and_cleaned_up_by_the_operato
     let (db, topic) = (format!("tally_op_{unique}"), format!("tally-op-{unique}"));
 
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let _ = crds.create(&PostParams::default(), &Meter::crd()).await;
+    let _ = crds
+        .create(&PostParams::default(), &tally_crds::meter_crd())
+        .await;
     cluster.namespaces(&client, &["acme", "tally-system"]).await;
     let operator_kc = cluster.kubeconfig_as("tally-operator", dir.path());
     let mut stack = Stack::start(

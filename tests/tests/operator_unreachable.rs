@@ -4,7 +4,6 @@
 use std::time::{Duration, Instant};
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::CustomResourceExt;
 use kube::api::{Api, PostParams};
 use serde_json::json;
 use tally_crds::Meter;
@@ -19,7 +18,9 @@ async fn an_unreachable_clickhouse_is_a_condition_naming_the_endpoint() {
     };
     let client = cluster.client().await;
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let _ = crds.create(&PostParams::default(), &Meter::crd()).await;
+    let _ = crds
+        .create(&PostParams::default(), &tally_crds::meter_crd())
+        .await;
     let dead = format!("http://127.0.0.1:{}", free_port());
     let (op, _metrics) = start_operator(
         bin("tally-operator"),
