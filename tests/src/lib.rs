@@ -426,10 +426,7 @@ pub fn kafka(test: &str) -> Option<String> {
         return Some(addr);
     }
     let why = format!("{test}: Kafka at {addr} not reachable (start it with `make services`)");
-    if std::env::var_os("CI").is_some() {
-        panic!("{why}; CI must not skip");
-    }
-    eprintln!("SKIPPED {why}");
+    skip(&why);
     None
 }
 
@@ -470,10 +467,7 @@ pub fn clickhouse(test: &str) -> Option<String> {
         return Some(url);
     }
     let why = format!("{test}: ClickHouse at {url} not reachable (start it with `make services`)");
-    if std::env::var_os("CI").is_some() {
-        panic!("{why}; CI must not skip");
-    }
-    eprintln!("SKIPPED {why}");
+    skip(&why);
     None
 }
 

@@ -178,8 +178,7 @@ fn tools_present(test: &str) -> bool {
             .is_ok();
         if !present {
             let why = format!("{test}: {tool} is not installed (the README's commands use it)");
-            assert!(std::env::var_os("CI").is_none(), "{why}; CI must not skip");
-            eprintln!("SKIPPED {why}");
+            tally_tests::skip(&why);
             return false;
         }
     }

@@ -38,8 +38,7 @@ fn helm_check(args: &[&str]) -> Option<(bool, String)> {
     if text.contains("No module named 'helm_sdkpy'") {
         let why =
             "helm_chart: the Helm library is not installed (`make tools` installs helm-sdkpy)";
-        assert!(std::env::var_os("CI").is_none(), "{why}; CI must not skip");
-        eprintln!("SKIPPED {why}");
+        tally_tests::skip(why);
         return None;
     }
     Some((out.status.success(), text))
