@@ -54,8 +54,7 @@ fn refusals(plane: &ControlPlane, mark: AuditMark) -> Vec<String> {
         .iter()
         .filter(|e| e["responseStatus"]["code"] == 403)
         .filter_map(|e| {
-            let who = e["user"]["username"].as_str()?;
-            let account = ACCOUNTS.iter().find(|a| user(a) == who)?;
+            let account = account_of(e)?;
             let (verb, resource) = verb_resource(e);
             let o = &e["objectRef"];
             Some(format!(
@@ -102,8 +101,12 @@ async fn within<T>(
     .await
 }
 
-fn user(account: &str) -> String {
-    format!("system:serviceaccount:{NS}:{account}")
+/// Which of [`ACCOUNTS`] made an audited request, if any.
+fn account_of(e: &serde_json::Value) -> Option<&'static str> {
+    let who = e["user"]["username"].as_str()?;
+    ACCOUNTS
+        .into_iter()
+        .find(|a| who == format!("system:serviceaccount:{NS}:{a}"))
 }
 
 /// A kubeconfig for `account` with a token from the TokenRequest API.
@@ -396,8 +399,7 @@ async fn every_binary_runs_on_its_own_service_account_with_the_charts_roles() {
     );
     let mut used: BTreeMap<&str, BTreeSet<(String, String)>> = BTreeMap::new();
     for e in plane.audit_events_since(since) {
-        let who = e["user"]["username"].as_str().unwrap_or_default();
-        if let Some(account) = ACCOUNTS.iter().find(|a| user(a) == who) {
+        if let Some(account) = account_of(&e) {
             let (verb, resource) = verb_resource(&e);
             // A server-side apply that made the object was authorized as a create too.
             if verb == "patch" && e["responseStatus"]["code"] == 201 {

@@ -166,7 +166,12 @@ impl ControlPlane {
         let (etcd, etcd_url) = start_etcd(bin, &dir, &etcd_dir).await?;
         record_pid(&dir, etcd.id())?;
         children.push(etcd);
-        let (apiserver, port) = start_apiserver(bin, &dir, &etcd_url).await?;
+        let admin = tokens
+            .iter()
+            .find(|(who, _)| who == "admin")
+            .map(|(_, t)| t.clone())
+            .expect("admin is an identity");
+        let (apiserver, port) = start_apiserver(bin, &dir, &etcd_url, &admin).await?;
         record_pid(&dir, apiserver.id())?;
         children.push(apiserver);
         let url = format!("https://127.0.0.1:{port}");
@@ -187,7 +192,6 @@ impl ControlPlane {
             _watchdog: watchdog,
             dir: dir.clone(),
         };
-        let admin = plane.token("admin").to_string();
         write(&plane.kubeconfig, &kubeconfig_yaml(&url, Some(&ca), &admin))?;
         let client = client_for(&plane.kubeconfig).await?;
         plane.version = client
@@ -352,10 +356,6 @@ fn random_token() -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn free_port() -> u16 {
-    crate::free_port()
-}
-
 /// The last lines of a log, for an error message.
 fn tail(log: &Path) -> String {
     let text = std::fs::read_to_string(log).unwrap_or_default();
@@ -461,8 +461,8 @@ async fn start_on_free_ports<A>(
 
 async fn start_etcd(bin: &Path, dir: &Path, data: &Path) -> Result<(Child, String), String> {
     let pick = || {
-        let client_url = format!("http://127.0.0.1:{}", free_port());
-        let peer_url = format!("http://127.0.0.1:{}", free_port());
+        let client_url = format!("http://127.0.0.1:{}", crate::free_port());
+        let peer_url = format!("http://127.0.0.1:{}", crate::free_port());
         let args = vec![
             "--name=tally-test".to_string(),
             format!("--data-dir={}", data.display()),
@@ -482,11 +482,16 @@ async fn start_etcd(bin: &Path, dir: &Path, data: &Path) -> Result<(Child, Strin
     start_on_free_ports(&bin.join("etcd"), &dir.join("etcd.log"), pick, healthy).await
 }
 
-async fn start_apiserver(bin: &Path, dir: &Path, etcd: &str) -> Result<(Child, u16), String> {
+async fn start_apiserver(
+    bin: &Path,
+    dir: &Path,
+    etcd: &str,
+    admin_token: &str,
+) -> Result<(Child, u16), String> {
     let pki = dir.join("pki");
     let p = |name: &str| pki.join(name).display().to_string();
     let pick = || {
-        let port = free_port();
+        let port = crate::free_port();
         let args = vec![
             format!("--etcd-servers={etcd}"),
             "--bind-address=127.0.0.1".into(),
@@ -514,18 +519,14 @@ async fn start_apiserver(bin: &Path, dir: &Path, etcd: &str) -> Result<(Child, u
     let serving = async |port: &u16| {
         pki.join("apiserver.crt").is_file()
             && std::net::TcpStream::connect(("127.0.0.1", *port)).is_ok()
-            && ready(dir, *port).await
+            && ready(dir, *port, admin_token).await
     };
     let log = dir.join("kube-apiserver.log");
     start_on_free_ports(&bin.join("kube-apiserver"), &log, pick, serving).await
 }
 
 /// `/readyz` answers `ok` (and so does `/openapi/v3`, which `kubectl apply` needs).
-async fn ready(dir: &Path, port: u16) -> bool {
-    let tokens = std::fs::read_to_string(dir.join("pki/tokens.csv")).unwrap_or_default();
-    let Some(token) = tokens.lines().next().and_then(|l| l.split(',').next()) else {
-        return false;
-    };
+async fn ready(dir: &Path, port: u16, token: &str) -> bool {
     let probe = dir.join("probe.kubeconfig");
     let yaml = kubeconfig_yaml(
         &format!("https://127.0.0.1:{port}"),

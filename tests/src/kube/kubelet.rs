@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Node as NodeObject, Pod};
 use kube::ResourceExt;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use serde_json::{Value, json};
 
 /// How often the kubelet refreshes its Node's `Ready` condition (the node lifecycle
@@ -55,11 +55,7 @@ impl Node {
                          "kubernetes.io/os": "linux", "nvidia.com/gpu.present": "true"}},
         }))
         .expect("a valid Node");
-        match nodes.create(&PostParams::default(), &node).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(e)) if e.code == 409 => {}
-            Err(e) => panic!("registering node {name}: {e}"),
-        }
+        super::create_or_keep(&nodes, &node, &format!("node {name}")).await;
         let since = now();
         nodes
             .patch_status(

@@ -95,12 +95,24 @@ impl Cluster {
             let ns: Namespace =
                 serde_json::from_value(serde_json::json!({"metadata": {"name": name}}))
                     .expect("a valid Namespace");
-            match api.create(&PostParams::default(), &ns).await {
-                Ok(_) => {}
-                Err(kube::Error::Api(e)) if e.code == 409 => {}
-                Err(e) => panic!("creating namespace {name}: {e}"),
-            }
+            create_or_keep(&api, &ns, &format!("namespace {name}")).await;
         }
+    }
+}
+
+/// Creates `obj`, or keeps the object of that name already there (409 AlreadyExists);
+/// any other error fails the test, naming `what`.
+pub(crate) async fn create_or_keep<K>(api: &Api<K>, obj: &K, what: &str)
+where
+    K: Clone
+        + std::fmt::Debug
+        + k8s_openapi::serde::de::DeserializeOwned
+        + k8s_openapi::serde::Serialize,
+{
+    match api.create(&PostParams::default(), obj).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(e)) if e.code == 409 => {}
+        Err(e) => panic!("creating {what}: {e}"),
     }
 }
 
@@ -151,11 +163,7 @@ pub async fn put_pod(client: &kube::Client, pod: serde_json::Value) {
         m.remove("uid");
     }
     let created: Pod = serde_json::from_value(spec).expect("a valid pod");
-    match api.create(&PostParams::default(), &created).await {
-        Ok(_) => {}
-        Err(kube::Error::Api(e)) if e.code == 409 => {}
-        Err(e) => panic!("creating pod {ns}/{name}: {e}"),
-    }
+    create_or_keep(&api, &created, &format!("pod {ns}/{name}")).await;
     let status = serde_json::json!({"status": pod["status"].clone()});
     api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
         .await
