@@ -11,8 +11,8 @@ RUN apt-get update \
 WORKDIR /src
 COPY . .
 # kafka-tls: librdkafka with a vendored OpenSSL, for TLS and SCRAM to a secured Kafka.
-RUN cargo build --release --locked -p tally-pipeline --bin tally-server \
-      -p tally-operator --features tally-pipeline/kafka-tls \
+RUN cargo build --release --locked -p tally-server --bin tally-server \
+      -p tally-operator --features tally-kafka/kafka-tls \
  && cargo build --profile agent --locked -p tally-agent \
  && mkdir -p /out \
  && cp target/release/tally-server target/release/tally-operator target/agent/tally-agent /out/

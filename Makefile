@@ -22,7 +22,7 @@ build: ## Build every binary (debug)
 	$(CARGO) build --workspace --bins
 
 run: ## Start the standalone server on 127.0.0.1:8080 with examples/quickstart (embedded store in ./data)
-	$(CARGO) run -p tally-pipeline --bin tally-server -- --listen $(LISTEN) --data $(DATA) --manifests examples/quickstart
+	$(CARGO) run -p tally-server --bin tally-server -- --listen $(LISTEN) --data $(DATA) --manifests examples/quickstart
 
 run-agent: ## Run tally-agent with examples/agent/agent.yaml, shipping to `make run`'s server
 	$(CARGO) run -p tally-agent -- --config examples/agent/agent.yaml
@@ -63,8 +63,8 @@ generate: ## Regenerate the CRD YAML (crds/*.yaml and charts/tally/crds/*.yaml) 
 	$(CARGO) run -q -p tally-crds --bin crdgen -- crds charts/tally/crds
 
 bench: services ## Benchmarks (release build): standalone vs bare SQLite; Kafka ingest, sink and ClickHouse queries vs their raw limits; agent RSS and CPU; operator time to 200 Ready Meters
-	$(CARGO) bench -p tally-pipeline --bench standalone
-	$(CARGO) bench -p tally-pipeline --bench scaleout
+	$(CARGO) bench -p tally-server --bench standalone
+	$(CARGO) bench -p tally-server --bench scaleout
 	$(CARGO) build -q --profile agent -p tally-agent
 	KUBEBUILDER_ASSETS="$(KUBEBUILDER_ASSETS)" TALLY_BENCH_AGENT_BIN=$(CARGO_TARGET_DIR)/agent/tally-agent $(CARGO) bench -p tally-tests --bench agent
 	KUBEBUILDER_ASSETS="$(KUBEBUILDER_ASSETS)" $(CARGO) bench -p tally-tests --bench operator

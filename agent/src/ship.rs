@@ -3,7 +3,7 @@
 //!
 //! Sinks: the ingest API of `tally-server` (batches per namespace, bearer token read
 //! from a file on every request so a rotated Secret is picked up, `Retry-After`
-//! honoured on 429/503, a 413 halves the batch) or Kafka through `tally-pipeline`'s
+//! honoured on 429/503, a 413 halves the batch) or Kafka through `tally-kafka`'s
 //! producer (`kafka` feature). Transient failures are retried with exponential backoff
 //! (capped at 30 s) for as long as it takes: the spool holds the events meanwhile.
 //! Events the sink refuses as invalid can never be delivered; they are logged at
@@ -49,7 +49,7 @@ pub enum Sink {
     #[cfg(feature = "kafka")]
     Kafka {
         /// The shared producer.
-        producer: tally_pipeline::kafka::Producer,
+        producer: tally_kafka::Producer,
     },
 }
 
@@ -82,10 +82,10 @@ impl Sink {
         match &cfg.kafka {
             #[cfg(feature = "kafka")]
             Some(k) => {
-                let mut kc = tally_pipeline::kafka::KafkaConfig::new(&k.brokers);
+                let mut kc = tally_kafka::KafkaConfig::new(&k.brokers);
                 kc.topic = k.topic.clone();
                 kc.message_timeout_ms = u64::from(k.timeout_ms);
-                let producer = tally_pipeline::kafka::Producer::new(&kc)
+                let producer = tally_kafka::Producer::new(&kc)
                     .map_err(|e| crate::Error::Kafka(e.to_string()))?;
                 Ok(Sink::Kafka { producer })
             }
@@ -201,7 +201,7 @@ async fn send_ingest(
 
 #[cfg(feature = "kafka")]
 async fn send_kafka(
-    producer: &tally_pipeline::kafka::Producer,
+    producer: &tally_kafka::Producer,
     namespace: &str,
     events: &[Spooled],
 ) -> Result<(), SendError> {

@@ -11,7 +11,7 @@
 //!   immutable (changing them would silently change the meaning of past totals).
 //!
 //! Whether a JSONPath is *singular* and compiles is checked when a meter is loaded
-//! (`tally_pipeline::engine`), since CEL cannot parse JSONPath.
+//! (`tally_meter::engine`), since CEL cannot parse JSONPath.
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};

@@ -25,9 +25,9 @@ use kube::{Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::json;
+use tally_clickhouse::Ch;
 use tally_crds::collector::Scope;
 use tally_crds::{Collector, CollectorStatus};
-use tally_pipeline::clickhouse::Ch;
 
 use crate::agents::{self, AgentSettings, CLUSTER_AGENT, NODE_AGENT};
 use crate::meter::FIELD_MANAGER;

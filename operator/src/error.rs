@@ -1,5 +1,5 @@
 //! The operator's errors, named after the step that failed.
-use tally_pipeline::Error as PipelineError;
+use tally_meter::Error as PipelineError;
 
 /// Errors of a reconcile.
 #[derive(Debug, thiserror::Error)]

@@ -31,10 +31,10 @@ use kube::core::DeserializeGuard;
 use kube::runtime::controller::{self, Controller};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::watcher;
+use tally_clickhouse::provision::CutoverConfig;
+use tally_clickhouse::{Ch, ChConfig};
 use tally_crds::Meter;
-use tally_pipeline::clickhouse::provision::CutoverConfig;
-use tally_pipeline::clickhouse::{Ch, ChConfig};
-use tally_pipeline::kafka::KafkaConfig;
+use tally_kafka::KafkaConfig;
 
 pub use error::{Error, Result};
 
@@ -68,7 +68,7 @@ pub struct Args {
     pub kafka: Option<String>,
     /// Kafka security (TLS, SASL).
     #[command(flatten)]
-    pub kafka_security: tally_pipeline::kafka::KafkaSecurity,
+    pub kafka_security: tally_kafka::KafkaSecurity,
     /// The events topic.
     #[arg(long, env = "TALLY_TOPIC", default_value = "tally-events")]
     pub topic: String,

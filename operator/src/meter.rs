@@ -1,5 +1,5 @@
 //! The Meter controller: validates what the schema cannot, provisions the meter's
-//! ClickHouse rollup with an exact backfill (through `tally_pipeline`'s provisioning),
+//! ClickHouse rollup with an exact backfill (through `tally_clickhouse`'s provisioning),
 //! and tells the truth in the status.
 //!
 //! # States (the `Ready` condition's reason)
@@ -13,7 +13,7 @@
 //!   it has reached ClickHouse once.
 //! - `Backfilling`: the rollup and its view exist; the events stored before the
 //!   cutover are backfilled once the sink has passed it (see
-//!   `tally_pipeline::clickhouse::provision`). Not ready: queries would be incomplete.
+//!   `tally_clickhouse::provision`). Not ready: queries would be incomplete.
 //! - `Rebuilding`: a changed `groupBy` means a new rollup; the old one keeps serving
 //!   (ready) until the new one is backfilled, then the status swaps `rollupTable`, and
 //!   the old table is dropped after the drain period. The query API follows the status,
@@ -39,11 +39,11 @@ use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::Store;
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
+use tally_clickhouse::Ch;
+use tally_clickhouse::provision::{self, CutoverConfig};
+use tally_clickhouse::rollup::{RollupSql, id_of_table};
 use tally_crds::{Meter, MeterStatus, MeterStorage};
-use tally_pipeline::clickhouse::Ch;
-use tally_pipeline::clickhouse::provision::{self, CutoverConfig};
-use tally_pipeline::clickhouse::rollup::{RollupSql, id_of_table};
-use tally_pipeline::engine::CompiledMeter;
+use tally_meter::engine::CompiledMeter;
 
 use crate::metrics::Metrics;
 use crate::pipeline::Health;

@@ -8,8 +8,8 @@ use std::sync::RwLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use tally_pipeline::clickhouse::Ch;
-use tally_pipeline::kafka::KafkaConfig;
+use tally_clickhouse::Ch;
+use tally_kafka::KafkaConfig;
 use tokio::sync::watch;
 
 /// How often a healthy pipeline is checked again (a cheap read; no writes).

@@ -46,7 +46,7 @@ async fn main() {
 
     // Raw limit: the library provisions the same meters in one batch.
     let raw_db = format!("tally_bench_raw_{unique}");
-    let chc = tally_pipeline::clickhouse::Ch::new(&tally_pipeline::clickhouse::ChConfig {
+    let chc = tally_clickhouse::Ch::new(&tally_clickhouse::ChConfig {
         url: ch.clone(),
         database: raw_db.clone(),
         user: String::new(),
@@ -57,12 +57,12 @@ async fn main() {
         .map(|i| {
             let mut m = meter(i);
             m.metadata.namespace = Some("bench".into());
-            std::sync::Arc::new(tally_pipeline::engine::CompiledMeter::compile(&m).unwrap())
+            std::sync::Arc::new(tally_meter::engine::CompiledMeter::compile(&m).unwrap())
         })
         .collect();
-    let cutover = tally_pipeline::clickhouse::provision::CutoverConfig::default();
+    let cutover = tally_clickhouse::provision::CutoverConfig::default();
     let t = Instant::now();
-    tally_pipeline::clickhouse::provision::provision(&chc, &compiled, &cutover)
+    tally_clickhouse::provision::provision(&chc, &compiled, &cutover)
         .await
         .unwrap();
     let raw = t.elapsed();

@@ -278,7 +278,7 @@ async fn tokens_scope_every_request_to_their_namespaces() {
         &tokens_file,
         tokens(&format!(
             "- {{name: later, tokenSha256: {}, namespaces: [team-b]}}\n",
-            tally_pipeline::api::auth::digest(C)
+            tally_server::api::auth::digest(C)
         )),
     )
     .unwrap();

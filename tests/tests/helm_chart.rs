@@ -114,7 +114,7 @@ fn accepted_by_the_binary(pod: &serde_json::Value, what: &str) {
     let c = &pod["spec"]["template"]["spec"]["containers"][0];
     let bin = c["command"][0].as_str().unwrap_or_default().to_string();
     let root = match bin.as_str() {
-        "tally-server" => tally_pipeline::server::Args::command(),
+        "tally-server" => tally_server::server::Args::command(),
         "tally-operator" => tally_operator::Args::command(),
         other => panic!("{what}: unexpected command {other:?}"),
     };
@@ -154,7 +154,7 @@ fn accepted_by_the_binary(pod: &serde_json::Value, what: &str) {
         .chain(after)
         .collect::<Vec<_>>();
     let parsed = match bin.as_str() {
-        "tally-server" => tally_pipeline::server::Args::try_parse_from(&argv).map(drop),
+        "tally-server" => tally_server::server::Args::try_parse_from(&argv).map(drop),
         _ => tally_operator::Args::try_parse_from(&argv).map(drop),
     };
     if let Err(e) = parsed {
@@ -232,7 +232,7 @@ async fn helm_install_creates_least_privilege_restricted_objects() {
         !file.contains(&agent_token),
         "the server's tokens file holds the token's SHA-256, not the token: {file}"
     );
-    let tokens = tally_pipeline::api::auth::Tokens::parse(&file).unwrap();
+    let tokens = tally_server::api::auth::Tokens::parse(&file).unwrap();
     assert_eq!(
         tokens.grant(&agent_token).map(|g| g.namespaces.clone()),
         Some(vec!["*".to_string()]),

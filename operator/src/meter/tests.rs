@@ -8,7 +8,7 @@ use kube::client::Body;
 use kube::runtime::reflector;
 use kube::runtime::watcher;
 use serde_json::{Value, json};
-use tally_pipeline::clickhouse::ChConfig;
+use tally_clickhouse::ChConfig;
 
 use super::*;
 

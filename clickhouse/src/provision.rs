@@ -1,0 +1,385 @@
+//! Provisioning a meter on ClickHouse: its rollup, its view, and an exact backfill of the
+//! events stored before it existed — while ingestion goes on.
+//!
+//! # The cutover argument
+//! Every row of `events` carries `inserted_at`, ClickHouse's clock read by the sink when
+//! it began the row's batch (the same value goes into `events_feed`). For a new meter:
+//! 1. Pick `T` = ClickHouse `now()` + margin, record it in `meters`, then create the
+//!    rollup and the view, which takes only feed rows with `inserted_at >= T`.
+//!    Any batch with `inserted_at >= T` began after `T`, so after the view existed, so
+//!    ClickHouse pushes it through the view. (If the view is found missing on a retry,
+//!    a new `T` is chosen, so this holds for the view that exists.)
+//! 2. Wait until ClickHouse's clock passes `T + grace`, then until no Kafka partition's
+//!    latest `sink_log` record is a `begin` with `inserted_at < T`. The sink abandons a
+//!    `begin` it could not write within `grace` of reading the clock, so after `T + grace`
+//!    every batch with `inserted_at < T` is visible in `sink_log`; once each is `done`,
+//!    all rows with `inserted_at < T` are in `events` and no more will come.
+//! 3. Backfill: delete the rollup's backfill rows (a retry after a crash), then insert
+//!    the states of every `events` row with `inserted_at < T`, tagged `origin = 1`, and
+//!    mark the meter backfilled. Queries serve the meter only after that.
+//!
+//! So each stored event is counted once: by the view (`>= T`) or by the backfill
+//! (`< T`), never both and never neither. Deleting a meter drops its view and rollup;
+//! raw events stay.
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use super::Ch;
+use super::lit;
+use super::rollup::{Grain, Origin, RollupSql, rollup_id, view_name};
+use tally_meter::engine::CompiledMeter;
+use tally_meter::store::StoredMeter;
+use tally_meter::{Error, Result};
+
+/// Timing of the cutover.
+#[derive(Clone, Debug)]
+pub struct CutoverConfig {
+    /// How far in the future `T` is set, seconds.
+    pub margin_secs: i64,
+    /// The sink's bound between reading the clock and its `begin` record, seconds.
+    pub grace_secs: i64,
+    /// How long a backfill waits for the sink to finish older batches.
+    pub wait_timeout: Duration,
+}
+
+impl Default for CutoverConfig {
+    fn default() -> Self {
+        CutoverConfig {
+            margin_secs: 5,
+            grace_secs: 5,
+            wait_timeout: Duration::from_secs(600),
+        }
+    }
+}
+
+/// A row of `meters`.
+#[derive(Clone, Debug, Serialize, Deserialize, clickhouse::Row)]
+pub struct MeterRecord {
+    /// Rollup table.
+    pub rollup: String,
+    /// Namespace.
+    pub namespace: String,
+    /// Meter name.
+    pub name: String,
+    /// Slug.
+    pub slug: String,
+    /// The Meter resource as JSON (name, namespace, spec).
+    pub definition: String,
+    /// Cutover `T`, seconds.
+    pub cutover: u32,
+    /// 1 once backfilled.
+    pub backfilled: u8,
+    /// 1 once dropped.
+    pub dropped: u8,
+    /// ReplacingMergeTree version.
+    pub version: u64,
+}
+
+impl MeterRecord {
+    /// The compiled meter this record describes.
+    pub fn compile(&self) -> Option<CompiledMeter> {
+        let meter: tally_crds::Meter = serde_json::from_str(&self.definition).ok()?;
+        CompiledMeter::compile(&meter).ok()
+    }
+}
+
+fn version() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or_default()
+}
+
+/// The live (not dropped) rollups.
+pub async fn read_meters(ch: &Ch) -> Result<Vec<MeterRecord>> {
+    live_records(ch, "read provisioned meters", "").await
+}
+
+/// The live records, narrowed by `and` (an SQL condition starting with `AND`, or empty).
+async fn live_records(ch: &Ch, step: &str, and: &str) -> Result<Vec<MeterRecord>> {
+    ch.fetch(
+        step,
+        &format!(
+            "SELECT rollup, namespace, name, slug, definition, toUInt32(cutover), backfilled, dropped, version \
+             FROM {}.meters FINAL WHERE dropped = 0 {and}",
+            ch.db()
+        ),
+    )
+    .await
+}
+
+async fn write_record(ch: &Ch, rec: &MeterRecord) -> Result<()> {
+    let mut rec = rec.clone();
+    rec.version = version();
+    ch.insert::<MeterRecord>("meters", &[rec]).await
+}
+
+async fn exists(ch: &Ch, table: &str) -> Result<bool> {
+    let v: Vec<u8> = ch
+        .fetch(
+            "check a table exists",
+            &format!("EXISTS TABLE {}.{table}", ch.db()),
+        )
+        .await?;
+    Ok(v.first() == Some(&1))
+}
+
+fn definition(m: &CompiledMeter) -> String {
+    let mut meter = tally_crds::Meter::new(&m.name, m.spec.clone());
+    meter.metadata.namespace = Some(m.namespace.clone());
+    serde_json::to_string(&meter).unwrap_or_default()
+}
+
+/// Makes sure `m`'s rollup tables, views and `meters` record exist, creating them with a
+/// new cutover when any is missing (step 1 of the module docs). Read-only when all
+/// exist. Returns the record (its `backfilled` says whether steps 2–3 remain).
+pub async fn prepare(ch: &Ch, m: &CompiledMeter, cfg: &CutoverConfig) -> Result<MeterRecord> {
+    let sql = RollupSql::new(m);
+    let rec = record(ch, &sql.table).await?;
+    let mut view_ok = rec.is_some();
+    for grain in Grain::ALL {
+        view_ok = view_ok && exists(ch, &view_name(&grain.table(&sql.table))).await?;
+    }
+    if let (true, Some(rec)) = (view_ok, rec) {
+        return Ok(rec);
+    }
+    let cutover = ch.now().await? + cfg.margin_secs;
+    let r = MeterRecord {
+        rollup: sql.table.clone(),
+        namespace: m.namespace.clone(),
+        name: m.name.clone(),
+        slug: m.slug.clone(),
+        definition: definition(m),
+        cutover: cutover as u32,
+        backfilled: 0,
+        dropped: 0,
+        version: 0,
+    };
+    write_record(ch, &r).await?;
+    for grain in Grain::ALL {
+        ch.exec("create a rollup", &sql.create_table(ch.db(), grain))
+            .await?;
+        ch.exec(
+            "create a rollup view",
+            &sql.create_view(ch.db(), cutover, grain),
+        )
+        .await?;
+    }
+    tracing::info!(meter = %m.slug, namespace = %m.namespace, rollup = %sql.table, cutover, "Created rollup and view");
+    Ok(r)
+}
+
+/// The live record of the rollup `table`, if any.
+pub async fn record(ch: &Ch, table: &str) -> Result<Option<MeterRecord>> {
+    let and = format!("AND rollup = {}", lit(table));
+    let rows = live_records(ch, "read a provisioned meter", &and).await?;
+    Ok(rows.into_iter().next())
+}
+
+/// Makes ClickHouse maintain exactly a rollup for each of `meters` (creating and
+/// backfilling missing ones). Returns them with their rollup ids, in order, and the
+/// rollups no meter uses any more (drop them with [`drop_rollups`] once the new set is
+/// served).
+pub async fn provision(
+    ch: &Ch,
+    meters: &[Arc<CompiledMeter>],
+    cfg: &CutoverConfig,
+) -> Result<(Vec<StoredMeter>, Vec<i64>)> {
+    ch.ensure_schema().await?;
+    let existing: HashMap<String, MeterRecord> = read_meters(ch)
+        .await?
+        .into_iter()
+        .map(|r| (r.rollup.clone(), r))
+        .collect();
+    let mut pending = Vec::new();
+    for m in meters {
+        let rec = prepare(ch, m, cfg).await?;
+        if rec.backfilled == 0 {
+            pending.push((m.clone(), rec));
+        }
+    }
+    if let Some(latest) = pending.iter().map(|(_, r)| r.cutover as i64).max() {
+        wait_for_cutover(ch, latest, cfg).await?;
+        for (m, rec) in pending {
+            backfill(ch, &m, rec).await?;
+        }
+    }
+    let live: std::collections::HashSet<String> =
+        meters.iter().map(|m| RollupSql::new(m).table).collect();
+    let stale = existing
+        .keys()
+        .filter(|t| !live.contains(*t))
+        .filter_map(|t| super::rollup::id_of_table(t))
+        .collect();
+    let stored = meters
+        .iter()
+        .map(|m| StoredMeter {
+            meter: m.clone(),
+            rollup_id: rollup_id(m),
+        })
+        .collect();
+    Ok((stored, stale))
+}
+
+/// Whether a backfill at `cutover` may run now (steps 2 of the module docs, without
+/// waiting): `Ok(None)` when it may, else what it waits for.
+pub async fn cutover_passed(ch: &Ch, cutover: i64, cfg: &CutoverConfig) -> Result<Option<String>> {
+    let now = ch.now().await?;
+    if now < cutover + cfg.grace_secs {
+        return Ok(Some(format!(
+            "waiting until the cutover at {} plus {} s of grace has passed",
+            tally_crds::event::format_ms(cutover * 1000),
+            cfg.grace_secs
+        )));
+    }
+    let open = open_batches(ch, cutover).await?;
+    Ok(open.first().map(waiting_for))
+}
+
+/// What a backfill waits for: the sink's open batch `(partition, began at)`.
+fn waiting_for((partition, began): &(i32, u32)) -> String {
+    format!(
+        "waiting for the sink to finish the batch it began at {} on Kafka partition {partition}",
+        tally_crds::event::format_ms(*began as i64 * 1000)
+    )
+}
+
+async fn open_batches(ch: &Ch, cutover: i64) -> Result<Vec<(i32, u32)>> {
+    ch.fetch(
+        "read the sink log",
+        &format!(
+            "SELECT kafka_partition, toUInt32(s) FROM (SELECT kafka_partition, \
+             argMax(phase, tuple(start_offset, rank, logged_ms)) AS p, \
+             argMax(inserted_at, tuple(start_offset, rank, logged_ms)) AS s \
+             FROM {}.sink_log GROUP BY topic, kafka_partition) WHERE p = 'begin' AND s < toDateTime({cutover})",
+            ch.db()
+        ),
+    )
+    .await
+}
+
+/// Waits until every row with `inserted_at < cutover` is in `events` (see the module
+/// docs, step 2).
+async fn wait_for_cutover(ch: &Ch, cutover: i64, cfg: &CutoverConfig) -> Result<()> {
+    let start = Instant::now();
+    let ready_at = cutover + cfg.grace_secs;
+    loop {
+        let now = ch.now().await?;
+        if now >= ready_at {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(
+            ((ready_at - now) * 1000).clamp(50, 1000) as u64,
+        ))
+        .await;
+    }
+    loop {
+        let open = open_batches(ch, cutover).await?;
+        if open.is_empty() {
+            return Ok(());
+        }
+        if start.elapsed() > cfg.wait_timeout {
+            return Err(Error::Unavailable(format!(
+                "backfill is {}; is `tally-server sink` running?",
+                waiting_for(&open[0])
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Waits for every mutation of `table` to finish.
+pub async fn wait_mutations(ch: &Ch, table: &str) -> Result<()> {
+    loop {
+        let open: Vec<u64> = ch
+            .fetch(
+                "wait for a mutation",
+                &format!(
+                    "SELECT count() FROM system.mutations WHERE database = {} AND table = {} AND is_done = 0",
+                    lit(ch.db()),
+                    lit(table)
+                ),
+            )
+            .await?;
+        if open.first().copied().unwrap_or_default() == 0 {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Deletes the rows of `table` matching `cond` and waits until they are gone.
+pub async fn delete_where(ch: &Ch, table: &str, cond: &str) -> Result<()> {
+    let n: Vec<u64> = ch
+        .fetch(
+            "count rows to delete",
+            &format!("SELECT count() FROM {}.{table} WHERE {cond}", ch.db()),
+        )
+        .await?;
+    if n.first().copied().unwrap_or_default() > 0 {
+        ch.exec(
+            "delete rollup rows",
+            &format!("ALTER TABLE {}.{table} DELETE WHERE {cond}", ch.db()),
+        )
+        .await?;
+    }
+    wait_mutations(ch, table).await
+}
+
+/// Step 3: fills the rollup with the events stored before the cutover and marks the
+/// record backfilled. Call only once [`cutover_passed`] says so.
+pub async fn backfill(ch: &Ch, m: &CompiledMeter, mut rec: MeterRecord) -> Result<()> {
+    let sql = RollupSql::new(m);
+    let started = Instant::now();
+    for grain in Grain::ALL {
+        let table = grain.table(&sql.table);
+        delete_where(ch, &table, "origin = 1").await?;
+        let select = sql.select(
+            &format!("{}.events", ch.db()),
+            Origin::Backfill,
+            &format!("inserted_at < toDateTime({})", rec.cutover),
+            grain,
+        );
+        ch.exec_aggregation(
+            "backfill a rollup",
+            &format!("INSERT INTO {}.{table} {select}", ch.db()),
+        )
+        .await?;
+    }
+    rec.backfilled = 1;
+    write_record(ch, &rec).await?;
+    tracing::info!(meter = %m.slug, namespace = %m.namespace, rollup = %sql.table, ms = started.elapsed().as_millis() as u64, "Backfilled rollup");
+    Ok(())
+}
+
+/// Drops the views and rollups of `ids`; raw events stay.
+pub async fn drop_rollups(ch: &Ch, ids: &[i64]) -> Result<()> {
+    let existing: HashMap<String, MeterRecord> = read_meters(ch)
+        .await?
+        .into_iter()
+        .map(|r| (r.rollup.clone(), r))
+        .collect();
+    for id in ids {
+        let table = super::rollup::table_name(*id);
+        let db = ch.db();
+        for grain in Grain::ALL {
+            let t = grain.table(&table);
+            ch.exec(
+                "drop a rollup view",
+                &format!("DROP TABLE IF EXISTS {db}.{}", view_name(&t)),
+            )
+            .await?;
+            ch.exec("drop a rollup", &format!("DROP TABLE IF EXISTS {db}.{t}"))
+                .await?;
+        }
+        if let Some(mut rec) = existing.get(&table).cloned() {
+            rec.dropped = 1;
+            write_record(ch, &rec).await?;
+        }
+        tracing::info!(rollup = %table, "Dropped rollup and view");
+    }
+    Ok(())
+}

@@ -1,0 +1,393 @@
+//! The ClickHouse store: ingest goes to Kafka (the sink loads it), queries read
+//! ClickHouse.
+//!
+//! A query `[from, to)` reads whole quarter hours from the meter's 15-minute rollup,
+//! the remaining whole minutes from its minute rollup, and the sub-minute edges from
+//! `events`, evaluated by the engine, so any precision is exact. Rollup
+//! minutes are merged in ClickHouse into *buckets* that each lie inside one requested
+//! window: the range is cut where the zone's UTC offset changes, and inside a piece of
+//! constant offset a local hour or day is a fixed-size, fixed-phase bucket (months use
+//! day buckets). The store-independent [`Combiner`] then places each bucket in its window,
+//! so DST and odd offsets follow the same rules as the embedded store, and the answer
+//! crosses the wire as a few rows per window instead of every minute.
+use std::collections::HashSet;
+use std::sync::{Arc, RwLock};
+
+use tally_crds::{Aggregation, UsageEvent};
+use tokio::runtime::Handle;
+
+use super::provision::{self, CutoverConfig};
+use super::rollup::{BucketRow, Grain, RollupSql};
+use super::{Ch, DeadLetterRow, EventRow, kafka_error, lit};
+use tally_kafka::Producer;
+use tally_meter::engine::CompiledMeter;
+use tally_meter::engine::state::{Latest, State};
+use tally_meter::engine::window::WindowSize;
+use tally_meter::query::{
+    Combiner, QueryAnswer, QuerySpec, RollupRead, plan_rollup_reads, split_minutes,
+};
+use tally_meter::store::{
+    DeadLetter, IngestOutcome, Pending, Store, StoredEvent, StoredMeter, Synced,
+};
+use tally_meter::{Error, Result};
+
+/// Queries ClickHouse; ingests through Kafka.
+#[derive(Debug)]
+pub struct ClickHouseStore {
+    ch: Ch,
+    handle: Handle,
+    producer: Option<Arc<Producer>>,
+    provision: bool,
+    cutover: CutoverConfig,
+    meters: RwLock<Vec<Arc<CompiledMeter>>>,
+}
+
+impl ClickHouseStore {
+    /// A store on `ch`. With `provision`, [`Store::sync_meters`] creates and backfills
+    /// rollups; without, it serves the meters whose rollups are already provisioned
+    /// and backfilled. Must be called inside a tokio runtime.
+    pub fn new(
+        ch: Ch,
+        producer: Option<Arc<Producer>>,
+        provision: bool,
+        cutover: CutoverConfig,
+    ) -> ClickHouseStore {
+        ClickHouseStore {
+            ch,
+            handle: Handle::current(),
+            producer,
+            provision,
+            cutover,
+            meters: RwLock::new(Vec::new()),
+        }
+    }
+
+    /// The connection.
+    pub fn ch(&self) -> &Ch {
+        &self.ch
+    }
+
+    fn run<T>(&self, f: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+        self.handle.block_on(f)
+    }
+}
+
+fn bucket_expr(size: Option<WindowSize>, from_s: i64, off: i64) -> String {
+    let step = match size {
+        None => return format!("toInt64({from_s})"),
+        Some(WindowSize::Minute) => return "toInt64(toUInt32(minute))".into(),
+        Some(WindowSize::Hour) => 3600,
+        Some(WindowSize::Day) | Some(WindowSize::Month) => 86400,
+    };
+    // shifted by a whole number of steps so intDiv never sees a negative number
+    let k = 1_000_000i64;
+    format!(
+        "(intDiv(toInt64(toUInt32(minute)) + ({off}) + {}, {step}) - {k}) * {step} - ({off})",
+        k * step
+    )
+}
+
+impl ClickHouseStore {
+    async fn query_async(
+        &self,
+        sm: &StoredMeter,
+        spec: &QuerySpec,
+        max_rows: usize,
+    ) -> Result<QueryAnswer> {
+        let m = &*sm.meter;
+        let db = self.ch.db();
+        let ns_type = format!(
+            "namespace = {} AND type = {}",
+            lit(&m.namespace),
+            lit(&m.spec.event_type)
+        );
+        let subjects = if spec.subjects.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " AND subject IN ({})",
+                spec.subjects
+                    .iter()
+                    .map(|s| lit(s))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        };
+        let from_ms = match spec.from_ms {
+            Some(f) => f,
+            None => {
+                let first: Vec<(u64, i64)> = self
+                    .ch
+                    .fetch(
+                        "find the first event",
+                        &format!("SELECT count(), min(time_ms) FROM {db}.events WHERE {ns_type}"),
+                    )
+                    .await?;
+                match first.first() {
+                    Some((n, t)) if *n > 0 => *t,
+                    _ => {
+                        return Ok(QueryAnswer {
+                            from_ms: None,
+                            to_ms: spec.to_ms,
+                            rows: Vec::new(),
+                        });
+                    }
+                }
+            }
+        };
+        let mut comb = Combiner::new(m, spec, from_ms, max_rows);
+        if from_ms >= spec.to_ms {
+            return Ok(QueryAnswer {
+                from_ms: Some(from_ms),
+                to_ms: spec.to_ms,
+                rows: Vec::new(),
+            });
+        }
+        let (head, minutes, tail) = split_minutes(from_ms, spec.to_ms);
+        for (a, b) in [head, tail] {
+            if a >= b {
+                continue;
+            }
+            let rows: Vec<EventRow> = self
+                .ch
+                .fetch(
+                    "read events at the edges of a query",
+                    &format!(
+                        "SELECT * FROM {db}.events WHERE {ns_type}{subjects} \
+                         AND time >= toDateTime({}) AND time <= toDateTime({}) AND time_ms >= {a} AND time_ms < {b}",
+                        a.div_euclid(1000).max(0),
+                        b.div_euclid(1000).max(0)
+                    ),
+                )
+                .await?;
+            for r in rows {
+                if let Ok(Some(c)) = m.evaluate(&r.to_event()) {
+                    comb.add_event(
+                        &c.subject,
+                        &c.groups,
+                        &c.input,
+                        r.time_ms,
+                        (r.ingested_ms, r.kafka_offset),
+                        &r.id,
+                    )?;
+                }
+            }
+        }
+        let (ma, mb) = (minutes.0 / 1000, minutes.1 / 1000);
+        if ma < mb {
+            let sql = RollupSql::new(m);
+            let by_subject = spec.groups_by_subject();
+            let mut wanted: Vec<usize> = spec
+                .group_by
+                .iter()
+                .chain(spec.filter_group_by.keys())
+                .filter_map(|g| m.group_index(g))
+                .collect();
+            wanted.sort_unstable();
+            wanted.dedup();
+            let groups = (0..m.group_count())
+                .map(|i| {
+                    if wanted.contains(&i) {
+                        format!("g{i}")
+                    } else {
+                        "''".into()
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join(", ");
+            let mask: u64 = wanted.iter().map(|i| 1u64 << i).sum();
+            for RollupRead {
+                quarter,
+                from_s: a,
+                to_s: b,
+                offset_s: off,
+            } in plan_rollup_reads(ma, mb, spec, true)
+            {
+                let grain = if quarter {
+                    Grain::Quarter
+                } else {
+                    Grain::Minute
+                };
+                let q = format!(
+                    "SELECT {} AS s_subject, [{groups}] AS s_groups, bitAnd(gnull, {mask}) AS s_gnull, {} AS s_bucket, {} \
+                     FROM {db}.{} WHERE minute >= toDateTime({a}) AND minute < toDateTime({b}){subjects} \
+                     GROUP BY s_subject, s_groups, s_gnull, s_bucket",
+                    if by_subject { "subject" } else { "''" },
+                    bucket_expr(spec.window_size, from_ms.div_euclid(1000), off),
+                    sql.merge_columns(),
+                    grain.table(&sql.table)
+                );
+                let rows: Vec<BucketRow> = self.ch.fetch("query a rollup", &q).await?;
+                for r in rows {
+                    let groups: Vec<Option<String>> = r
+                        .groups
+                        .iter()
+                        .enumerate()
+                        .map(|(i, g)| (r.gnull & (1 << i) == 0).then(|| g.clone()))
+                        .collect();
+                    let state = bucket_state(m.aggregation(), &r);
+                    comb.add_state(&r.subject, &groups, r.bucket * 1000, &state)?;
+                }
+            }
+        }
+        Ok(QueryAnswer {
+            from_ms: Some(from_ms),
+            to_ms: spec.to_ms,
+            rows: comb.finish(),
+        })
+    }
+}
+
+fn bucket_state(agg: Aggregation, r: &BucketRow) -> State {
+    let mut s = State::new();
+    s.count = r.cnt;
+    s.sum = r.sum;
+    if agg == Aggregation::Min {
+        s.min = r.min;
+    }
+    if agg == Aggregation::Max {
+        s.max = r.max;
+    }
+    if agg == Aggregation::Latest {
+        s.latest = Some(Latest {
+            time_ms: r.latest_time,
+            seq: (r.latest_ingested, r.latest_offset),
+            id: r.latest_id.clone(),
+            value: r.latest_value,
+        });
+    }
+    s.uniques = r.uniq.iter().cloned().collect::<HashSet<_>>();
+    s
+}
+
+impl Store for ClickHouseStore {
+    fn kind(&self) -> &'static str {
+        "clickhouse"
+    }
+
+    fn submit(&self, namespace: &str, events: Vec<UsageEvent>) -> Result<Pending> {
+        let producer = self.producer.clone().ok_or_else(|| {
+            Error::Unavailable(
+                "this server has no --kafka brokers configured, so it cannot ingest".into(),
+            )
+        })?;
+        let (tx, rx) = futures_channel::oneshot::channel();
+        let ns = namespace.to_string();
+        self.handle.spawn(async move {
+            let n = events.len();
+            let r = producer
+                .send(&ns, &events, chrono::Utc::now().timestamp_millis())
+                .await
+                .map_err(kafka_error)
+                .map(|()| IngestOutcome {
+                    stored: n,
+                    deduplicated: 0,
+                });
+            let _ = tx.send(r);
+        });
+        Ok(rx)
+    }
+
+    fn sync_meters(&self, meters: Vec<Arc<CompiledMeter>>) -> Result<Synced> {
+        let synced = self.run(async {
+            if self.provision {
+                let (meters, stale) = provision::provision(&self.ch, &meters, &self.cutover).await?;
+                Ok(Synced { meters, stale })
+            } else {
+                let ready: HashSet<String> = provision::read_meters(&self.ch)
+                    .await?
+                    .into_iter()
+                    .filter(|r| r.backfilled == 1)
+                    .map(|r| r.rollup)
+                    .collect();
+                let mut served = Vec::new();
+                for m in meters {
+                    let sql = RollupSql::new(&m);
+                    if ready.contains(&sql.table) {
+                        served.push(StoredMeter {
+                            rollup_id: super::rollup::rollup_id(&m),
+                            meter: m,
+                        });
+                    } else {
+                        tracing::warn!(meter = %m.slug, namespace = %m.namespace, "Meter is not provisioned in ClickHouse yet (run with --provision, or let the operator do it); not served");
+                    }
+                }
+                Ok(Synced {
+                    meters: served,
+                    stale: Vec::new(),
+                })
+            }
+        })?;
+        *self.meters.write().unwrap_or_else(|e| e.into_inner()) =
+            synced.meters.iter().map(|m| m.meter.clone()).collect();
+        Ok(synced)
+    }
+
+    fn drop_rollups(&self, ids: Vec<i64>) -> Result<()> {
+        if !self.provision {
+            return Ok(());
+        }
+        self.run(provision::drop_rollups(&self.ch, &ids))
+    }
+
+    fn query(&self, meter: &StoredMeter, spec: &QuerySpec, max_rows: usize) -> Result<QueryAnswer> {
+        self.run(self.query_async(meter, spec, max_rows))
+    }
+
+    fn subjects(&self, meter: &StoredMeter) -> Result<Vec<String>> {
+        let sql = RollupSql::new(&meter.meter);
+        self.run(self.ch.fetch(
+            "list subjects",
+            &format!(
+                "SELECT DISTINCT subject FROM {}.{} ORDER BY subject",
+                self.ch.db(),
+                sql.table
+            ),
+        ))
+    }
+
+    fn recent_events(&self, namespace: &str, limit: usize) -> Result<Vec<StoredEvent>> {
+        let rows: Vec<EventRow> = self.run(self.ch.fetch(
+            "list events",
+            &format!(
+                "SELECT * FROM {}.events WHERE namespace = {} ORDER BY ingested_ms DESC, kafka_partition DESC, kafka_offset DESC LIMIT {limit}",
+                self.ch.db(),
+                lit(namespace)
+            ),
+        ))?;
+        let meters = self
+            .meters
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        Ok(rows
+            .into_iter()
+            .map(|r| {
+                let event = r.to_event();
+                let validation_errors = meters
+                    .iter()
+                    .filter(|m| m.selects(namespace, &event.ty))
+                    .filter_map(|m| m.evaluate(&event).err().map(|e| (m.slug.clone(), e)))
+                    .collect();
+                StoredEvent {
+                    event,
+                    ingested_ms: r.ingested_ms,
+                    validation_errors,
+                }
+            })
+            .collect())
+    }
+
+    fn dead_letters(&self, namespace: Option<&str>, limit: usize) -> Result<Vec<DeadLetter>> {
+        let filter = namespace.map_or(String::new(), |ns| format!("WHERE namespace = {}", lit(ns)));
+        let rows: Vec<DeadLetterRow> = self.run(self.ch.fetch(
+            "list dead letters",
+            &format!(
+                "SELECT kafka_partition, kafka_offset, namespace, reason, payload, toUInt32(at) \
+                 FROM {}.dead_letters FINAL {filter} ORDER BY at DESC, kafka_partition, kafka_offset DESC LIMIT {limit}",
+                self.ch.db()
+            ),
+        ))?;
+        Ok(rows.into_iter().map(DeadLetter::from).collect())
+    }
+}

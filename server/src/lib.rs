@@ -1,0 +1,19 @@
+//! tally's HTTP edge and the `tally-server` binary.
+//!
+//! - [`api`]: the HTTP API (OpenMeter v1 compatible), one module per route group,
+//!   problems, authentication.
+//! - [`manifests`]: Meter YAML loaded from a folder (standalone), with reload rules.
+//! - [`kubernetes`]: Meters read from the cluster (the `--kubernetes` catalog).
+//! - [`metrics`]: the server's Prometheus metrics.
+//! - [`server`]: `tally-server` wiring: the standalone server, the ClickHouse-backed
+//!   server and the `sink` subcommand.
+//!
+//! Meter semantics live in `tally-meter`, the stores in `tally-embedded` and
+//! `tally-clickhouse`, Kafka in `tally-kafka` (see `ARCHITECTURE.md`).
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod kubernetes;
+pub mod manifests;
+pub mod metrics;
+pub mod server;

@@ -1,0 +1,532 @@
+//! `tally-server` wiring: arguments, the store, manifest loading and reload, the HTTP
+//! server and graceful shutdown.
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+
+use crate::api::{self, AppState, Catalog, Limits};
+use crate::manifests;
+use crate::metrics::Metrics;
+use std::sync::atomic::{AtomicBool, Ordering};
+use tally_clickhouse::provision::CutoverConfig;
+use tally_clickhouse::sink::{SinkConfig, SinkStats};
+use tally_clickhouse::store::ClickHouseStore;
+use tally_clickhouse::{Ch, ChConfig};
+use tally_embedded::{EmbeddedConfig, EmbeddedStore};
+use tally_kafka::{KafkaConfig, Producer};
+use tally_meter::engine::CompiledMeter;
+use tally_meter::store::Store;
+
+/// tally-server: ingest CloudEvents, meter them, answer usage queries.
+///
+/// Standalone (default): an embedded store in `--data`. Scale-out: `--kafka` and
+/// `--clickhouse` (ingest goes to Kafka, queries read ClickHouse), plus `tally-server sink`
+/// loading Kafka into ClickHouse.
+#[derive(Parser, Debug, Clone)]
+#[command(version, about)]
+pub struct Args {
+    /// `sink`: run the Kafka → ClickHouse sink instead of the HTTP server.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Kafka brokers (`host:port,…`): ingest produces to Kafka instead of the embedded store.
+    #[arg(long, env = "TALLY_KAFKA", global = true)]
+    pub kafka: Option<String>,
+    /// The events topic.
+    #[arg(
+        long,
+        env = "TALLY_TOPIC",
+        default_value = "tally-events",
+        global = true
+    )]
+    pub topic: String,
+    /// Partitions of the events topic when tally creates it (changing it later needs a drain; see the README).
+    #[arg(
+        long,
+        env = "TALLY_TOPIC_PARTITIONS",
+        default_value_t = 8,
+        global = true
+    )]
+    pub topic_partitions: i32,
+    /// How long ingest waits for Kafka to acknowledge before answering 503, in ms.
+    #[arg(
+        long,
+        env = "TALLY_KAFKA_TIMEOUT_MS",
+        default_value_t = 10_000,
+        global = true
+    )]
+    pub kafka_timeout_ms: u64,
+    /// Kafka security (TLS, SASL).
+    #[command(flatten)]
+    pub kafka_security: tally_kafka::KafkaSecurity,
+    /// ClickHouse HTTP URL (e.g. http://127.0.0.1:8123): queries read ClickHouse.
+    #[arg(long, env = "TALLY_CLICKHOUSE", global = true)]
+    pub clickhouse: Option<String>,
+    /// ClickHouse database.
+    #[arg(
+        long,
+        env = "TALLY_CLICKHOUSE_DATABASE",
+        default_value = "tally",
+        global = true
+    )]
+    pub clickhouse_database: String,
+    /// ClickHouse user.
+    #[arg(long, env = "TALLY_CLICKHOUSE_USER", default_value = "", global = true)]
+    pub clickhouse_user: String,
+    /// ClickHouse password.
+    #[arg(
+        long,
+        env = "TALLY_CLICKHOUSE_PASSWORD",
+        default_value = "",
+        hide_env_values = true,
+        global = true
+    )]
+    pub clickhouse_password: String,
+    /// Create the topic, schema and the rollups (with exact backfill) of the meters in
+    /// `--manifests`, and drop rollups of removed meters. In a cluster the operator does this.
+    #[arg(long, env = "TALLY_PROVISION")]
+    pub provision: bool,
+    /// How far ahead a new meter's cutover is set, in seconds.
+    #[arg(
+        long,
+        env = "TALLY_CUTOVER_MARGIN_SECS",
+        default_value_t = 5,
+        global = true
+    )]
+    pub cutover_margin_secs: i64,
+    /// The sink's bound between reading ClickHouse's clock and logging a batch, seconds.
+    #[arg(
+        long,
+        env = "TALLY_CUTOVER_GRACE_SECS",
+        default_value_t = 5,
+        global = true
+    )]
+    pub cutover_grace_secs: i64,
+    /// Address to listen on.
+    #[arg(long, env = "TALLY_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Bearer tokens of the API (YAML: `tokens: [{name, token, namespaces: [...]}]`),
+    /// re-read when a file changes; repeat it to merge files. Without one the API is
+    /// open, which is allowed only on a loopback address (or with
+    /// --allow-unauthenticated).
+    #[arg(long, env = "TALLY_TOKENS_FILE", value_delimiter = ',')]
+    pub tokens_file: Vec<PathBuf>,
+    /// Serve without tokens beyond loopback (something else must guard the port).
+    #[arg(long, env = "TALLY_ALLOW_UNAUTHENTICATED")]
+    pub allow_unauthenticated: bool,
+    /// Folder of the embedded store.
+    #[arg(long, env = "TALLY_DATA", default_value = "./data")]
+    pub data: PathBuf,
+    /// Folder of Meter manifests (YAML, as for `kubectl apply`), reloaded on change.
+    #[arg(long, env = "TALLY_MANIFESTS")]
+    pub manifests: Option<PathBuf>,
+    /// Serve the Meters of the Kubernetes API that the operator made Ready (KUBECONFIG or
+    /// in-cluster config) instead of `--manifests`. Needs `--clickhouse`.
+    #[arg(long, env = "TALLY_KUBERNETES", conflicts_with = "manifests")]
+    pub kubernetes: bool,
+    /// How often the manifests folder is checked for changes, in milliseconds.
+    #[arg(long, env = "TALLY_RELOAD_INTERVAL_MS", default_value_t = 1000)]
+    pub reload_interval_ms: u64,
+    /// Largest request body in bytes.
+    #[arg(long, env = "TALLY_MAX_BODY_BYTES", default_value_t = 4 << 20)]
+    pub max_body_bytes: usize,
+    /// Bytes of ingest request bodies in flight at once; beyond it requests get 503.
+    #[arg(long, env = "TALLY_INGEST_BUDGET_BYTES", default_value_t = 64 << 20)]
+    pub ingest_budget_bytes: usize,
+    /// Ingest requests that may wait for the store writer; beyond it requests get 503.
+    #[arg(long, env = "TALLY_INGEST_QUEUE", default_value_t = 256)]
+    pub ingest_queue: usize,
+    /// Queries that may run at once; beyond it requests get 503.
+    #[arg(long, env = "TALLY_MAX_CONCURRENT_QUERIES", default_value_t = 16)]
+    pub max_concurrent_queries: usize,
+    /// Most rows one query may return; larger answers are refused with 400.
+    #[arg(long, env = "TALLY_MAX_QUERY_ROWS", default_value_t = tally_meter::query::DEFAULT_MAX_ROWS)]
+    pub max_query_rows: usize,
+    /// SQLite durability: `normal` survives process crashes, `full` also power loss.
+    #[arg(long, env = "TALLY_SQLITE_SYNC", default_value = "normal", value_parser = ["normal", "full"])]
+    pub sqlite_sync: String,
+}
+
+/// Subcommands.
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum Command {
+    /// Load events from Kafka into ClickHouse, exactly once (needs --kafka and --clickhouse).
+    Sink(SinkArgs),
+}
+
+/// `tally-server sink` settings.
+#[derive(clap::Args, Debug, Clone)]
+pub struct SinkArgs {
+    /// Kafka consumer group.
+    #[arg(long, env = "TALLY_SINK_GROUP", default_value = "tally-sink")]
+    pub group: String,
+    /// Insert a batch at this many messages.
+    #[arg(long, env = "TALLY_SINK_BATCH_ROWS", default_value_t = 50_000)]
+    pub batch_rows: usize,
+    /// Insert a batch at this many payload bytes.
+    #[arg(long, env = "TALLY_SINK_BATCH_BYTES", default_value_t = 32 << 20)]
+    pub batch_bytes: usize,
+    /// Insert a non-empty batch after this many milliseconds.
+    #[arg(long, env = "TALLY_SINK_BATCH_MS", default_value_t = 1000)]
+    pub batch_ms: u64,
+    /// Deduplicate by (namespace, source, id) within this many days of ingestion.
+    #[arg(long, env = "TALLY_DEDUP_WINDOW_DAYS", default_value_t = 32)]
+    pub dedup_window_days: u64,
+    /// Memory for recent identities, MiB; older ones are looked up in ClickHouse.
+    #[arg(long, env = "TALLY_DEDUP_MEMORY_MIB", default_value_t = 64)]
+    pub dedup_memory_mib: usize,
+    /// Where the sink serves `/metrics` and `/healthz`.
+    #[arg(
+        long,
+        env = "TALLY_SINK_METRICS_LISTEN",
+        default_value = "127.0.0.1:9464"
+    )]
+    pub metrics_listen: SocketAddr,
+    /// Exit with an error after failing on one batch for this many seconds.
+    #[arg(long, env = "TALLY_SINK_MAX_RETRY_SECS", default_value_t = 300)]
+    pub max_retry_secs: u64,
+}
+
+impl Args {
+    fn clickhouse_config(&self, url: &str) -> ChConfig {
+        ChConfig {
+            url: url.to_string(),
+            database: self.clickhouse_database.clone(),
+            user: self.clickhouse_user.clone(),
+            password: self.clickhouse_password.clone(),
+        }
+    }
+
+    fn kafka_config(&self, brokers: &str) -> KafkaConfig {
+        let mut k = KafkaConfig::new(brokers);
+        k.topic = self.topic.clone();
+        k.message_timeout_ms = self.kafka_timeout_ms;
+        self.kafka_security.apply(&mut k);
+        k
+    }
+
+    fn cutover(&self) -> CutoverConfig {
+        CutoverConfig {
+            margin_secs: self.cutover_margin_secs,
+            grace_secs: self.cutover_grace_secs,
+            ..CutoverConfig::default()
+        }
+    }
+}
+
+/// Runs the sink until SIGINT/SIGTERM.
+async fn run_sink(args: &Args, sink: &SinkArgs) -> anyhow::Result<()> {
+    let (Some(brokers), Some(url)) = (&args.kafka, &args.clickhouse) else {
+        anyhow::bail!("tally-server sink needs --kafka BROKERS and --clickhouse URL");
+    };
+    let kafka = args.kafka_config(brokers);
+    kafka
+        .ensure_topic(args.topic_partitions, 1)
+        .await
+        .with_context(|| format!("failed to reach Kafka at {brokers}"))?;
+    let mut cfg = SinkConfig::new(kafka, args.clickhouse_config(url));
+    cfg.group = sink.group.clone();
+    cfg.batch_rows = sink.batch_rows.max(1);
+    cfg.batch_bytes = sink.batch_bytes.max(1);
+    cfg.batch_wait = Duration::from_millis(sink.batch_ms.max(1));
+    cfg.dedup_window = Duration::from_secs(sink.dedup_window_days * 86400);
+    cfg.dedup_memory_bytes = sink.dedup_memory_mib << 20;
+    cfg.grace_secs = args.cutover_grace_secs;
+    cfg.max_retry = Duration::from_secs(sink.max_retry_secs);
+    let stop = Arc::new(AtomicBool::new(false));
+    let stats = Arc::new(SinkStats::default());
+    let listener = tokio::net::TcpListener::bind(sink.metrics_listen)
+        .await
+        .with_context(|| format!("failed to listen on {} for metrics", sink.metrics_listen))?;
+    let metrics = {
+        let stats = stats.clone();
+        axum::Router::new()
+            .route(
+                "/metrics",
+                axum::routing::get(move || {
+                    let stats = stats.clone();
+                    async move { stats.encode() }
+                }),
+            )
+            .route("/healthz", axum::routing::get(|| async { "ok" }))
+    };
+    tokio::spawn(async move { axum::serve(listener, metrics).await });
+    let worker = {
+        let stop = stop.clone();
+        std::thread::Builder::new()
+            .name("tally-sink".into())
+            .spawn(move || tally_clickhouse::sink::run(cfg, stats, stop))?
+    };
+    let stopped = tokio::task::spawn_blocking(move || worker.join());
+    tokio::pin!(stopped);
+    tokio::select! {
+        r = &mut stopped => return r?.map_err(|_| anyhow::anyhow!("the sink thread panicked"))?,
+        () = shutdown() => {}
+    }
+    tracing::info!("Stopping the sink after the batch in hand");
+    stop.store(true, Ordering::SeqCst);
+    stopped
+        .await?
+        .map_err(|_| anyhow::anyhow!("the sink thread panicked"))?
+}
+
+/// Runs the server (or the sink) until SIGINT/SIGTERM.
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    if let Some(Command::Sink(sink)) = &args.command {
+        return run_sink(&args, sink).await;
+    }
+    let store: Arc<dyn Store> = match &args.clickhouse {
+        Some(url) => {
+            let ch = Ch::new(&args.clickhouse_config(url))?;
+            let producer = match &args.kafka {
+                Some(brokers) => {
+                    let kafka = args.kafka_config(brokers);
+                    if args.provision {
+                        kafka
+                            .ensure_topic(args.topic_partitions, 1)
+                            .await
+                            .with_context(|| format!("failed to reach Kafka at {brokers}"))?;
+                    }
+                    Some(Arc::new(Producer::new(&kafka)?))
+                }
+                None => {
+                    tracing::warn!("No --kafka: this server answers queries but cannot ingest");
+                    None
+                }
+            };
+            if args.provision {
+                ch.ensure_schema()
+                    .await
+                    .with_context(|| format!("failed to set up ClickHouse at {url}"))?;
+            }
+            Arc::new(ClickHouseStore::new(
+                ch,
+                producer,
+                args.provision,
+                args.cutover(),
+            ))
+        }
+        None => {
+            if args.kafka.is_some() {
+                anyhow::bail!(
+                    "--kafka needs --clickhouse URL (the sink loads Kafka into ClickHouse, where queries read)"
+                );
+            }
+            let mut config = EmbeddedConfig::new(&args.data);
+            config.queue_capacity = args.ingest_queue;
+            config.sync_full = args.sqlite_sync == "full";
+            Arc::new(EmbeddedStore::open(config).with_context(|| {
+                format!(
+                    "failed to open the embedded store in {}",
+                    args.data.display()
+                )
+            })?)
+        }
+    };
+    let limits = Limits {
+        max_body_bytes: args.max_body_bytes,
+        ingest_budget_bytes: args.ingest_budget_bytes,
+        max_concurrent_queries: args.max_concurrent_queries,
+        max_query_rows: args.max_query_rows,
+    };
+    let state = AppState::new(store.clone(), limits, Arc::new(Metrics::default()))
+        .with_auth(authentication(&args)?);
+    if args.kubernetes {
+        let Some(url) = &args.clickhouse else {
+            anyhow::bail!(
+                "--kubernetes needs --clickhouse URL (the operator provisions meters in ClickHouse)"
+            );
+        };
+        let client = kube::Client::try_default()
+            .await
+            .context("failed to configure the Kubernetes client (KUBECONFIG or in-cluster)")?;
+        let ch = Ch::new(&args.clickhouse_config(url))?;
+        tokio::spawn(crate::kubernetes::serve_meters(
+            client,
+            ch,
+            store.clone(),
+            state.clone(),
+        ));
+    } else if let Some(dir) = args.manifests.clone() {
+        let served = reload(&dir, &store, &state, Vec::new()).await?;
+        tracing::info!(dir = %dir.display(), meters = served.len(), "Loaded meter manifests");
+        tokio::spawn(watch(
+            dir,
+            store.clone(),
+            state.clone(),
+            served,
+            Duration::from_millis(args.reload_interval_ms.max(50)),
+        ));
+    } else {
+        tracing::warn!("No --manifests folder: no meters are served (events are still stored)");
+    }
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("failed to listen on {}", args.listen))?;
+    tracing::info!(listen = %listener.local_addr()?, data = %args.data.display(), store = store.kind(), "tally-server ready");
+    axum::serve(listener, api::router(state))
+        .with_graceful_shutdown(shutdown())
+        .await?;
+    tracing::info!("tally-server stopped");
+    Ok(())
+}
+
+/// Loads the manifests, syncs the store (backfilling new meters), publishes the meters
+/// and drops stale rollups. Returns the meters now served.
+async fn reload(
+    dir: &std::path::Path,
+    store: &Arc<dyn Store>,
+    state: &AppState,
+    previous: Vec<Arc<CompiledMeter>>,
+) -> anyhow::Result<Vec<Arc<CompiledMeter>>> {
+    let (dir, store2) = (dir.to_path_buf(), store.clone());
+    let (synced, meters) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let (meters, errors) = manifests::load(&dir, &previous);
+        for e in &errors {
+            tracing::warn!(problem = %e, "Invalid meter manifest skipped");
+        }
+        let synced = store2.sync_meters(meters.clone())?;
+        Ok((synced, meters))
+    })
+    .await??;
+    let stale = synced.stale.clone();
+    state.publish(Catalog::new(synced.meters));
+    if !stale.is_empty() {
+        let store = store.clone();
+        tokio::task::spawn_blocking(move || store.drop_rollups(stale)).await??;
+    }
+    Ok(meters)
+}
+
+async fn watch(
+    dir: PathBuf,
+    store: Arc<dyn Store>,
+    state: AppState,
+    mut served: Vec<Arc<CompiledMeter>>,
+    every: Duration,
+) {
+    let mut last = manifests::fingerprint(&dir);
+    loop {
+        tokio::time::sleep(every).await;
+        let now = manifests::fingerprint(&dir);
+        if now == last {
+            continue;
+        }
+        // Files are written in steps (truncate, then write; an editor's save): reload
+        // only once the folder stopped changing, or a half-written file would read as
+        // a removed meter and its rewrite as a new one, slipping past the immutability
+        // rules.
+        tokio::time::sleep(every).await;
+        if manifests::fingerprint(&dir) != now {
+            continue;
+        }
+        last = now;
+        match reload(&dir, &store, &state, served.clone()).await {
+            Ok(meters) => {
+                tracing::info!(meters = meters.len(), "Reloaded meter manifests");
+                served = meters;
+            }
+            Err(e) => tracing::error!(
+                error = format!("{e:#}"),
+                "Failed to reload meter manifests; the previous meters stay"
+            ),
+        }
+    }
+}
+
+async fn shutdown() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
+            s.recv().await;
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}
+
+/// The API's authentication from `--tokens-file`; without one, only on loopback (or
+/// when told `--allow-unauthenticated`), and the log says so.
+fn authentication(args: &Args) -> anyhow::Result<api::auth::Auth> {
+    use api::auth::Auth;
+    let listen = args.listen;
+    match args.tokens_file.as_slice() {
+        [_, ..] => {
+            let auth = Auth::from_files(args.tokens_file.clone(), Duration::from_secs(5))
+                .map_err(|e| anyhow::anyhow!(e))?;
+            tracing::info!(files = ?args.tokens_file, "API authentication: bearer tokens, each granted namespaces");
+            Ok(auth)
+        }
+        [] if listen.ip().is_loopback() => {
+            tracing::warn!(%listen, "No --tokens-file: the API accepts every request, which is allowed only because it listens on loopback");
+            Ok(Auth::disabled())
+        }
+        [] if args.allow_unauthenticated => {
+            tracing::warn!(%listen, "No --tokens-file and --allow-unauthenticated: the API accepts every request from anyone who reaches this address");
+            Ok(Auth::disabled())
+        }
+        [] => anyhow::bail!(
+            "tally-server would listen on {listen}, beyond loopback, without authentication: give --tokens-file FILE (tokens: [{{name, token, namespaces: [...]}}]), listen on 127.0.0.1, or pass --allow-unauthenticated when something else guards the port"
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> Args {
+        let mut all = vec!["tally-server"];
+        all.extend_from_slice(list);
+        Args::parse_from(all)
+    }
+
+    #[test]
+    fn without_tokens_only_loopback_or_an_explicit_opt_out_is_served() {
+        assert!(
+            !authentication(&args(&["--listen", "127.0.0.1:8080"]))
+                .unwrap()
+                .enabled()
+        );
+        let e = authentication(&args(&["--listen", "0.0.0.0:8080"]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--tokens-file") && e.contains("0.0.0.0:8080"),
+            "{e}"
+        );
+        let opted_out = args(&["--listen", "0.0.0.0:8080", "--allow-unauthenticated"]);
+        assert!(!authentication(&opted_out).unwrap().enabled());
+    }
+
+    #[tokio::test]
+    async fn a_tokens_file_turns_authentication_on() {
+        let dir = std::env::temp_dir().join(format!("tally-tokens-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("tokens.yaml");
+        std::fs::write(
+            &file,
+            "tokens: [{token: 0123456789abcdef, namespaces: [a]}]\n",
+        )
+        .unwrap();
+        let a = args(&[
+            "--listen",
+            "0.0.0.0:8080",
+            "--tokens-file",
+            file.to_str().unwrap(),
+        ]);
+        assert!(authentication(&a).unwrap().enabled());
+        std::fs::write(&file, "tokens: [{token: short, namespaces: [a]}]\n").unwrap();
+        let e = authentication(&a).unwrap_err().to_string();
+        assert!(e.contains("tokens[0].token"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

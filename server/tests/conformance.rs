@@ -1,0 +1,338 @@
+//! Store conformance: the cases of `tally_meter::conformance` (every aggregation,
+//! window size and time zone, filters, group-by, subject and partial-minute edges,
+//! against hand-computed answers), run on the embedded store and on ClickHouse fed
+//! through Kafka by the sink (which needs `make services`).
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tally_clickhouse::provision::CutoverConfig;
+use tally_clickhouse::sink::{SinkConfig, SinkStats};
+use tally_clickhouse::store::ClickHouseStore;
+use tally_clickhouse::{Ch, ChConfig};
+use tally_crds::UsageEvent;
+use tally_embedded::{EmbeddedConfig, EmbeddedStore};
+use tally_kafka::{KafkaConfig, Producer};
+use tally_meter::conformance::{ALL, all_meters, compile, events, meter, parse, run_cases, show};
+use tally_meter::engine::CompiledMeter;
+use tally_meter::store::{Store, StoredMeter, Synced};
+
+/// A store under test: the embedded store, or ClickHouse fed through Kafka by an
+/// in-process sink.
+struct Harness {
+    store: Arc<dyn Store>,
+    /// The same store when it is the embedded one.
+    embedded: Option<Arc<EmbeddedStore>>,
+    sink: Option<SinkHandle>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+struct SinkHandle {
+    stop: Arc<AtomicBool>,
+    stats: Arc<SinkStats>,
+    thread: Option<std::thread::JoinHandle<anyhow::Result<()>>>,
+    produced: u64,
+    clickhouse: String,
+    database: String,
+}
+
+impl Drop for SinkHandle {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let (url, db) = (self.clickhouse.clone(), self.database.clone());
+        let _ = std::thread::spawn(move || {
+            tokio::runtime::Runtime::new()
+                .unwrap()
+                .block_on(common::services::ch(
+                    &url,
+                    &format!("DROP DATABASE IF EXISTS {db}"),
+                ))
+        })
+        .join();
+    }
+}
+
+impl Harness {
+    /// A fresh embedded store.
+    fn embedded() -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(EmbeddedStore::open(EmbeddedConfig::new(dir.path())).unwrap());
+        Harness {
+            store: store.clone(),
+            embedded: Some(store),
+            sink: None,
+            _dir: Some(dir),
+        }
+    }
+
+    /// A fresh ClickHouse database and Kafka topic with a sink, or `None` (skipped).
+    async fn clickhouse(test: &str) -> Option<Harness> {
+        let svc = common::services::services(test)?;
+        let database = common::services::unique("conformance");
+        let mut kafka = KafkaConfig::new(&svc.kafka);
+        kafka.topic = common::services::unique("conformance");
+        kafka.ensure_topic(2, 1).await.unwrap();
+        let chcfg = ChConfig {
+            url: svc.clickhouse.clone(),
+            database: database.clone(),
+            user: String::new(),
+            password: String::new(),
+        };
+        let ch = Ch::new(&chcfg).unwrap();
+        ch.ensure_schema().await.unwrap();
+        let producer = Arc::new(Producer::new(&kafka).unwrap());
+        let cutover = CutoverConfig {
+            margin_secs: 1,
+            grace_secs: 1,
+            wait_timeout: Duration::from_secs(60),
+        };
+        let store = Arc::new(ClickHouseStore::new(ch, Some(producer), true, cutover));
+        let mut cfg = SinkConfig::new(kafka, chcfg);
+        cfg.group = database.clone();
+        cfg.batch_wait = Duration::from_millis(50);
+        cfg.grace_secs = 1;
+        let (stop, stats) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(SinkStats::default()),
+        );
+        let thread = {
+            let (stop, stats) = (stop.clone(), stats.clone());
+            std::thread::spawn(move || tally_clickhouse::sink::run(cfg, stats, stop))
+        };
+        Some(Harness {
+            store,
+            embedded: None,
+            sink: Some(SinkHandle {
+                stop,
+                stats,
+                thread: Some(thread),
+                produced: 0,
+                clickhouse: svc.clickhouse,
+                database,
+            }),
+            _dir: None,
+        })
+    }
+
+    /// Ingests into namespace `default` and waits until the events are queryable.
+    async fn ingest(&mut self, events: Vec<UsageEvent>) {
+        let n = events.len() as u64;
+        self.store
+            .submit("default", events)
+            .unwrap()
+            .await
+            .unwrap()
+            .unwrap();
+        if let Some(sink) = &mut self.sink {
+            sink.produced += n;
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while sink.stats.applied.get() < sink.produced {
+                assert!(
+                    Instant::now() < deadline,
+                    "the sink did not apply the events within 60 s"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+
+    /// Waits until the embedded store's writer has recomputed every quarter hour from
+    /// its minutes.
+    async fn compacted(&self) {
+        let store = self.embedded.clone().expect("the embedded store");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while store.quarters_pending().unwrap() > 0 {
+            assert!(
+                Instant::now() < deadline,
+                "quarter hours not compacted within 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Syncs meters on a blocking thread (a sync may backfill).
+    async fn sync(&self, meters: Vec<Arc<CompiledMeter>>) -> Synced {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.sync_meters(meters).unwrap())
+            .await
+            .unwrap()
+    }
+
+    /// Runs `f` with the store on a blocking thread.
+    async fn with<T: Send + 'static>(&self, f: impl FnOnce(&dyn Store) -> T + Send + 'static) -> T {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || f(store.as_ref()))
+            .await
+            .unwrap()
+    }
+}
+
+async fn every_case_when_meters_exist_before_events(mut h: Harness) {
+    let synced = h.sync(all_meters()).await;
+    // one event per request, so rollup rows are merged across batches too
+    for e in events() {
+        h.ingest(vec![e]).await;
+    }
+    h.with(move |s| run_cases(s, &synced.meters)).await;
+}
+
+async fn every_case_when_meters_are_backfilled(mut h: Harness) {
+    h.ingest(events()).await;
+    let synced = h.sync(all_meters()).await;
+    h.with(move |s| run_cases(s, &synced.meters)).await;
+}
+
+async fn latest_ties_and_filters(mut h: Harness) {
+    let filtered = compile(
+        "apiVersion: tally.dev/v1alpha1\nkind: Meter\nmetadata: {name: big-b}\nspec:\n  eventType: usage\n  aggregation: SUM\n  valueProperty: $.v\n  filter: [{property: $.model, operator: eq, values: [b]}, {property: $.v, operator: gte, values: [5]}]\n",
+    );
+    let synced = h.sync(vec![meter("LATEST", ""), filtered]).await;
+    h.ingest(events()).await;
+    let tie = |id: &str, v: f64| {
+        UsageEvent::from_json(&json!({"specversion": "1.0", "id": id, "source": "z", "type": "usage", "subject": "acme", "time": "2024-12-01T00:00:00Z", "data": {"v": v, "model": "b"}}), 0).unwrap()
+    };
+    h.ingest(vec![tie("t-b", 100.0)]).await; // same time as e7, ingested later
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    h.ingest(vec![tie("t-a", 200.0)]).await; // and again: the later ingestion wins, not the greater id
+    h.with(move |store| {
+        let q = |m: &StoredMeter, query: &str| -> Value {
+            let spec = parse(m, query);
+            json!(show(&store.query(m, &spec, 1000).unwrap(), spec.tz))
+        };
+        assert_eq!(
+            q(&synced.meters[0], ALL),
+            json!(["2024-11-01T00:00:00Z 2025-01-01T00:00:00Z - {} 200"])
+        );
+        // e3 (4) fails gte 5; e5 16 + e7 64 + t-b 100 + t-a 200
+        assert_eq!(
+            q(&synced.meters[1], ALL),
+            json!(["2024-11-01T00:00:00Z 2025-01-01T00:00:00Z - {} 380"])
+        );
+    })
+    .await;
+}
+
+async fn row_limit_refuses(mut h: Harness) {
+    h.ingest(events()).await;
+    let synced = h.sync(vec![meter("COUNT", "")]).await;
+    h.with(move |store| {
+        let m = &synced.meters[0];
+        let spec = parse(m, &format!("{ALL}&windowSize=MINUTE"));
+        assert_eq!(store.query(m, &spec, 7).unwrap().rows.len(), 7);
+        let err = store.query(m, &spec, 6).unwrap_err();
+        assert!(err.to_string().contains("more than 6 rows"), "{err}");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn embedded_store_answers_every_case_when_meters_exist_before_events() {
+    every_case_when_meters_exist_before_events(Harness::embedded()).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn embedded_store_answers_every_case_when_meters_are_backfilled() {
+    every_case_when_meters_are_backfilled(Harness::embedded()).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn embedded_latest_ties_go_to_the_event_ingested_last_and_filters_apply() {
+    latest_ties_and_filters(Harness::embedded()).await;
+}
+
+/// A database written before the quarter-hour tier (schema version 0: minute rollups
+/// only) is upgraded on open: the quarters are filled from the minutes, LATEST
+/// included, and every case answers as before.
+#[tokio::test(flavor = "multi_thread")]
+async fn embedded_store_upgraded_from_minute_rollups_answers_every_case() {
+    let dir = tempfile::tempdir().unwrap();
+    let open = || Arc::new(EmbeddedStore::open(EmbeddedConfig::new(dir.path())).unwrap());
+    let store = open();
+    let mut h = Harness {
+        store: store.clone(),
+        embedded: Some(store),
+        sink: None,
+        _dir: None,
+    };
+    h.sync(all_meters()).await;
+    for e in events() {
+        h.ingest(vec![e]).await;
+    }
+    drop(h);
+    let db = rusqlite::Connection::open(dir.path().join("tally.db")).unwrap();
+    db.execute_batch("DROP TABLE rollup_q; DROP TABLE rollup_dirty; PRAGMA user_version = 0;")
+        .unwrap();
+    let store = open();
+    let h = Harness {
+        store: store.clone(),
+        embedded: Some(store),
+        sink: None,
+        _dir: None,
+    };
+    let synced = h.sync(all_meters()).await;
+    // Right at once (dirty quarters are read as minutes) and once recomputed.
+    let meters = synced.meters.clone();
+    h.with(move |s| run_cases(s, &meters)).await;
+    h.compacted().await;
+    let quarters: i64 = db
+        .query_row("SELECT COUNT(*) FROM rollup_q", [], |r| r.get(0))
+        .unwrap();
+    assert!(quarters > 0, "the quarter-hour rollup is filled");
+    h.with(move |s| run_cases(s, &synced.meters)).await;
+}
+
+/// Every case from recomputed quarter hours, then with late events making some dirty
+/// again: quarters and minutes never count an event twice or miss one.
+#[tokio::test(flavor = "multi_thread")]
+async fn embedded_store_answers_every_case_from_compacted_and_dirty_quarters() {
+    let mut h = Harness::embedded();
+    let synced = h.sync(all_meters()).await;
+    let all = events();
+    let (first, late) = all.split_at(all.len() / 2);
+    h.ingest(first.to_vec()).await;
+    h.compacted().await;
+    h.ingest(late.to_vec()).await;
+    let meters = synced.meters.clone();
+    h.with(move |s| run_cases(s, &meters)).await;
+    h.compacted().await;
+    h.with(move |s| run_cases(s, &synced.meters)).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn embedded_query_over_the_row_limit_is_refused_not_truncated() {
+    row_limit_refuses(Harness::embedded()).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn clickhouse_store_answers_every_case_when_meters_exist_before_events() {
+    if let Some(h) = Harness::clickhouse("clickhouse conformance (meters first)").await {
+        every_case_when_meters_exist_before_events(h).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn clickhouse_store_answers_every_case_when_meters_are_backfilled() {
+    if let Some(h) = Harness::clickhouse("clickhouse conformance (backfill)").await {
+        every_case_when_meters_are_backfilled(h).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn clickhouse_latest_ties_go_to_the_event_ingested_last_and_filters_apply() {
+    if let Some(h) = Harness::clickhouse("clickhouse conformance (latest, filters)").await {
+        latest_ties_and_filters(h).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn clickhouse_query_over_the_row_limit_is_refused_not_truncated() {
+    if let Some(h) = Harness::clickhouse("clickhouse conformance (row limit)").await {
+        row_limit_refuses(h).await;
+    }
+}
