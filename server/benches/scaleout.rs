@@ -31,7 +31,8 @@ use tally_crds::{Envelope, Meter, UsageEvent};
 use tally_kafka::{KafkaConfig, Producer};
 use tally_meter::engine::CompiledMeter;
 use tally_meter::store::Store;
-use tally_server::api::{self, AppState, Catalog, Limits, parse_query};
+use tally_server::api::{self, AppState, Limits, parse_query};
+use tally_server::catalog::Catalog;
 use tally_server::metrics::Metrics;
 
 fn unique(prefix: &str) -> String {

@@ -27,7 +27,8 @@ use tally_embedded::{EVENTS_SCHEMA_AND_INSERT, EmbeddedConfig, EmbeddedStore};
 use tally_meter::engine::CompiledMeter;
 use tally_meter::store::{Store, StoredMeter};
 use tally_server::api::auth::{Auth, Tokens};
-use tally_server::api::{self, AppState, Catalog, Limits, parse_query};
+use tally_server::api::{self, AppState, Limits, parse_query};
+use tally_server::catalog::Catalog;
 use tally_server::metrics::Metrics;
 
 const TOKENS_METER: &str = "apiVersion: tally.dev/v1alpha1\nkind: Meter\nmetadata: {name: tokens}\nspec: {eventType: llm_usage, aggregation: SUM, valueProperty: $.tokens, groupBy: {model: $.model}}\n";

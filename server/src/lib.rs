@@ -2,8 +2,8 @@
 //!
 //! - [`api`]: the HTTP API (OpenMeter v1 compatible), one module per route group,
 //!   problems, authentication.
-//! - [`manifests`]: Meter YAML loaded from a folder (standalone), with reload rules.
-//! - [`kubernetes`]: Meters read from the cluster (the `--kubernetes` catalog).
+//! - [`catalog`]: the meters served, from manifests in a folder (standalone, with
+//!   reload rules) or from the cluster's Ready Meters (`--kubernetes`).
 //! - [`metrics`]: the server's Prometheus metrics.
 //! - [`server`]: `tally-server` wiring: the standalone server, the ClickHouse-backed
 //!   server and the `sink` subcommand.
@@ -13,7 +13,6 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
-pub mod kubernetes;
-pub mod manifests;
+pub mod catalog;
 pub mod metrics;
 pub mod server;

@@ -8,8 +8,8 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 
-use crate::api::{self, AppState, Catalog, Limits};
-use crate::manifests;
+use crate::api::{self, AppState, Limits};
+use crate::catalog::{self, manifests};
 use crate::metrics::Metrics;
 use std::sync::atomic::{AtomicBool, Ordering};
 use tally_clickhouse::provision::CutoverConfig;
@@ -344,7 +344,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             .await
             .context("failed to configure the Kubernetes client (KUBECONFIG or in-cluster)")?;
         let ch = Ch::new(&args.clickhouse_config(url))?;
-        tokio::spawn(crate::kubernetes::serve_meters(
+        tokio::spawn(catalog::kubernetes::serve_meters(
             client,
             ch,
             store.clone(),
@@ -382,18 +382,13 @@ async fn reload(
     state: &AppState,
     previous: Vec<Arc<CompiledMeter>>,
 ) -> anyhow::Result<Vec<Arc<CompiledMeter>>> {
-    let (dir, store2) = (dir.to_path_buf(), store.clone());
-    let (synced, meters) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-        let (meters, errors) = manifests::load(&dir, &previous);
-        for e in &errors {
-            tracing::warn!(problem = %e, "Invalid meter manifest skipped");
-        }
-        let synced = store2.sync_meters(meters.clone())?;
-        Ok((synced, meters))
-    })
-    .await??;
-    let stale = synced.stale.clone();
-    state.publish(Catalog::new(synced.meters));
+    let dir = dir.to_path_buf();
+    let (meters, errors) =
+        tokio::task::spawn_blocking(move || manifests::load(&dir, &previous)).await?;
+    for e in &errors {
+        tracing::warn!(problem = %e, "Invalid meter manifest skipped");
+    }
+    let (_, stale) = catalog::sync_and_publish(store, state, meters.clone()).await?;
     if !stale.is_empty() {
         let store = store.clone();
         tokio::task::spawn_blocking(move || store.drop_rollups(stale)).await??;

@@ -175,7 +175,12 @@ fn tally_crates_depend_only_downwards() {
         ),
         (
             "tally-operator",
-            &["tally-clickhouse", "tally-crds", "tally-kafka", "tally-meter"],
+            &[
+                "tally-clickhouse",
+                "tally-crds",
+                "tally-kafka",
+                "tally-meter",
+            ],
         ),
         (
             "tally-agent",

@@ -17,7 +17,7 @@ use kube::core::DeserializeGuard;
 use kube::runtime::{WatchStreamExt, reflector, watcher};
 use tally_crds::Meter;
 
-use crate::api::{AppState, Catalog};
+use crate::api::AppState;
 use tally_clickhouse::Ch;
 use tally_clickhouse::provision::read_meters;
 use tally_meter::engine::CompiledMeter;
@@ -82,14 +82,8 @@ async fn recompute(
         }
     }
     compiled.sort_by(|a, b| (&a.namespace, &a.slug).cmp(&(&b.namespace, &b.slug)));
-    let store2 = store.clone();
-    let synced = tokio::task::spawn_blocking(move || store2.sync_meters(compiled))
-        .await
-        .map_err(|e| {
-            tally_meter::Error::Unavailable(format!("the meter sync task failed: {e}"))
-        })??;
-    let n = synced.meters.len();
-    state.publish(Catalog::new(synced.meters));
+    // Rollups are the operator's: stale ones are its to drop.
+    let (n, _stale) = super::sync_and_publish(store, state, compiled).await?;
     Ok(n)
 }
 
