@@ -1,0 +1,473 @@
+//! `tally-server sink`: loads envelopes from Kafka into ClickHouse, every event exactly
+//! once.
+//!
+//! # One batch
+//! Messages are collected up to `batch_rows` / `batch_bytes` / `batch_wait`, then:
+//! 1. **begin**: read ClickHouse's clock `S`, write a `begin` row per Kafka partition
+//!    `(partition, first offset, last offset, S)` to `sink_log`. If writing it took longer
+//!    than `grace` after reading the clock, write a new `begin` with a fresh `S` (the
+//!    cutover argument of [`crate::provision`] needs that bound).
+//! 2. decode; undecodable or invalid messages become **dead letters** (never retried).
+//! 3. **dedup** by (namespace, source, id): within the batch, against an in-memory set of
+//!    recent identities (bounded by `dedup_memory_bytes`, oldest evicted first), and for
+//!    identities not in memory, one lookup per batch in `event_ids` (ordered by the
+//!    identity hash, so the lookup reads only matching granules) limited to the dedup
+//!    window. Hash matches are confirmed on the full strings. `event_ids` is partitioned
+//!    by month of insertion, and months wholly before the window are dropped (at start
+//!    and hourly), so dedup storage is bounded. `sink_log` rows older than a week are
+//!    deleted too, except each partition's latest batch.
+//! 4. insert the new rows into `events` (`inserted_at = S`), then their identities into
+//!    `event_ids`, the dead letters into `dead_letters`;
+//! 5. insert the same rows into `events_feed`, which the meters' views read;
+//! 6. **done**: a `done` row per partition; then commit the offsets to Kafka (advisory).
+//!
+//! # Why every event counts exactly once
+//! `events` never holds an identity twice: rows are inserted only after dedup, and dedup
+//! sees every earlier batch because a batch begins only after the previous one is done.
+//! The rollups are a function of `events`: for a meter with cutover `T`, the backfill
+//! rows (`origin = 1`) aggregate the rows with `inserted_at < T`, the view rows
+//! (`origin = 0`) those with `inserted_at >= T`. A crash (or a failed insert — an insert
+//! ClickHouse did not acknowledge may still have been applied, to some monthly parts
+//! and not others, to some views and not others) can break that only for the batch
+//! whose `begin` has no `done`. Every crash point:
+//! - before `begin` is written: nothing of the batch was applied; it is simply re-read.
+//! - after `begin`, anywhere up to `done`: on restart (or on the next attempt) the
+//!   partition's latest `sink_log` row is that `begin`, so its exact range is re-read
+//!   from Kafka and **repaired**: rows of the range already in `events` are found by
+//!   (partition, offset); the others go through dedup (treating the present ones as
+//!   seen) and are inserted with the same `S`; identities are (re-)inserted into
+//!   `event_ids` (a repeated identity there is harmless); dead letters are replaced by
+//!   key. Then, for every provisioned meter, the view rows of each (subject, minute)
+//!   the range touches are deleted and re-derived from `events` by the view's own
+//!   SELECT (rows with `inserted_at >= T`). A subject's events all live in one Kafka
+//!   partition (the key is namespace/subject) and one partition has one sink at a time,
+//!   so no other writer adds to those keys meanwhile. Repair is idempotent: a crash
+//!   during it leaves the same `begin` and is repaired again.
+//! - after `done`, before the Kafka commit: the messages are re-read and skipped, since
+//!   their offsets are at or below the partition's last `done`.
+//!
+//! When a partition is assigned, the sink seeks to the offset after its last `done` (or
+//! to the start of an open `begin`), whatever Kafka's committed offset says. Rebalances
+//! happen only inside `poll`, between batches (`max.poll.interval.ms` is 10 minutes and
+//! the sink exits after `max_retry` of failing to reach ClickHouse, well before that), so
+//! a partition never has two sinks writing at once.
+//!
+//! # Fail points
+//! `TALLY_SINK_FAILPOINT=<name>` aborts the process at that point, after skipping
+//! `TALLY_SINK_FAILPOINT_SKIP` hits (default 0): `after-begin`, `after-raw` (events
+//! inserted, views not fed), `after-feed` (views fed, no `done`), `mid-repair`
+//! (rows repaired, rollups not yet re-derived). Tests crash the sink with them.
+mod batch;
+mod config;
+mod dedup;
+mod failpoint;
+mod log;
+mod prune;
+mod repair;
+pub mod retry;
+mod stats;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::message::Message;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+
+use self::batch::{Msg, Prepared, dead_rows};
+pub use self::config::SinkConfig;
+use self::dedup::{RecentIds, hash128};
+use self::failpoint::failpoint;
+use self::log::PartState;
+pub use self::stats::SinkStats;
+use crate::{Ch, DeadLetterRow, EventRow};
+use tally_meter::{Error, Result};
+
+struct Ctx {
+    rebalanced: Mutex<Vec<(bool, Vec<i32>)>>,
+}
+
+impl ClientContext for Ctx {}
+
+impl Ctx {
+    fn record(&self, assigned: bool, tpl: &TopicPartitionList) {
+        let parts = tpl.elements().iter().map(|e| e.partition()).collect();
+        self.rebalanced
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((assigned, parts));
+    }
+}
+
+impl ConsumerContext for Ctx {
+    fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            self.record(false, tpl);
+        }
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            self.record(true, tpl);
+        }
+    }
+}
+
+struct Sink {
+    cfg: SinkConfig,
+    ch: Ch,
+    consumer: BaseConsumer<Ctx>,
+    rt: tokio::runtime::Runtime,
+    recent: RecentIds,
+    parts: HashMap<i32, PartState>,
+    stats: Arc<SinkStats>,
+    batch_seq: u64,
+    stop: Arc<AtomicBool>,
+}
+
+/// Runs the sink until `stop` is set (then finishes the batch in hand) or it fails for
+/// longer than `max_retry`. Blocking: run it on its own thread.
+pub fn run(cfg: SinkConfig, stats: Arc<SinkStats>, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let ch = Ch::new(&cfg.clickhouse)?;
+    let started = Instant::now();
+    loop {
+        match rt.block_on(ch.ensure_schema()) {
+            Ok(()) => break,
+            Err(e) if started.elapsed() < cfg.max_retry && !stop.load(Ordering::SeqCst) => {
+                tracing::warn!(error = %e, "ClickHouse not ready; retrying");
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let consumer: BaseConsumer<Ctx> = cfg
+        .kafka
+        .consumer_settings(&cfg.group)
+        .create_with_context(Ctx {
+            rebalanced: Mutex::new(Vec::new()),
+        })?;
+    consumer.subscribe(&[&cfg.kafka.topic])?;
+    tracing::info!(brokers = %cfg.kafka.brokers, topic = %cfg.kafka.topic, group = %cfg.group, clickhouse = %ch.url(), database = %ch.db(), "tally sink started");
+    let mut sink = Sink {
+        recent: RecentIds::new(cfg.dedup_memory_bytes),
+        cfg,
+        ch,
+        consumer,
+        rt,
+        parts: HashMap::new(),
+        stats,
+        batch_seq: 0,
+        stop: stop.clone(),
+    };
+    sink.run(&stop)
+}
+
+impl Sink {
+    fn run(&mut self, stop: &AtomicBool) -> anyhow::Result<()> {
+        let mut batch: Vec<Msg> = Vec::new();
+        let mut bytes = 0usize;
+        let mut first_at = Instant::now();
+        let mut idle_since = Instant::now();
+        let mut rejoin_after = Duration::from_secs(12);
+        let mut last_check = Instant::now();
+        let mut assigned = 0;
+        // at start, then hourly
+        let mut last_prune = Instant::now() - Duration::from_secs(3600);
+        loop {
+            // Some brokers (tansu 0.6) leave a crashed member's partitions with it after
+            // its session expired. A member with nothing assigned for twice the session
+            // timeout rejoins, which makes the group rebalance; the wait doubles each time
+            // (up to 5 min), so members idle by design (more sinks than partitions) do
+            // not keep the group rebalancing.
+            if last_check.elapsed() >= Duration::from_secs(1) {
+                last_check = Instant::now();
+                assigned = self.consumer.assignment().map(|a| a.count()).unwrap_or(0);
+            }
+            if assigned > 0 {
+                idle_since = Instant::now();
+                rejoin_after = Duration::from_secs(12);
+            } else if idle_since.elapsed() > rejoin_after {
+                tracing::warn!(group = %self.cfg.group, secs = rejoin_after.as_secs(), "No partitions assigned; rejoining the consumer group");
+                self.consumer.unsubscribe();
+                self.consumer.subscribe(&[&self.cfg.kafka.topic])?;
+                idle_since = Instant::now();
+                rejoin_after = (rejoin_after * 2).min(Duration::from_secs(300));
+            }
+            if stop.load(Ordering::SeqCst) {
+                if !batch.is_empty() {
+                    self.apply(std::mem::take(&mut batch))?;
+                }
+                return Ok(());
+            }
+            self.handle_rebalances(&mut batch);
+            if last_prune.elapsed() >= Duration::from_secs(3600) {
+                last_prune = Instant::now();
+                if let Err(e) = self.rt.block_on(self.prune_identities()) {
+                    tracing::warn!(error = %e, "Failed to drop expired dedup identities; retrying in an hour");
+                }
+                if let Err(e) = self.rt.block_on(self.prune_log()) {
+                    tracing::warn!(error = %e, "Failed to prune the sink log; retrying in an hour");
+                }
+            }
+            let wait = if batch.is_empty() {
+                Duration::from_millis(100)
+            } else {
+                self.cfg
+                    .batch_wait
+                    .saturating_sub(first_at.elapsed())
+                    .max(Duration::from_millis(1))
+            };
+            if let Some(res) = self.consumer.poll(wait) {
+                match res {
+                    Ok(m) => {
+                        if self.stats.first_message_ms.load(Ordering::Relaxed) == 0 {
+                            let now = chrono::Utc::now().timestamp_millis() as u64;
+                            self.stats.first_message_ms.store(now, Ordering::Relaxed);
+                        }
+                        let msg = Msg {
+                            partition: m.partition(),
+                            offset: m.offset(),
+                            payload: m.payload().unwrap_or_default().to_vec(),
+                        };
+                        if let Some(msg) = self.route(msg)? {
+                            if batch.is_empty() {
+                                first_at = Instant::now();
+                            }
+                            bytes += msg.payload.len();
+                            batch.push(msg);
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "Kafka consumer error"),
+                }
+            }
+            let full = batch.len() >= self.cfg.batch_rows || bytes >= self.cfg.batch_bytes;
+            if !batch.is_empty() && (full || first_at.elapsed() >= self.cfg.batch_wait) {
+                tracing::debug!(
+                    messages = batch.len(),
+                    collect_ms = first_at.elapsed().as_millis() as u64,
+                    "Collected a batch"
+                );
+                let applying = Instant::now();
+                self.apply(std::mem::take(&mut batch))?;
+                self.stats
+                    .apply_micros
+                    .inc_by(applying.elapsed().as_micros() as u64);
+                bytes = 0;
+            }
+        }
+    }
+
+    fn handle_rebalances(&mut self, batch: &mut Vec<Msg>) {
+        let events = std::mem::take(
+            &mut *self
+                .consumer
+                .context()
+                .rebalanced
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        );
+        for (assigned, parts) in events {
+            tracing::info!(assigned, ?parts, "Partitions rebalanced");
+            // Either way, forget what we knew: state is re-read from ClickHouse when the
+            // partition's next message arrives, and unapplied messages are re-read.
+            for p in parts {
+                self.parts.remove(&p);
+                batch.retain(|m| m.partition != p);
+            }
+        }
+    }
+
+    /// Decides what to do with a message: `Some` = add to the batch; `None` = skipped or
+    /// taken by a repair.
+    fn route(&mut self, msg: Msg) -> anyhow::Result<Option<Msg>> {
+        let p = msg.partition;
+        if !self.parts.contains_key(&p) {
+            let state = self.with_retry("read the sink log", |s| s.read_partition(p))?;
+            let target = state.open.map_or(state.next, |o| o.0);
+            self.parts.insert(p, state);
+            if msg.offset != target && target >= 0 {
+                if let Some(st) = self.parts.get_mut(&p) {
+                    st.await_offset = Some(target);
+                }
+                let mut tpl = TopicPartitionList::new();
+                tpl.add_partition_offset(&self.cfg.kafka.topic, p, Offset::Offset(target))?;
+                tracing::info!(
+                    partition = p,
+                    from = msg.offset,
+                    to = target,
+                    "Seeking to the sink's progress"
+                );
+                self.consumer
+                    .seek_partitions(tpl, Duration::from_secs(10))?;
+                return Ok(None);
+            }
+        }
+        let state = self.parts.get_mut(&p).expect("inserted above");
+        match state.await_offset {
+            Some(o) if msg.offset != o => return Ok(None),
+            Some(_) => state.await_offset = None,
+            None => {}
+        }
+        if msg.offset < state.next {
+            return Ok(None);
+        }
+        if let Some((start, end, s, batch)) = state.open {
+            if msg.offset < start {
+                return Ok(None);
+            }
+            let last = msg.offset >= end;
+            if msg.offset <= end {
+                state.buffered.push(msg.clone());
+            }
+            if last {
+                let msgs = std::mem::take(&mut state.buffered);
+                state.open = None;
+                let ranges = vec![(p, start, end)];
+                tracing::warn!(
+                    partition = p,
+                    start,
+                    end,
+                    "Repairing a batch that began but did not finish"
+                );
+                self.with_retry("repair a batch", |sink| {
+                    sink.repair(&msgs, s, batch, &ranges)
+                })?;
+                let state = self.parts.get_mut(&p).expect("present");
+                state.next = end + 1;
+                if msg.offset > end {
+                    return Ok(Some(msg));
+                }
+            }
+            return Ok(None);
+        }
+        state.next = msg.offset + 1;
+        Ok(Some(msg))
+    }
+
+    /// Runs `f` until it succeeds, with exponential backoff, for at most `max_retry`.
+    fn with_retry<T>(
+        &mut self,
+        what: &str,
+        mut f: impl FnMut(&mut Sink) -> Result<T>,
+    ) -> anyhow::Result<T> {
+        let start = Instant::now();
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match f(self) {
+                Ok(v) => return Ok(v),
+                Err(e) if self.stop.load(Ordering::SeqCst) => {
+                    return Err(anyhow::anyhow!(
+                        "stopped while failing to {what} ({e}); the batch is repaired at the next start"
+                    ));
+                }
+                Err(e) if start.elapsed() < self.cfg.max_retry => {
+                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "Failed to {what}; retrying");
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => {
+                    return Err(anyhow::anyhow!(
+                        "gave up after {}s: failed to {what}: {e}",
+                        start.elapsed().as_secs()
+                    ));
+                }
+            }
+        }
+    }
+
+    /// Applies one batch: begin, dedup, insert, feed, done.
+    fn apply(&mut self, msgs: Vec<Msg>) -> anyhow::Result<()> {
+        let ranges = Self::ranges(&msgs);
+        self.batch_seq += 1;
+        let batch = (chrono::Utc::now().timestamp_micros() as u64) ^ self.batch_seq;
+        let s = self.with_retry("begin a batch", |sink| {
+            loop {
+                let s = sink.rt.block_on(sink.ch.now())?;
+                sink.log(&ranges, batch, "begin", s)?;
+                let now = sink.rt.block_on(sink.ch.now())?;
+                if now - s <= sink.cfg.grace_secs {
+                    return Ok(s);
+                }
+                tracing::warn!(
+                    secs = now - s,
+                    "Writing the batch's begin record was slow; beginning again"
+                );
+            }
+        })?;
+        failpoint("after-begin");
+        let started = Instant::now();
+        let first = self.write_batch(&msgs, s, batch, &ranges);
+        tracing::debug!(
+            messages = msgs.len(),
+            ms = started.elapsed().as_millis() as u64,
+            ok = first.is_ok(),
+            "Applied a batch"
+        );
+        if let Err(e) = first {
+            tracing::warn!(error = %e, "Batch failed part-way; repairing it");
+            self.with_retry("repair a batch", |sink| {
+                sink.repair(&msgs, s, batch, &ranges)
+            })?;
+        }
+        for &(p, _, end) in &ranges {
+            if let Some(st) = self.parts.get_mut(&p) {
+                st.next = end + 1;
+            }
+        }
+        let mut tpl = TopicPartitionList::new();
+        for &(p, _, end) in &ranges {
+            tpl.add_partition_offset(&self.cfg.kafka.topic, p, Offset::Offset(end + 1))?;
+        }
+        if let Err(e) = self.consumer.commit(&tpl, CommitMode::Async) {
+            tracing::debug!(error = %e, "Kafka offset commit failed (the sink log is authoritative)");
+        }
+        Ok(())
+    }
+
+    fn write_batch(
+        &mut self,
+        msgs: &[Msg],
+        s: i64,
+        batch: u64,
+        ranges: &[(i32, i64, i64)],
+    ) -> Result<()> {
+        let t = Instant::now();
+        let prep = self.prepare(msgs, s, &HashSet::new())?;
+        let prepared = t.elapsed();
+        self.rt.block_on(async {
+            self.ch.insert::<EventRow>("events", &prep.rows).await?;
+            failpoint("after-raw");
+            let raw = t.elapsed();
+            self.insert_ids(&prep.rows, s).await?;
+            self.ch
+                .insert::<DeadLetterRow>("dead_letters", &dead_rows(&prep.dead))
+                .await?;
+            let ids = t.elapsed();
+            self.ch
+                .insert::<EventRow>("events_feed", &prep.rows)
+                .await?;
+            failpoint("after-feed");
+            tracing::debug!(?prepared, ?raw, ?ids, fed = ?t.elapsed(), "Batch steps (cumulative)");
+            Ok::<_, Error>(())
+        })?;
+        self.log(ranges, batch, "done", s)?;
+        self.finish(&prep, msgs.len(), s);
+        Ok(())
+    }
+
+    fn finish(&mut self, prep: &Prepared, messages: usize, s: i64) {
+        for r in prep.rows.iter().chain(&prep.present) {
+            self.recent
+                .insert(hash128(&r.namespace, &r.source, &r.id), s);
+        }
+        self.stats.stored.inc_by(prep.rows.len() as u64);
+        self.stats.duplicates.inc_by(prep.duplicates);
+        self.stats.dead_letters.inc_by(prep.dead.len() as u64);
+        self.stats.applied.inc_by(messages as u64);
+    }
+}
