@@ -263,14 +263,14 @@ async fn run_sink(args: &Args, sink: &SinkArgs) -> anyhow::Result<()> {
     let stopped = tokio::task::spawn_blocking(move || worker.join());
     tokio::pin!(stopped);
     tokio::select! {
-        r = &mut stopped => return r?.map_err(|_| anyhow::anyhow!("the sink thread panicked"))?,
+        r = &mut stopped => return Ok(r?.map_err(|_| anyhow::anyhow!("the sink thread panicked"))??),
         () = shutdown() => {}
     }
     tracing::info!("Stopping the sink after the batch in hand");
     stop.store(true, Ordering::SeqCst);
-    stopped
+    Ok(stopped
         .await?
-        .map_err(|_| anyhow::anyhow!("the sink thread panicked"))?
+        .map_err(|_| anyhow::anyhow!("the sink thread panicked"))??)
 }
 
 /// Runs the server (or the sink) until SIGINT/SIGTERM.

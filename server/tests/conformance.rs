@@ -33,7 +33,7 @@ struct Harness {
 struct SinkHandle {
     stop: Arc<AtomicBool>,
     stats: Arc<SinkStats>,
-    thread: Option<std::thread::JoinHandle<anyhow::Result<()>>>,
+    thread: Option<std::thread::JoinHandle<tally_clickhouse::sink::SinkResult<()>>>,
     produced: u64,
     clickhouse: String,
     database: String,

@@ -646,3 +646,111 @@ async fn a_meter_created_later_is_backfilled_exactly_while_ingestion_continues()
     .await;
     assert_eq!(stored.trim(), N.to_string(), "raw events stay");
 }
+
+/// A value ClickHouse refuses (here a view on the events feed that cannot parse some
+/// ids, as a customer's own view might) makes those events dead letters; the sink
+/// finds them by splitting the batch, is crashed while splitting, and every other event
+/// counts exactly once.
+#[tokio::test(flavor = "multi_thread")]
+async fn events_clickhouse_refuses_are_dead_lettered_and_the_rest_count_exactly_once() {
+    let Some(svc) = services("refused-value test") else {
+        return;
+    };
+    let url = svc.clickhouse.clone();
+    let mut stack = Stack::start(svc, &url, METERS, &["--batch-rows", "1000"]);
+    stack.sink.stop();
+    let db = stack.database.clone();
+    // numeric after "ev-", or ClickHouse refuses the insert (code 6, CANNOT_PARSE_TEXT)
+    let view = ch(
+        &url,
+        &format!(
+            "CREATE MATERIALIZED VIEW {db}.strict ENGINE = MergeTree ORDER BY n \
+             AS SELECT toUInt32(replaceOne(id, 'ev-', '')) AS n FROM {db}.events_feed"
+        ),
+    )
+    .await;
+    assert!(view.trim().is_empty(), "creating the strict view: {view}");
+    const GOOD: u64 = 3000;
+    let poisoned: Vec<u64> = vec![17, 1500, 2999];
+    let mut events: Vec<Value> = (0..GOOD).map(llm_event).collect();
+    for (k, at) in poisoned.iter().enumerate() {
+        let mut bad = llm_event(GOOD + k as u64);
+        bad["id"] = json!(format!("ev-bad-{k}"));
+        events.insert(*at as usize, bad);
+    }
+    let c = client();
+    for chunk in events.chunks(500) {
+        let (status, problem) = post_events(&c, &stack.server, &Value::Array(chunk.to_vec())).await;
+        assert_eq!(status, 204, "{problem}");
+    }
+    // crash after the second refused row is isolated, then run to the end
+    stack.sink.restart_with(&[
+        ("TALLY_SINK_FAILPOINT", "mid-split"),
+        ("TALLY_SINK_FAILPOINT_SKIP", "1"),
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !stack.sink.exited() {
+        assert!(
+            Instant::now() < deadline,
+            "fail point mid-split was not hit:\n{}",
+            tail(&stack.sink.log_text())
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        stack.sink.log_text().contains("failpoint mid-split hit"),
+        "the sink exited without hitting mid-split:\n{}",
+        tail(&stack.sink.log_text())
+    );
+    stack.sink.restart_with(&[]);
+    stack.drained(Duration::from_secs(180)).await;
+    stack.assert_totals(GOOD).await;
+    let (status, dead) = get_json(&c, &stack.server.url("/api/v1/dead-letters?limit=10")).await;
+    assert_eq!(status, 200, "{dead}");
+    let mut refused: Vec<String> = dead
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["reason"].as_str().unwrap().to_string())
+        .collect();
+    refused.sort();
+    assert_eq!(refused.len(), 3, "{dead:#}");
+    for (k, reason) in refused.iter().enumerate() {
+        assert!(
+            reason.contains(&format!("default/load/ev-bad-{k}")) && reason.contains("Cannot parse"),
+            "{reason}"
+        );
+    }
+}
+
+/// A login ClickHouse refuses is a configuration error: the sink stops at once and
+/// says which flag to fix, instead of retrying for --max-retry-secs (120 s here).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_clickhouse_login_stops_the_sink_at_once_naming_the_flag() {
+    let Some(svc) = services("sink configuration-error test") else {
+        return;
+    };
+    let started = Instant::now();
+    let mut sink = SinkProcess::start(
+        &svc.kafka,
+        &svc.clickhouse,
+        &unique("t"),
+        &unique("t"),
+        &["--clickhouse-user", "nobody-tally-knows"],
+    );
+    while !sink.exited() {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the sink is still retrying a refused login after 30 s:\n{}",
+            tail(&sink.log_text())
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let log = sink.log_text();
+    assert!(
+        (log.contains("UNKNOWN_USER") || log.contains("AUTHENTICATION_FAILED"))
+            && log.contains("--clickhouse-user"),
+        "{}",
+        tail(&log)
+    );
+}

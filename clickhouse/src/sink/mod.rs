@@ -16,9 +16,10 @@
 //!    by month of insertion, and months wholly before the window are dropped (at start
 //!    and hourly), so dedup storage is bounded. `sink_log` rows older than a week are
 //!    deleted too, except each partition's latest batch.
-//! 4. insert the new rows into `events` (`inserted_at = S`), then their identities into
+//! 4. insert the new rows into `events_feed`, which the meters' views read (first, so a
+//!    value a view refuses fails the batch before any of it is in `events`);
+//! 5. insert the same rows into `events` (`inserted_at = S`), then their identities into
 //!    `event_ids`, the dead letters into `dead_letters`;
-//! 5. insert the same rows into `events_feed`, which the meters' views read;
 //! 6. **done**: a `done` row per partition; then commit the offsets to Kafka (advisory).
 //!
 //! # Why every event counts exactly once
@@ -35,7 +36,8 @@
 //!   partition's latest `sink_log` row is that `begin`, so its exact range is re-read
 //!   from Kafka and **repaired**: rows of the range already in `events` are found by
 //!   (partition, offset); the others go through dedup (treating the present ones as
-//!   seen) and are inserted with the same `S`; identities are (re-)inserted into
+//!   seen), are fed again (split to find any row a view refuses, which becomes a dead
+//!   letter: `split.rs`) and are inserted into `events` with the same `S`; identities are (re-)inserted into
 //!   `event_ids` (a repeated identity there is harmless); dead letters are replaced by
 //!   key. Then, for every provisioned meter, the view rows of each (subject, minute)
 //!   the range touches are deleted and re-derived from `events` by the view's own
@@ -52,19 +54,35 @@
 //! the sink exits after `max_retry` of failing to reach ClickHouse, well before that), so
 //! a partition never has two sinks writing at once.
 //!
+//! # Failures
+//! A failed step is classified by ClickHouse's error code (`retry.rs`): transient ones
+//! (busy, read-only, out of memory, too many parts, network) are retried with backoff
+//! for `max_retry`, then the process exits and its restart repairs the batch; a value
+//! refused in the feed splits the batch (`split.rs`); a wrong set-up (missing table or
+//! database, bad credentials, no grant) stops the sink at once with the fix
+//! ([`SinkError::Config`]).
+//!
+//! # Files
+//! `config.rs` settings, `stats.rs` counters, `batch.rs` decoding, `dedup.rs`,
+//! `log.rs` the begin/done log, `repair.rs`, `split.rs`, `prune.rs`, `retry.rs`,
+//! `error.rs`, `failpoint.rs`; this file runs the loop and applies batches.
+//!
 //! # Fail points
 //! `TALLY_SINK_FAILPOINT=<name>` aborts the process at that point, after skipping
-//! `TALLY_SINK_FAILPOINT_SKIP` hits (default 0): `after-begin`, `after-raw` (events
-//! inserted, views not fed), `after-feed` (views fed, no `done`), `mid-repair`
-//! (rows repaired, rollups not yet re-derived). Tests crash the sink with them.
+//! `TALLY_SINK_FAILPOINT_SKIP` hits (default 0): `after-begin`, `after-feed` (views
+//! fed, events not inserted), `after-raw` (events inserted, no `done`), `mid-split`
+//! (a refused row found, the batch not yet stored), `mid-repair` (rows repaired,
+//! rollups not yet re-derived). Tests crash the sink with them.
 mod batch;
 mod config;
 mod dedup;
+mod error;
 mod failpoint;
 mod log;
 mod prune;
 mod repair;
 pub mod retry;
+mod split;
 mod stats;
 
 use std::collections::{HashMap, HashSet};
@@ -79,6 +97,7 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use self::batch::{Msg, Prepared, dead_rows};
 pub use self::config::SinkConfig;
 use self::dedup::{RecentIds, hash128};
+pub use self::error::{SinkError, SinkResult};
 use self::failpoint::failpoint;
 use self::log::PartState;
 pub use self::stats::SinkStats;
@@ -127,31 +146,54 @@ struct Sink {
     stop: Arc<AtomicBool>,
 }
 
-/// Runs the sink until `stop` is set (then finishes the batch in hand) or it fails for
-/// longer than `max_retry`. Blocking: run it on its own thread.
-pub fn run(cfg: SinkConfig, stats: Arc<SinkStats>, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
+/// Runs the sink until `stop` is set (then finishes the batch in hand), a transient
+/// failure outlasts `max_retry`, or ClickHouse says the set-up is wrong. Blocking: run
+/// it on its own thread.
+pub fn run(cfg: SinkConfig, stats: Arc<SinkStats>, stop: Arc<AtomicBool>) -> SinkResult<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        .build()?;
-    let ch = Ch::new(&cfg.clickhouse)?;
+        .build()
+        .map_err(SinkError::Runtime)?;
+    let ch = Ch::new(&cfg.clickhouse).map_err(|source| SinkError::Stopped {
+        step: "connect to ClickHouse".into(),
+        source,
+    })?;
     let started = Instant::now();
+    let mut backoff = retry::Backoff::default();
     loop {
-        match rt.block_on(ch.ensure_schema()) {
+        let e = match rt.block_on(ch.ensure_schema()) {
             Ok(()) => break,
-            Err(e) if started.elapsed() < cfg.max_retry && !stop.load(Ordering::SeqCst) => {
-                tracing::warn!(error = %e, "ClickHouse not ready; retrying");
-                std::thread::sleep(Duration::from_secs(1));
-            }
-            Err(e) => return Err(e.into()),
+            Err(e) => e,
+        };
+        let step = "create tally's tables";
+        let e = SinkError::unless_transient(step, e)?;
+        if started.elapsed() >= cfg.max_retry {
+            let secs = started.elapsed().as_secs();
+            return Err(SinkError::GaveUp {
+                step: step.into(),
+                secs,
+                source: e,
+            });
         }
+        if stop.load(Ordering::SeqCst) {
+            return Err(SinkError::Stopped {
+                step: step.into(),
+                source: e,
+            });
+        }
+        tracing::warn!(error = %e, "ClickHouse not ready; retrying");
+        std::thread::sleep(backoff.delay().max(Duration::from_secs(1)));
     }
     let consumer: BaseConsumer<Ctx> = cfg
         .kafka
         .consumer_settings(&cfg.group)
         .create_with_context(Ctx {
             rebalanced: Mutex::new(Vec::new()),
-        })?;
-    consumer.subscribe(&[&cfg.kafka.topic])?;
+        })
+        .map_err(error::kafka("create the Kafka consumer"))?;
+    consumer
+        .subscribe(&[&cfg.kafka.topic])
+        .map_err(error::kafka("subscribe to the topic"))?;
     tracing::info!(brokers = %cfg.kafka.brokers, topic = %cfg.kafka.topic, group = %cfg.group, clickhouse = %ch.url(), database = %ch.db(), "tally sink started");
     let mut sink = Sink {
         recent: RecentIds::new(cfg.dedup_memory_bytes),
@@ -168,7 +210,7 @@ pub fn run(cfg: SinkConfig, stats: Arc<SinkStats>, stop: Arc<AtomicBool>) -> any
 }
 
 impl Sink {
-    fn run(&mut self, stop: &AtomicBool) -> anyhow::Result<()> {
+    fn run(&mut self, stop: &AtomicBool) -> SinkResult<()> {
         let mut batch: Vec<Msg> = Vec::new();
         let mut bytes = 0usize;
         let mut first_at = Instant::now();
@@ -194,7 +236,9 @@ impl Sink {
             } else if idle_since.elapsed() > rejoin_after {
                 tracing::warn!(group = %self.cfg.group, secs = rejoin_after.as_secs(), "No partitions assigned; rejoining the consumer group");
                 self.consumer.unsubscribe();
-                self.consumer.subscribe(&[&self.cfg.kafka.topic])?;
+                self.consumer
+                    .subscribe(&[&self.cfg.kafka.topic])
+                    .map_err(error::kafka("rejoin the consumer group"))?;
                 idle_since = Instant::now();
                 rejoin_after = (rejoin_after * 2).min(Duration::from_secs(300));
             }
@@ -284,7 +328,7 @@ impl Sink {
 
     /// Decides what to do with a message: `Some` = add to the batch; `None` = skipped or
     /// taken by a repair.
-    fn route(&mut self, msg: Msg) -> anyhow::Result<Option<Msg>> {
+    fn route(&mut self, msg: Msg) -> SinkResult<Option<Msg>> {
         let p = msg.partition;
         if !self.parts.contains_key(&p) {
             let state = self.with_retry("read the sink log", |s| s.read_partition(p))?;
@@ -295,7 +339,8 @@ impl Sink {
                     st.await_offset = Some(target);
                 }
                 let mut tpl = TopicPartitionList::new();
-                tpl.add_partition_offset(&self.cfg.kafka.topic, p, Offset::Offset(target))?;
+                tpl.add_partition_offset(&self.cfg.kafka.topic, p, Offset::Offset(target))
+                    .map_err(error::kafka("seek to the sink's progress"))?;
                 tracing::info!(
                     partition = p,
                     from = msg.offset,
@@ -303,7 +348,8 @@ impl Sink {
                     "Seeking to the sink's progress"
                 );
                 self.consumer
-                    .seek_partitions(tpl, Duration::from_secs(10))?;
+                    .seek_partitions(tpl, Duration::from_secs(10))
+                    .map_err(error::kafka("seek to the sink's progress"))?;
                 return Ok(None);
             }
         }
@@ -349,39 +395,42 @@ impl Sink {
         Ok(Some(msg))
     }
 
-    /// Runs `f` until it succeeds, with exponential backoff, for at most `max_retry`.
+    /// Runs `f` until it succeeds: transient failures are retried with backoff for at
+    /// most `max_retry`; a wrong set-up or a refused value stops at once ([`retry`]).
     fn with_retry<T>(
         &mut self,
         what: &str,
         mut f: impl FnMut(&mut Sink) -> Result<T>,
-    ) -> anyhow::Result<T> {
+    ) -> SinkResult<T> {
         let start = Instant::now();
-        let mut delay = Duration::from_millis(100);
+        let mut backoff = retry::Backoff::default();
         loop {
-            match f(self) {
+            let e = match f(self) {
                 Ok(v) => return Ok(v),
-                Err(e) if self.stop.load(Ordering::SeqCst) => {
-                    return Err(anyhow::anyhow!(
-                        "stopped while failing to {what} ({e}); the batch is repaired at the next start"
-                    ));
-                }
-                Err(e) if start.elapsed() < self.cfg.max_retry => {
-                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "Failed to {what}; retrying");
-                    std::thread::sleep(delay);
-                    delay = (delay * 2).min(Duration::from_secs(5));
-                }
-                Err(e) => {
-                    return Err(anyhow::anyhow!(
-                        "gave up after {}s: failed to {what}: {e}",
-                        start.elapsed().as_secs()
-                    ));
-                }
+                Err(e) => SinkError::unless_transient(what, e)?,
+            };
+            if self.stop.load(Ordering::SeqCst) {
+                return Err(SinkError::Stopped {
+                    step: what.into(),
+                    source: e,
+                });
             }
+            if start.elapsed() >= self.cfg.max_retry {
+                let secs = start.elapsed().as_secs();
+                return Err(SinkError::GaveUp {
+                    step: what.into(),
+                    secs,
+                    source: e,
+                });
+            }
+            let delay = backoff.delay();
+            tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "Failed to {what}; retrying");
+            std::thread::sleep(delay);
         }
     }
 
     /// Applies one batch: begin, dedup, insert, feed, done.
-    fn apply(&mut self, msgs: Vec<Msg>) -> anyhow::Result<()> {
+    fn apply(&mut self, msgs: Vec<Msg>) -> SinkResult<()> {
         let ranges = Self::ranges(&msgs);
         self.batch_seq += 1;
         let batch = (chrono::Utc::now().timestamp_micros() as u64) ^ self.batch_seq;
@@ -421,7 +470,8 @@ impl Sink {
         }
         let mut tpl = TopicPartitionList::new();
         for &(p, _, end) in &ranges {
-            tpl.add_partition_offset(&self.cfg.kafka.topic, p, Offset::Offset(end + 1))?;
+            tpl.add_partition_offset(&self.cfg.kafka.topic, p, Offset::Offset(end + 1))
+                .map_err(error::kafka("commit offsets"))?;
         }
         if let Err(e) = self.consumer.commit(&tpl, CommitMode::Async) {
             tracing::debug!(error = %e, "Kafka offset commit failed (the sink log is authoritative)");
@@ -440,6 +490,13 @@ impl Sink {
         let prep = self.prepare(msgs, s, &HashSet::new())?;
         let prepared = t.elapsed();
         self.rt.block_on(async {
+            // The feed first: a value a view refuses fails the batch before any of it
+            // is in `events`, so repair can split it and dead-letter just those rows.
+            self.ch
+                .insert::<EventRow>("events_feed", &prep.rows)
+                .await?;
+            failpoint("after-feed");
+            let fed = t.elapsed();
             self.ch.insert::<EventRow>("events", &prep.rows).await?;
             failpoint("after-raw");
             let raw = t.elapsed();
@@ -447,12 +504,7 @@ impl Sink {
             self.ch
                 .insert::<DeadLetterRow>("dead_letters", &dead_rows(&prep.dead))
                 .await?;
-            let ids = t.elapsed();
-            self.ch
-                .insert::<EventRow>("events_feed", &prep.rows)
-                .await?;
-            failpoint("after-feed");
-            tracing::debug!(?prepared, ?raw, ?ids, fed = ?t.elapsed(), "Batch steps (cumulative)");
+            tracing::debug!(?prepared, ?fed, ?raw, ids = ?t.elapsed(), "Batch steps (cumulative)");
             Ok::<_, Error>(())
         })?;
         self.log(ranges, batch, "done", s)?;

@@ -5,10 +5,12 @@
 use std::collections::HashSet;
 
 use tally_meter::Result;
+use tally_meter::store::DeadLetter;
 
 use super::Sink;
 use super::batch::{Msg, dead_rows};
 use super::failpoint::failpoint;
+use super::split;
 use crate::provision::{delete_where, read_meters};
 use crate::rollup::{Grain, Origin, RollupSql};
 use crate::{DeadLetterRow, EventRow, lit};
@@ -36,7 +38,29 @@ impl Sink {
             &format!("SELECT kafka_partition, kafka_offset FROM {db}.events WHERE {cond}"),
         ))?;
         let present: HashSet<(i32, i64)> = present.into_iter().collect();
-        let prep = self.prepare(msgs, s, &present)?;
+        let mut prep = self.prepare(msgs, s, &present)?;
+        // Feed the rows not yet stored, finding any a view refuses (split.rs). Rows
+        // fed by the failed attempt are fed again; the re-derivation below makes the
+        // rollups exact either way.
+        let (rt, ch) = (&self.rt, &self.ch);
+        let isolated = split::isolate(std::mem::take(&mut prep.rows), |chunk| {
+            rt.block_on(ch.insert::<EventRow>("events_feed", chunk))
+        })?;
+        prep.rows = isolated.inserted;
+        let refused: Vec<EventRow> = isolated
+            .refused
+            .into_iter()
+            .map(|(row, reason)| {
+                prep.dead.push(refused_letter(&row, &reason, msgs));
+                row
+            })
+            .collect();
+        if !refused.is_empty() {
+            tracing::warn!(
+                refused = refused.len(),
+                "ClickHouse refused events of a batch; they are dead letters, the rest is stored"
+            );
+        }
         self.rt.block_on(async {
             self.ch.insert::<EventRow>("events", &prep.rows).await?;
             let all: Vec<EventRow> = prep.rows.iter().chain(&prep.present).cloned().collect();
@@ -45,7 +69,10 @@ impl Sink {
                 .insert::<DeadLetterRow>("dead_letters", &dead_rows(&prep.dead))
                 .await?;
             failpoint("mid-repair");
-            self.rederive(&all).await
+            // the refused rows' keys too: a view may have taken them before another
+            // refused the insert
+            let touched: Vec<EventRow> = all.into_iter().chain(refused).collect();
+            self.rederive(&touched).await
         })?;
         self.log(ranges, batch, "done", s)?;
         self.finish(&prep, msgs.len(), s);
@@ -109,5 +136,25 @@ impl Sink {
             }
         }
         Ok(())
+    }
+}
+
+/// The dead letter of an event ClickHouse refused, with its message as received.
+fn refused_letter(row: &EventRow, reason: &str, msgs: &[Msg]) -> DeadLetter {
+    let payload = msgs
+        .iter()
+        .find(|m| m.partition == row.kafka_partition && m.offset == row.kafka_offset)
+        .map(|m| String::from_utf8_lossy(&m.payload).into_owned())
+        .unwrap_or_default();
+    DeadLetter {
+        kafka_partition: row.kafka_partition,
+        kafka_offset: row.kafka_offset,
+        namespace: row.namespace.clone(),
+        reason: format!(
+            "ClickHouse refused event {}/{}/{}: {reason}",
+            row.namespace, row.source, row.id
+        ),
+        payload,
+        at: chrono::Utc::now().timestamp() as u32,
     }
 }
