@@ -187,3 +187,18 @@ pub(crate) fn time_ms_of(value: &Value) -> Option<i64> {
         _ => None,
     }
 }
+
+/// Test helper: the `source id` of each event must equal `pinned`. Ids and sources are
+/// a stored contract: an upgrade that changed them would make dedup miss re-sent usage
+/// and count it twice. A deliberate change needs a migration, not a new pin.
+#[cfg(test)]
+pub(crate) fn assert_pinned(collector: &str, events: &[tally_crds::CloudEvent], pinned: &[&str]) {
+    let got: Vec<String> = events
+        .iter()
+        .map(|e| format!("{} {}", e.source, e.id))
+        .collect();
+    assert_eq!(
+        got, pinned,
+        "the {collector} collector's event ids or sources changed; upgrades would double count"
+    );
+}

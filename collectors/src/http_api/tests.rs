@@ -124,6 +124,17 @@ async fn the_openai_preset_maps_closed_buckets_per_group() {
         .collect();
     let ids1: Vec<String> = events.iter().map(|e| e.id.clone()).collect();
     assert_eq!(ids1, ids2);
+    // ids and sources are stored: see crate::assert_pinned
+    crate::assert_pinned(
+        "httpApi (openai)",
+        events,
+        &[
+            "tally/billing/openai 5cd36d73a35b5d166020fe4d2ae3cdbc",
+            "tally/billing/openai 74f7cae2ef3be19912ba477b37c7766b",
+            "tally/billing/openai a37700ce3126922ea2b7e12d1e8741b4",
+            "tally/billing/openai ef1ae2474b25105736d226c10797824f",
+        ],
+    );
     assert!(
         p.poll(&reqwest::Client::new(), now)
             .await

@@ -143,6 +143,18 @@ fn a_restart_from_the_checkpoint_loses_and_repeats_nothing() {
     assert!(third.poll(&files(&third), NOW + 3000).events.is_empty());
     let all: Vec<i64> = tokens(&first).into_iter().chain(tokens(&redo)).collect();
     assert_eq!(all, vec![1, 2, 3, 4]);
+    let events: Vec<_> = first.events.into_iter().chain(redo.events).collect();
+    // ids and sources are stored: see crate::assert_pinned
+    crate::assert_pinned(
+        "logs",
+        &events,
+        &[
+            "tally/team-a/llm-logs e272e7aded3d0978d64afe86d1a51b89",
+            "tally/team-a/llm-logs cc419a5c6e04e264b222402c51bb3ca0",
+            "tally/team-a/llm-logs 45777074610cf291461b813bef280bc6",
+            "tally/team-a/llm-logs 103751d801a949fdcee198568d0a9093",
+        ],
+    );
 }
 
 #[test]

@@ -184,13 +184,20 @@ fn ids_are_deterministic_and_differ_per_window() {
     let run = || {
         let mut c = collector("{}", &BTreeMap::new());
         c.observe(&fixture("train-running"));
-        c.tick(T0 + 200)
-            .events
-            .into_iter()
-            .map(|e| e.id)
-            .collect::<Vec<_>>()
+        c.tick(T0 + 200).events
     };
-    let (x, y) = (run(), run());
+    // ids and sources are stored: see crate::assert_pinned
+    crate::assert_pinned(
+        "podRuntime",
+        &run(),
+        &[
+            "tally/team-a/gpu 63615fd08248551985857b0b8ae12c3e",
+            "tally/team-a/gpu 134dd5f75506d48666e8235ebdaa8f46",
+            "tally/team-a/gpu a9328b877d0618891fe4ecc7216f4657",
+        ],
+    );
+    let ids = || run().into_iter().map(|e| e.id).collect::<Vec<_>>();
+    let (x, y) = (ids(), ids());
     assert_eq!(x, y);
     assert_eq!(x.len(), 3);
     assert!(x[0] != x[1] && x[1] != x[2]);

@@ -157,10 +157,16 @@ fn ids_are_deterministic() {
         c.process(&t, &tokens(2.0, 2.0), NOW + 1, &no_pods)
             .unwrap()
             .events
-            .into_iter()
-            .map(|e| e.id)
-            .collect::<Vec<_>>()
     };
+    // ids and sources are stored: see crate::assert_pinned
+    crate::assert_pinned(
+        "prometheus",
+        &run(),
+        &[
+            "tally/team-a/dcgm e8967e2c6e1acc90ccc5a8f88ed16062",
+            "tally/team-a/dcgm 1786c95a8a539431a382992ed5fa8995",
+        ],
+    );
     assert_eq!(run(), run());
 }
 
