@@ -16,6 +16,27 @@ pub struct HttpLabels {
     pub status: u16,
 }
 
+/// Labels of the reload counter: what was re-read (`meters` or `tokens`) and whether
+/// all of it took effect (`applied`) or some was refused and the previous version
+/// stays (`rejected`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReloadLabels {
+    /// `meters` (the manifests folder) or `tokens` (the tokens files).
+    pub what: String,
+    /// `applied` or `rejected`.
+    pub outcome: String,
+}
+
+impl ReloadLabels {
+    /// Labels for one reload.
+    pub fn new(what: &str, applied: bool) -> ReloadLabels {
+        ReloadLabels {
+            what: what.into(),
+            outcome: if applied { "applied" } else { "rejected" }.into(),
+        }
+    }
+}
+
 /// Every metric the server exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -30,6 +51,8 @@ pub struct Metrics {
     pub requests_overloaded: Counter,
     /// Request latency.
     pub http_request_duration: Family<HttpLabels, Histogram>,
+    /// Re-reads of changed manifests or tokens files, by outcome.
+    pub reloads: Family<ReloadLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -62,6 +85,12 @@ impl Default for Metrics {
             "Requests answered 503 because the server was at capacity",
             requests_overloaded.clone(),
         );
+        let reloads = Family::<ReloadLabels, Counter>::default();
+        registry.register(
+            "reloads",
+            "Re-reads of changed meter manifests or tokens files, by what and outcome",
+            reloads.clone(),
+        );
         registry.register(
             "http_request_duration_seconds",
             "HTTP request latency",
@@ -74,6 +103,7 @@ impl Default for Metrics {
             events_deduplicated,
             requests_overloaded,
             http_request_duration,
+            reloads,
         }
     }
 }

@@ -10,7 +10,7 @@ use clap::Parser;
 
 use crate::api::{self, AppState, Limits};
 use crate::catalog::{self, manifests};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, ReloadLabels};
 use std::sync::atomic::{AtomicBool, Ordering};
 use tally_clickhouse::provision::CutoverConfig;
 use tally_clickhouse::sink::{SinkConfig, SinkStats};
@@ -332,8 +332,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         max_concurrent_queries: args.max_concurrent_queries,
         max_query_rows: args.max_query_rows,
     };
-    let state = AppState::new(store.clone(), limits, Arc::new(Metrics::default()))
-        .with_auth(authentication(&args)?);
+    let metrics = Arc::new(Metrics::default());
+    let state = AppState::new(store.clone(), limits, metrics.clone())
+        .with_auth(authentication(&args, &metrics)?);
     if args.kubernetes {
         let Some(url) = &args.clickhouse else {
             anyhow::bail!(
@@ -351,7 +352,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             state.clone(),
         ));
     } else if let Some(dir) = args.manifests.clone() {
-        let served = reload(&dir, &store, &state, Vec::new()).await?;
+        let (served, _) = reload(&dir, &store, &state, Vec::new()).await?;
         tracing::info!(dir = %dir.display(), meters = served.len(), "Loaded meter manifests");
         tokio::spawn(watch(
             dir,
@@ -375,13 +376,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 }
 
 /// Loads the manifests, syncs the store (backfilling new meters), publishes the meters
-/// and drops stale rollups. Returns the meters now served.
+/// and drops stale rollups. Returns the meters now served and how many manifests were
+/// refused (those keep their previous definition, or are not served).
 async fn reload(
     dir: &std::path::Path,
     store: &Arc<dyn Store>,
     state: &AppState,
     previous: Vec<Arc<CompiledMeter>>,
-) -> anyhow::Result<Vec<Arc<CompiledMeter>>> {
+) -> anyhow::Result<(Vec<Arc<CompiledMeter>>, usize)> {
     let dir = dir.to_path_buf();
     let (meters, errors) =
         tokio::task::spawn_blocking(move || manifests::load(&dir, &previous)).await?;
@@ -393,7 +395,7 @@ async fn reload(
         let store = store.clone();
         tokio::task::spawn_blocking(move || store.drop_rollups(stale)).await??;
     }
-    Ok(meters)
+    Ok((meters, errors.len()))
 }
 
 async fn watch(
@@ -419,9 +421,16 @@ async fn watch(
             continue;
         }
         last = now;
-        match reload(&dir, &store, &state, served.clone()).await {
-            Ok(meters) => {
-                tracing::info!(meters = meters.len(), "Reloaded meter manifests");
+        let result = reload(&dir, &store, &state, served.clone()).await;
+        let applied = matches!(result, Ok((_, 0)));
+        state
+            .metrics()
+            .reloads
+            .get_or_create(&ReloadLabels::new("meters", applied))
+            .inc();
+        match result {
+            Ok((meters, refused)) => {
+                tracing::info!(meters = meters.len(), refused, "Reloaded meter manifests");
                 served = meters;
             }
             Err(e) => tracing::error!(
@@ -450,13 +459,17 @@ async fn shutdown() {
 
 /// The API's authentication from `--tokens-file`; without one, only on loopback (or
 /// when told `--allow-unauthenticated`), and the log says so.
-fn authentication(args: &Args) -> anyhow::Result<api::auth::Auth> {
+fn authentication(args: &Args, metrics: &Metrics) -> anyhow::Result<api::auth::Auth> {
     use api::auth::Auth;
     let listen = args.listen;
     match args.tokens_file.as_slice() {
         [_, ..] => {
-            let auth = Auth::from_files(args.tokens_file.clone(), Duration::from_secs(5))
-                .map_err(|e| anyhow::anyhow!(e))?;
+            let auth = Auth::from_files(
+                args.tokens_file.clone(),
+                Duration::from_secs(5),
+                metrics.reloads.clone(),
+            )
+            .map_err(|e| anyhow::anyhow!(e))?;
             tracing::info!(files = ?args.tokens_file, "API authentication: bearer tokens, each granted namespaces");
             Ok(auth)
         }
@@ -478,6 +491,10 @@ fn authentication(args: &Args) -> anyhow::Result<api::auth::Auth> {
 mod tests {
     use super::*;
 
+    fn authentication_of(args: &Args) -> anyhow::Result<api::auth::Auth> {
+        authentication(args, &Metrics::default())
+    }
+
     fn args(list: &[&str]) -> Args {
         let mut all = vec!["tally-server"];
         all.extend_from_slice(list);
@@ -487,11 +504,11 @@ mod tests {
     #[test]
     fn without_tokens_only_loopback_or_an_explicit_opt_out_is_served() {
         assert!(
-            !authentication(&args(&["--listen", "127.0.0.1:8080"]))
+            !authentication_of(&args(&["--listen", "127.0.0.1:8080"]))
                 .unwrap()
                 .enabled()
         );
-        let e = authentication(&args(&["--listen", "0.0.0.0:8080"]))
+        let e = authentication_of(&args(&["--listen", "0.0.0.0:8080"]))
             .unwrap_err()
             .to_string();
         assert!(
@@ -499,7 +516,7 @@ mod tests {
             "{e}"
         );
         let opted_out = args(&["--listen", "0.0.0.0:8080", "--allow-unauthenticated"]);
-        assert!(!authentication(&opted_out).unwrap().enabled());
+        assert!(!authentication_of(&opted_out).unwrap().enabled());
     }
 
     #[tokio::test]
@@ -518,9 +535,9 @@ mod tests {
             "--tokens-file",
             file.to_str().unwrap(),
         ]);
-        assert!(authentication(&a).unwrap().enabled());
+        assert!(authentication_of(&a).unwrap().enabled());
         std::fs::write(&file, "tokens: [{token: short, namespaces: [a]}]\n").unwrap();
-        let e = authentication(&a).unwrap_err().to_string();
+        let e = authentication_of(&a).unwrap_err().to_string();
         assert!(e.contains("tokens[0].token"), "{e}");
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -203,7 +203,9 @@ async fn a_meter_added_after_its_events_counts_them_and_reloads_follow_the_rules
         requests.replace("COUNT}", "MAX, valueProperty: $.n}"),
     )
     .unwrap();
-    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    // the reload must have happened (and refused the change) before "unchanged" means anything
+    let rejected = r#"tally_reloads_total{what="meters",outcome="rejected"}"#;
+    eventually(async || metric(&c, &s, rejected).await >= 1.0).await;
     let (_, m) = get_json(&c, &s.url("/api/v1/meters/requests")).await;
     assert_eq!(
         m["aggregation"], "COUNT",

@@ -294,7 +294,27 @@ async fn tokens_scope_every_request_to_their_namespaces() {
     .await;
     // An invalid file keeps the tokens in force.
     std::fs::write(&tokens_file, "tokens: [{token: short, namespaces: []}]\n").unwrap();
-    tokio::time::sleep(Duration::from_secs(6)).await;
+    // first the fact that the server re-read the file and refused it, then "unchanged"
+    let rejected = r#"tally_reloads_total{what="tokens",outcome="rejected"}"#;
+    eventually(
+        Duration::from_secs(15),
+        Duration::from_millis(250),
+        "the server to refuse the invalid tokens file",
+        async || {
+            let text = http
+                .get(format!("http://{}/metrics", server.addr))
+                .send()
+                .await
+                .ok()?
+                .text()
+                .await
+                .ok()?;
+            text.lines()
+                .any(|l| l.starts_with(rejected) && !l.ends_with(" 0"))
+                .then_some(())
+        },
+    )
+    .await;
     let (status, _, _) = call(&http, M::GET, format!("{base}/meters"), Some(C), None).await;
     assert_eq!(
         status, 200,

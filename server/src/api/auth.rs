@@ -26,9 +26,12 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use serde::Deserialize;
 
 use super::problem::Problem;
+use crate::metrics::ReloadLabels;
 
 /// The tokens file.
 #[derive(Debug, Clone, Deserialize)]
@@ -260,8 +263,13 @@ impl Auth {
         }
     }
 
-    /// The tokens of `paths`, re-read every `every` when their content changed.
-    pub fn from_files(paths: Vec<PathBuf>, every: Duration) -> Result<Auth, String> {
+    /// The tokens of `paths`, re-read every `every` when their content changed; each
+    /// re-read is counted in `reloads` (`what="tokens"`).
+    pub fn from_files(
+        paths: Vec<PathBuf>,
+        every: Duration,
+        reloads: Family<ReloadLabels, Counter>,
+    ) -> Result<Auth, String> {
         let (tokens, mut text) = Tokens::load(&paths)?;
         let auth = Auth::fixed(tokens);
         let shared = auth.tokens.clone();
@@ -278,6 +286,9 @@ impl Auth {
                 match Tokens::load(&paths) {
                     Ok((t, new_text)) => {
                         tracing::info!(tokens = t.len(), "Tokens reloaded");
+                        reloads
+                            .get_or_create(&ReloadLabels::new("tokens", true))
+                            .inc();
                         if let Some(s) = &shared
                             && let Ok(mut w) = s.write()
                         {
@@ -286,6 +297,9 @@ impl Auth {
                         text = new_text;
                     }
                     Err(e) => {
+                        reloads
+                            .get_or_create(&ReloadLabels::new("tokens", false))
+                            .inc();
                         tracing::error!(error = %e, "New tokens are invalid; keeping the tokens in force")
                     }
                 }

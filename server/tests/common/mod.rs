@@ -174,6 +174,15 @@ pub async fn get_text(c: &reqwest::Client, url: &str) -> String {
     c.get(url).send().await.unwrap().text().await.unwrap()
 }
 
+/// The value of one sample of the server's `/metrics` (e.g.
+/// `tally_reloads_total{what="meters",outcome="rejected"}`), 0 when absent.
+pub async fn metric(c: &reqwest::Client, s: &Server, sample: &str) -> f64 {
+    let text = get_text(c, &s.url("/metrics")).await;
+    text.lines()
+        .find_map(|l| l.strip_prefix(sample)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
 pub async fn get_json(c: &reqwest::Client, url: &str) -> (u16, serde_json::Value) {
     let res = c.get(url).send().await.unwrap();
     let status = res.status().as_u16();
