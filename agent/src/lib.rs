@@ -167,7 +167,7 @@ pub async fn run(args: Args) -> Result<()> {
             pod_cache = Some(pods::PodCache::start(client, &node));
         }
         let (stop_tx, stop_rx) = watch::channel(false);
-        let ctx = run::Ctx {
+        let ctx = run::Shared {
             spool: spool.clone(),
             metrics: metrics.clone(),
             wake: wake.clone(),

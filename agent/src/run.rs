@@ -5,10 +5,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tally_collectors::http_api::HttpPoller;
-use tally_collectors::kubernetes_logs::LogTailer;
+use tally_collectors::logs::LogTailer;
 use tally_collectors::pod_runtime::PodRuntime;
 use tally_collectors::pods::subject_of;
-use tally_collectors::prometheus_scrape::PrometheusScrape;
+use tally_collectors::prometheus::PrometheusScrape;
 use tally_collectors::{Origin, Output};
 use tally_crds::collector::{CollectorConfig, Scope, Source};
 use tokio::sync::{Notify, watch};
@@ -21,7 +21,7 @@ use crate::{Error, Result};
 
 /// What every collector task shares.
 #[derive(Clone, Debug)]
-pub struct Ctx {
+pub struct Shared {
     /// The spool.
     pub spool: Arc<Spool>,
     /// Metrics.
@@ -38,7 +38,7 @@ pub struct Ctx {
     pub http: reqwest::Client,
 }
 
-impl Ctx {
+impl Shared {
     /// Commits an output, waiting while the spool is full. Returns false when asked to
     /// stop first (the output is dropped uncommitted: its checkpoint did not advance,
     /// so it is re-derived after the restart).
@@ -117,7 +117,7 @@ pub fn selected(collectors: &[CollectorConfig], scope: Option<Scope>) -> Vec<Col
 /// Starts one task per collector.
 pub fn start(
     collectors: &[CollectorConfig],
-    ctx: &Ctx,
+    ctx: &Shared,
     tasks: &mut JoinSet<Result<()>>,
 ) -> Result<()> {
     for c in collectors {
@@ -161,7 +161,7 @@ pub fn start(
     Ok(())
 }
 
-async fn pod_runtime(key: String, ns: String, mut c: PodRuntime, ctx: Ctx) -> Result<()> {
+async fn pod_runtime(key: String, ns: String, mut c: PodRuntime, ctx: Shared) -> Result<()> {
     let mut synced = false;
     loop {
         let now = now_secs();
@@ -185,7 +185,7 @@ async fn pod_runtime(key: String, ns: String, mut c: PodRuntime, ctx: Ctx) -> Re
     }
 }
 
-async fn prometheus(key: String, ns: String, mut c: PrometheusScrape, ctx: Ctx) -> Result<()> {
+async fn prometheus(key: String, ns: String, mut c: PrometheusScrape, ctx: Shared) -> Result<()> {
     let interval = Duration::from_secs(u64::from(c.config().interval_secs));
     loop {
         let targets = c.targets(&ctx.pods.pods());
@@ -208,7 +208,7 @@ async fn prometheus(key: String, ns: String, mut c: PrometheusScrape, ctx: Ctx) 
     }
 }
 
-async fn http_api(key: String, ns: String, mut c: HttpPoller, ctx: Ctx) -> Result<()> {
+async fn http_api(key: String, ns: String, mut c: HttpPoller, ctx: Shared) -> Result<()> {
     let interval = Duration::from_secs(u64::from(c.interval_secs()));
     loop {
         let wait = match c.poll(&ctx.http, now_secs()).await {
@@ -233,7 +233,7 @@ async fn http_api(key: String, ns: String, mut c: HttpPoller, ctx: Ctx) -> Resul
     }
 }
 
-async fn logs(key: String, ns: String, c: LogTailer, ctx: Ctx) -> Result<()> {
+async fn logs(key: String, ns: String, c: LogTailer, ctx: Shared) -> Result<()> {
     let interval = Duration::from_secs(u64::from(c.poll_secs()));
     let mut slot = Some(c);
     loop {

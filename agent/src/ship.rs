@@ -11,7 +11,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tally_crds::collector::{IngestSink, SinkConfig};
+use tally_crds::collector::{Delivery, IngestSink};
 use tokio::sync::{Notify, watch};
 
 use crate::metrics::Metrics;
@@ -65,7 +65,7 @@ impl std::fmt::Debug for Sink {
 
 impl Sink {
     /// The sink a configuration names.
-    pub fn new(cfg: &SinkConfig) -> crate::Result<Sink> {
+    pub fn new(cfg: &Delivery) -> crate::Result<Sink> {
         if let Some(i) = &cfg.ingest {
             let client = reqwest::Client::builder()
                 .timeout(Duration::from_millis(u64::from(i.timeout_ms)))
@@ -101,7 +101,7 @@ impl Sink {
     }
 
     /// Most events per send.
-    pub fn batch_events(cfg: &SinkConfig) -> usize {
+    pub fn batch_events(cfg: &Delivery) -> usize {
         cfg.ingest
             .as_ref()
             .map(|i| i.batch_events)

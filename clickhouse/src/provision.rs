@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 
 use super::Ch;
 use super::lit;
-use super::rollup::{Grain, Origin, RollupSql, rollup_id, view_name};
+use super::rollup::{Derivation, Grain, RollupSql, rollup_id, view_name};
 use tally_meter::engine::CompiledMeter;
 use tally_meter::store::StoredMeter;
 use tally_meter::{Error, Result};
@@ -339,7 +339,7 @@ pub async fn backfill(ch: &Ch, m: &CompiledMeter, mut rec: MeterRecord) -> Resul
         delete_where(ch, &table, "origin = 1").await?;
         let select = sql.select(
             &format!("{}.events", ch.db()),
-            Origin::Backfill,
+            Derivation::Backfill,
             &format!("inserted_at < toDateTime({})", rec.cutover),
             grain,
         );

@@ -18,7 +18,7 @@ use tally_meter::engine::path::{Segment, SingularPath};
 /// the backfill (rows inserted before it). Part of the key, so repair and backfill can
 /// each re-derive their own rows without touching the other's.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Origin {
+pub enum Derivation {
     /// The materialized view (and the sink's repair, which re-derives view rows).
     View = 0,
     /// The backfill.
@@ -196,7 +196,7 @@ impl<'a> RollupSql<'a> {
 
     /// The SELECT producing states per `grain` from `src` (a table with the `events`
     /// columns) for rows matching `extra` (a SQL condition), tagged `origin`.
-    pub fn select(&self, src: &str, origin: Origin, extra: &str, grain: Grain) -> String {
+    pub fn select(&self, src: &str, origin: Derivation, extra: &str, grain: Grain) -> String {
         let m = self.meter;
         let mut with = Vec::new();
         let mut slot = |path: &SingularPath| {
@@ -302,7 +302,7 @@ impl<'a> RollupSql<'a> {
             view_name(&table),
             self.select(
                 &format!("{db}.events_feed"),
-                Origin::View,
+                Derivation::View,
                 &format!("inserted_at >= toDateTime({cutover})"),
                 grain
             )

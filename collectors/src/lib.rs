@@ -10,8 +10,8 @@
 //! the old checkpoint, producing the same ids, which dedup absorbs). No transport
 //! lives here; the agent owns delivery.
 //!
-//! Sources: [`pod_runtime`] (+ cgroup usage), [`prometheus_scrape`], [`http_api`],
-//! [`kubernetes_logs`]. Shared pod helpers (selection, subject precedence) are in
+//! Sources: [`pod_runtime`] (+ cgroup usage), [`prometheus`], [`http_api`],
+//! [`logs`]. Shared pod helpers (selection, subject precedence) are in
 //! [`pods`].
 #![forbid(unsafe_code)]
 
@@ -22,10 +22,10 @@ use tally_crds::CollectorSpec;
 use tally_crds::event::CloudEvent;
 
 pub mod http_api;
-pub mod kubernetes_logs;
+pub mod logs;
 pub mod pod_runtime;
 pub mod pods;
-pub mod prometheus_scrape;
+pub mod prometheus;
 
 /// What one step of a source produced: events, and checkpoint changes (key → new value,
 /// `None` deletes) that take effect only when the events are durably spooled.

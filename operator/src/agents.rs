@@ -29,7 +29,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::ResourceExt;
 use serde_json::json;
 use tally_crds::collector::Scope;
-use tally_crds::collector::{AgentConfig, CollectorConfig, SecretKeyRef, SinkConfig, SpoolConfig};
+use tally_crds::collector::{AgentConfig, CollectorConfig, Delivery, SecretKeyRef, SpoolConfig};
 use tally_crds::{Collector, CollectorSpec, SpecError};
 
 /// Name of the node agent's DaemonSet, ServiceAccount and RBAC objects.
@@ -53,7 +53,7 @@ pub struct AgentSettings {
     /// The tally image (it holds every binary).
     pub image: String,
     /// Where agents send events.
-    pub sink: SinkConfig,
+    pub sink: Delivery,
     /// Host folder of the node agent's spool (survives pod restarts).
     pub spool_host_path: String,
     /// Secret (in [`AgentSettings::namespace`], key `token`) holding the bearer token
@@ -73,7 +73,7 @@ pub const INGEST_TOKEN_DIR: &str = "/var/run/secrets/tally-ingest";
 
 impl AgentSettings {
     /// The sink as the agents see it: with a mounted token file when one is configured.
-    fn agent_sink(&self) -> SinkConfig {
+    fn agent_sink(&self) -> Delivery {
         let mut sink = self.sink.clone();
         if let (Some(ingest), Some(_)) = (&mut sink.ingest, &self.ingest_token_secret) {
             ingest.token_file = Some(format!("{INGEST_TOKEN_DIR}/token"));

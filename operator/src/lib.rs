@@ -302,9 +302,9 @@ async fn lead(
 
 /// How agents are deployed, or `None` without a sink.
 fn agent_settings(args: &Args) -> Option<agents::AgentSettings> {
-    use tally_crds::collector::{IngestSink, KafkaSink, SinkConfig};
+    use tally_crds::collector::{Delivery, IngestSink, KafkaSink};
     let sink = match (&args.agent_ingest_url, &args.kafka) {
-        (Some(url), _) => SinkConfig {
+        (Some(url), _) => Delivery {
             ingest: Some(IngestSink {
                 url: url.clone(),
                 token_file: None,
@@ -313,7 +313,7 @@ fn agent_settings(args: &Args) -> Option<agents::AgentSettings> {
             }),
             kafka: None,
         },
-        (None, Some(brokers)) => SinkConfig {
+        (None, Some(brokers)) => Delivery {
             ingest: None,
             kafka: Some(KafkaSink {
                 brokers: brokers.clone(),

@@ -104,13 +104,13 @@ pub use self::stats::SinkStats;
 use crate::{Ch, DeadLetterRow, EventRow};
 use tally_meter::{Error, Result};
 
-struct Ctx {
+struct RebalanceLog {
     rebalanced: Mutex<Vec<(bool, Vec<i32>)>>,
 }
 
-impl ClientContext for Ctx {}
+impl ClientContext for RebalanceLog {}
 
-impl Ctx {
+impl RebalanceLog {
     fn record(&self, assigned: bool, tpl: &TopicPartitionList) {
         let parts = tpl.elements().iter().map(|e| e.partition()).collect();
         self.rebalanced
@@ -120,7 +120,7 @@ impl Ctx {
     }
 }
 
-impl ConsumerContext for Ctx {
+impl ConsumerContext for RebalanceLog {
     fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = rebalance {
             self.record(false, tpl);
@@ -137,7 +137,7 @@ impl ConsumerContext for Ctx {
 struct Sink {
     cfg: SinkConfig,
     ch: Ch,
-    consumer: BaseConsumer<Ctx>,
+    consumer: BaseConsumer<RebalanceLog>,
     rt: tokio::runtime::Runtime,
     recent: RecentIds,
     parts: HashMap<i32, PartState>,
@@ -184,10 +184,10 @@ pub fn run(cfg: SinkConfig, stats: Arc<SinkStats>, stop: Arc<AtomicBool>) -> Sin
         tracing::warn!(error = %e, "ClickHouse not ready; retrying");
         std::thread::sleep(backoff.delay().max(Duration::from_secs(1)));
     }
-    let consumer: BaseConsumer<Ctx> = cfg
+    let consumer: BaseConsumer<RebalanceLog> = cfg
         .kafka
         .consumer_settings(&cfg.group)
-        .create_with_context(Ctx {
+        .create_with_context(RebalanceLog {
             rebalanced: Mutex::new(Vec::new()),
         })
         .map_err(error::kafka("create the Kafka consumer"))?;

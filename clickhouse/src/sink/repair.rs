@@ -12,7 +12,7 @@ use super::batch::{Msg, dead_rows};
 use super::failpoint::failpoint;
 use super::split;
 use crate::provision::{delete_where, read_meters};
-use crate::rollup::{Grain, Origin, RollupSql};
+use crate::rollup::{Derivation, Grain, RollupSql};
 use crate::{DeadLetterRow, EventRow, lit};
 
 impl Sink {
@@ -118,7 +118,7 @@ impl Sink {
                     .await?;
                     let select = sql.select(
                         &format!("{}.events", self.ch.db()),
-                        Origin::View,
+                        Derivation::View,
                         &format!(
                             "inserted_at >= toDateTime({}) AND subject IN ({list}) AND time >= toDateTime({lo}) AND time < toDateTime({})",
                             rec.cutover,

@@ -10,7 +10,7 @@ use super::{CollectorSpec, SpecError, spec_error};
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AgentConfig {
     /// Where events are delivered.
-    pub sink: SinkConfig,
+    pub sink: Delivery,
     /// The disk spool that holds events until the sink has them.
     #[serde(default)]
     pub spool: SpoolConfig,
@@ -38,7 +38,7 @@ pub struct CollectorConfig {
 /// Where events go: exactly one of `ingest` and `kafka`.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct SinkConfig {
+pub struct Delivery {
     /// The HTTP ingest API of `tally-server`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ingest: Option<IngestSink>,

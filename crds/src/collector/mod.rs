@@ -32,7 +32,7 @@ mod logs;
 mod pod_runtime;
 mod prometheus;
 
-pub use agent::{AgentConfig, CollectorConfig, IngestSink, KafkaSink, SinkConfig, SpoolConfig};
+pub use agent::{AgentConfig, CollectorConfig, Delivery, IngestSink, KafkaSink, SpoolConfig};
 pub use http_api::{
     HttpApiSource, HttpHeader, HttpMapping, HttpPreset, OpenAiOptions, OpenAiSubject, SecretKeyRef,
 };

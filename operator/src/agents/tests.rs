@@ -8,7 +8,7 @@ fn settings() -> AgentSettings {
     AgentSettings {
         namespace: "tally-system".into(),
         image: "tally:test".into(),
-        sink: SinkConfig {
+        sink: Delivery {
             ingest: Some(IngestSink {
                 url: "http://tally-server.tally-system:8080".into(),
                 token_file: None,
