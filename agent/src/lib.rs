@@ -30,8 +30,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
-use axum::routing::get;
 use prometheus_client::registry::Registry;
 use tally_crds::collector::{AgentConfig, Scope};
 use tokio::sync::{Notify, watch};
@@ -130,7 +128,7 @@ pub async fn run(args: Args) -> Result<()> {
     let mut registry = Registry::default();
     metrics.register(&mut registry);
     let listen = cfg.metrics_listen.clone();
-    serve_metrics(&listen, Arc::new(registry)).await?;
+    serve_metrics(&listen, registry).await?;
     let spool = Arc::new(spool::Spool::open(
         Path::new(&cfg.spool.path),
         cfg.spool.max_bytes,
@@ -138,7 +136,7 @@ pub async fn run(args: Args) -> Result<()> {
     tracing::info!(spool = %cfg.spool.path, undelivered = spool.len(), "Spool open");
     let wake = Arc::new(Notify::new());
     let mut pod_cache: Option<pods::PodCache> = None;
-    let mut terminate = std::pin::pin!(shutdown_signal());
+    let mut terminate = std::pin::pin!(tally_runtime::shutdown::signal());
     // Without a Lease this replica always leads; with one, kube-lease-manager's task
     // reports leadership and releases the Lease when the receiver is dropped.
     let (_always, mut leader) = watch::channel(args.lease_name.is_none());
@@ -255,9 +253,7 @@ pub async fn run(args: Args) -> Result<()> {
     }
 }
 
-/// Joins the election for Lease `name` in `--lease-namespace` (kube-lease-manager:
-/// the holder renews well within `--lease-secs`; another replica takes over only after
-/// the Lease expired, with optimistic concurrency on every write).
+/// Joins the election for Lease `name` in `--lease-namespace` ([`tally_runtime::lease`]).
 async fn campaign(
     args: &Args,
     name: &str,
@@ -270,26 +266,19 @@ async fn campaign(
         source,
     };
     let client = kube::Client::try_default().await.map_err(kube_err)?;
-    let identity = args
-        .identity
-        .clone()
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .unwrap_or_else(|| format!("tally-agent-{}", std::process::id()));
-    let secs = args.lease_secs.max(2);
-    let manager = kube_lease_manager::LeaseManagerBuilder::new(client, name)
-        .with_namespace(&args.lease_namespace)
-        .with_identity(&identity)
-        .with_duration(secs)
-        .with_grace((secs / 3).clamp(1, 5))
-        .with_field_manager("tally-agent-lease".to_string())
-        .build()
+    let lease = tally_runtime::lease::Lease {
+        namespace: args.lease_namespace.clone(),
+        name: name.to_string(),
+        identity: tally_runtime::lease::identity(args.identity.clone()),
+        secs: args.lease_secs,
+        field_manager: "tally-agent-lease".into(),
+    };
+    tally_runtime::lease::campaign(client, &lease)
         .await
         .map_err(|e| Error::Lease {
             lease: format!("{}/{name}", args.lease_namespace),
             message: e.to_string(),
-        })?;
-    tracing::info!(lease = %format!("{}/{name}", args.lease_namespace), identity = %identity, "Joined the leader election");
-    Ok(manager.watch().await)
+        })
 }
 
 fn changed_config(args: &Args, current: &str) -> Option<Result<(AgentConfig, String)>> {
@@ -297,49 +286,21 @@ fn changed_config(args: &Args, current: &str) -> Option<Result<(AgentConfig, Str
     (text != current).then(|| args.config())
 }
 
-async fn serve_metrics(listen: &str, registry: Arc<Registry>) -> Result<()> {
+async fn serve_metrics(listen: &str, registry: Registry) -> Result<()> {
     let addr: SocketAddr = listen.parse().map_err(|e| Error::Config {
         path: "metricsListen".into(),
         message: format!("{listen:?} is not a host:port address: {e}"),
     })?;
-    let listener = tokio::net::TcpListener::bind(addr)
+    let encode = move || {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
+        out
+    };
+    tally_runtime::admin::serve("agent metrics", addr, encode)
         .await
         .map_err(|source| Error::Listen {
             addr: listen.to_string(),
             source,
         })?;
-    let app = Router::new()
-        .route("/healthz", get(|| async { "ok" }))
-        .route(
-            "/metrics",
-            get(move || {
-                let registry = registry.clone();
-                async move {
-                    let mut out = String::new();
-                    let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
-                    (
-                        [(
-                            "content-type",
-                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                        )],
-                        out,
-                    )
-                }
-            }),
-        );
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!(error = %e, "Metrics server stopped");
-        }
-    });
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("SIGTERM handler installs");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
 }

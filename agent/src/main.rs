@@ -2,11 +2,7 @@
 use clap::Parser;
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
+    tally_runtime::telemetry::init();
     let args = tally_agent::Args::parse();
     // One worker: the agent is mostly idle and must stay small (file reading runs on
     // the blocking pool, librdkafka on its own threads).

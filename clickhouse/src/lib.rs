@@ -27,6 +27,7 @@
 //!   aggregation needs ([`rollup`]); and `rollup_<hash>_q`, the same at fifteen minutes
 //!   (every modern zone offset is a multiple of 15 minutes, so whole quarters of any
 //!   window come from it), each fed by its own view.
+pub mod args;
 pub mod provision;
 pub mod rollup;
 pub mod sink;

@@ -52,6 +52,46 @@ pub struct KafkaConfig {
     pub retention_ms: Option<i64>,
 }
 
+/// The Kafka flags every binary that talks to Kafka flattens (`tally-server`, its
+/// `sink`, `tally-operator`).
+#[derive(clap::Args, Clone, Debug)]
+pub struct KafkaArgs {
+    /// Kafka brokers (`host:port,…`). tally-server: ingest produces to Kafka instead of
+    /// the embedded store; tally-operator: the events topic is provisioned.
+    #[arg(long = "kafka", env = "TALLY_KAFKA", global = true)]
+    pub brokers: Option<String>,
+    /// The events topic.
+    #[arg(
+        long,
+        env = "TALLY_TOPIC",
+        default_value = "tally-events",
+        global = true
+    )]
+    pub topic: String,
+    /// Partitions of the events topic when tally creates it (changing it later needs a
+    /// drain; see the README).
+    #[arg(
+        long,
+        env = "TALLY_TOPIC_PARTITIONS",
+        default_value_t = 8,
+        global = true
+    )]
+    pub topic_partitions: i32,
+    /// Kafka security (TLS, SASL).
+    #[command(flatten)]
+    pub security: KafkaSecurity,
+}
+
+impl KafkaArgs {
+    /// Producer and consumer settings for `brokers`, with the topic and security.
+    pub fn config(&self, brokers: &str) -> KafkaConfig {
+        let mut k = KafkaConfig::new(brokers);
+        k.topic = self.topic.clone();
+        self.security.apply(&mut k);
+        k
+    }
+}
+
 /// How tally connects to a secured Kafka (flags or environment; in the chart the SASL
 /// credentials come from a Secret through the environment). Each set field becomes the
 /// librdkafka setting of the same name.

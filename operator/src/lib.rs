@@ -31,62 +31,34 @@ use kube::core::DeserializeGuard;
 use kube::runtime::controller::{self, Controller};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::watcher;
-use tally_clickhouse::provision::CutoverConfig;
-use tally_clickhouse::{Ch, ChConfig};
+use tally_clickhouse::Ch;
+use tally_clickhouse::args::{ChArgs, CutoverArgs};
 use tally_crds::Meter;
-use tally_kafka::KafkaConfig;
 
 pub use error::{Error, Result};
+
+/// The ClickHouse the operator uses without `--clickhouse`.
+pub const LOCAL_CLICKHOUSE: &str = "http://127.0.0.1:8123";
 
 /// tally-operator: reconciles Meters into ClickHouse rollups and provisions the pipeline.
 #[derive(Parser, Debug, Clone)]
 #[command(version, about)]
 pub struct Args {
-    /// ClickHouse HTTP URL.
-    #[arg(
-        long,
-        env = "TALLY_CLICKHOUSE",
-        default_value = "http://127.0.0.1:8123"
-    )]
-    pub clickhouse: String,
-    /// ClickHouse database.
-    #[arg(long, env = "TALLY_CLICKHOUSE_DATABASE", default_value = "tally")]
-    pub clickhouse_database: String,
-    /// ClickHouse user.
-    #[arg(long, env = "TALLY_CLICKHOUSE_USER", default_value = "")]
-    pub clickhouse_user: String,
-    /// ClickHouse password.
-    #[arg(
-        long,
-        env = "TALLY_CLICKHOUSE_PASSWORD",
-        default_value = "",
-        hide_env_values = true
-    )]
-    pub clickhouse_password: String,
-    /// Kafka brokers; when set, the events topic is provisioned.
-    #[arg(long, env = "TALLY_KAFKA")]
-    pub kafka: Option<String>,
-    /// Kafka security (TLS, SASL).
+    /// ClickHouse (URL, default http://127.0.0.1:8123; database; credentials).
     #[command(flatten)]
-    pub kafka_security: tally_kafka::KafkaSecurity,
-    /// The events topic.
-    #[arg(long, env = "TALLY_TOPIC", default_value = "tally-events")]
-    pub topic: String,
-    /// Partitions of the events topic when created.
-    #[arg(long, env = "TALLY_TOPIC_PARTITIONS", default_value_t = 8)]
-    pub topic_partitions: i32,
+    pub clickhouse: ChArgs,
+    /// Kafka (brokers: when set, the events topic is provisioned; topic; security).
+    #[command(flatten)]
+    pub kafka: tally_kafka::KafkaArgs,
     /// Replication factor of the events topic when created.
     #[arg(long, env = "TALLY_TOPIC_REPLICATION", default_value_t = 1)]
     pub topic_replication: i32,
     /// Retention of the events topic when created, hours (0: the broker's default).
     #[arg(long, env = "TALLY_TOPIC_RETENTION_HOURS", default_value_t = 168)]
     pub topic_retention_hours: i64,
-    /// How far ahead a new rollup's cutover is set, seconds.
-    #[arg(long, env = "TALLY_CUTOVER_MARGIN_SECS", default_value_t = 5)]
-    pub cutover_margin_secs: i64,
-    /// The sink's bound between reading ClickHouse's clock and logging a batch, seconds.
-    #[arg(long, env = "TALLY_CUTOVER_GRACE_SECS", default_value_t = 5)]
-    pub cutover_grace_secs: i64,
+    /// The cutover of new rollups.
+    #[command(flatten)]
+    pub cutover: CutoverArgs,
     /// How long a replaced rollup keeps existing after the swap, seconds.
     #[arg(long, env = "TALLY_ROLLUP_DRAIN_SECS", default_value_t = 60)]
     pub rollup_drain_secs: u64,
@@ -146,42 +118,28 @@ pub struct Args {
     pub metrics_listen: SocketAddr,
 }
 
-fn identity(args: &Args) -> String {
-    args.identity.clone().unwrap_or_else(|| {
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-        format!("{}-{}", host.trim(), std::process::id())
-    })
-}
-
 /// Runs until SIGTERM/SIGINT.
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let client = kube::Client::try_default()
         .await
         .context("failed to configure the Kubernetes client (KUBECONFIG or in-cluster)")?;
     let metrics = Arc::new(metrics::Metrics::default());
-    let listener = tokio::net::TcpListener::bind(args.metrics_listen)
-        .await
-        .with_context(|| format!("failed to listen on {} for metrics", args.metrics_listen))?;
     let served = metrics.clone();
-    let app = axum::Router::new()
-        .route(
-            "/metrics",
-            axum::routing::get(move || {
-                let m = served.clone();
-                async move { m.encode() }
-            }),
-        )
-        .route("/healthz", axum::routing::get(|| async { "ok" }));
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    tally_runtime::admin::serve("operator metrics", args.metrics_listen, move || {
+        served.encode()
+    })
+    .await
+    .with_context(|| format!("failed to listen on {} for metrics", args.metrics_listen))?;
 
-    let me = identity(&args);
-    let lease = kube_lease_manager::LeaseManagerBuilder::new(client.clone(), &args.lease_name)
-        .with_namespace(&args.namespace)
-        .with_identity(&me)
-        .with_duration(args.lease_secs)
-        .with_grace(2.min(args.lease_secs / 3).max(1))
-        .with_field_manager(format!("{}-lease", meter::FIELD_MANAGER))
-        .build()
+    let me = tally_runtime::lease::identity(args.identity.clone());
+    let lease = tally_runtime::lease::Lease {
+        namespace: args.namespace.clone(),
+        name: args.lease_name.clone(),
+        identity: me.clone(),
+        secs: args.lease_secs,
+        field_manager: format!("{}-lease", meter::FIELD_MANAGER),
+    };
+    let (mut leading, lease_task) = tally_runtime::lease::campaign(client.clone(), &lease)
         .await
         .with_context(|| {
             format!(
@@ -189,9 +147,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 args.namespace, args.lease_name
             )
         })?;
-    let (mut leading, lease_task) = lease.watch().await;
     tracing::info!(identity = %me, lease = %format!("{}/{}", args.namespace, args.lease_name), "tally-operator started; waiting for leadership");
-    let stop = shutdown();
+    let stop = tally_runtime::shutdown::signal();
     tokio::pin!(stop);
     loop {
         tokio::select! {
@@ -229,19 +186,13 @@ async fn lead(
     metrics: Arc<metrics::Metrics>,
     me: String,
 ) -> anyhow::Result<()> {
-    let ch = Ch::new(&ChConfig {
-        url: args.clickhouse.clone(),
-        database: args.clickhouse_database.clone(),
-        user: args.clickhouse_user.clone(),
-        password: args.clickhouse_password.clone(),
-    })?;
-    let kafka = args.kafka.as_ref().map(|brokers| {
-        let mut k = KafkaConfig::new(brokers);
-        args.kafka_security.apply(&mut k);
-        k.topic = args.topic.clone();
+    let url = args.clickhouse.url.as_deref().unwrap_or(LOCAL_CLICKHOUSE);
+    let ch = Ch::new(&args.clickhouse.config(url))?;
+    let kafka = args.kafka.brokers.as_ref().map(|brokers| {
+        let mut k = args.kafka.config(brokers);
         k.retention_ms =
             (args.topic_retention_hours > 0).then(|| args.topic_retention_hours * 3_600_000);
-        (k, args.topic_partitions, args.topic_replication)
+        (k, args.kafka.topic_partitions, args.topic_replication)
     });
     let (health, changed) = pipeline::Health::new();
     let health = Arc::new(health);
@@ -257,11 +208,7 @@ async fn lead(
     let ctx = Arc::new(meter::Context {
         client: client.clone(),
         ch,
-        cutover: CutoverConfig {
-            margin_secs: args.cutover_margin_secs,
-            grace_secs: args.cutover_grace_secs,
-            ..CutoverConfig::default()
-        },
+        cutover: args.cutover.config(),
         health,
         metrics,
         recorder: Recorder::new(
@@ -303,7 +250,7 @@ async fn lead(
 /// How agents are deployed, or `None` without a sink.
 fn agent_settings(args: &Args) -> Option<agents::AgentSettings> {
     use tally_crds::collector::{Delivery, IngestSink, KafkaSink};
-    let sink = match (&args.agent_ingest_url, &args.kafka) {
+    let sink = match (&args.agent_ingest_url, &args.kafka.brokers) {
         (Some(url), _) => Delivery {
             ingest: Some(IngestSink {
                 url: url.clone(),
@@ -317,7 +264,7 @@ fn agent_settings(args: &Args) -> Option<agents::AgentSettings> {
             ingest: None,
             kafka: Some(KafkaSink {
                 brokers: brokers.clone(),
-                topic: args.topic.clone(),
+                topic: args.kafka.topic.clone(),
                 timeout_ms: 10_000,
                 batch_events: 5000,
             }),
@@ -343,19 +290,4 @@ fn tokio_stream_of(
         rx.changed().await.ok()?;
         Some(((), rx))
     })
-}
-
-async fn shutdown() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! { () = ctrl_c => {}, () = term => {} }
 }

@@ -12,10 +12,10 @@ use crate::api::{self, AppState, Limits};
 use crate::catalog::{self, manifests};
 use crate::metrics::{Metrics, ReloadLabels};
 use std::sync::atomic::{AtomicBool, Ordering};
-use tally_clickhouse::provision::CutoverConfig;
+
+use tally_clickhouse::Ch;
 use tally_clickhouse::sink::{SinkConfig, SinkStats};
 use tally_clickhouse::store::ClickHouseStore;
-use tally_clickhouse::{Ch, ChConfig};
 use tally_embedded::{EmbeddedConfig, EmbeddedStore};
 use tally_kafka::{KafkaConfig, Producer};
 use tally_meter::engine::CompiledMeter;
@@ -32,25 +32,9 @@ pub struct Args {
     /// `sink`: run the Kafka → ClickHouse sink instead of the HTTP server.
     #[command(subcommand)]
     pub command: Option<Command>,
-    /// Kafka brokers (`host:port,…`): ingest produces to Kafka instead of the embedded store.
-    #[arg(long, env = "TALLY_KAFKA", global = true)]
-    pub kafka: Option<String>,
-    /// The events topic.
-    #[arg(
-        long,
-        env = "TALLY_TOPIC",
-        default_value = "tally-events",
-        global = true
-    )]
-    pub topic: String,
-    /// Partitions of the events topic when tally creates it (changing it later needs a drain; see the README).
-    #[arg(
-        long,
-        env = "TALLY_TOPIC_PARTITIONS",
-        default_value_t = 8,
-        global = true
-    )]
-    pub topic_partitions: i32,
+    /// Kafka (brokers, topic, security).
+    #[command(flatten)]
+    pub kafka: tally_kafka::KafkaArgs,
     /// How long ingest waits for Kafka to acknowledge before answering 503, in ms.
     #[arg(
         long,
@@ -59,52 +43,16 @@ pub struct Args {
         global = true
     )]
     pub kafka_timeout_ms: u64,
-    /// Kafka security (TLS, SASL).
+    /// ClickHouse (URL, database, credentials).
     #[command(flatten)]
-    pub kafka_security: tally_kafka::KafkaSecurity,
-    /// ClickHouse HTTP URL (e.g. http://127.0.0.1:8123): queries read ClickHouse.
-    #[arg(long, env = "TALLY_CLICKHOUSE", global = true)]
-    pub clickhouse: Option<String>,
-    /// ClickHouse database.
-    #[arg(
-        long,
-        env = "TALLY_CLICKHOUSE_DATABASE",
-        default_value = "tally",
-        global = true
-    )]
-    pub clickhouse_database: String,
-    /// ClickHouse user.
-    #[arg(long, env = "TALLY_CLICKHOUSE_USER", default_value = "", global = true)]
-    pub clickhouse_user: String,
-    /// ClickHouse password.
-    #[arg(
-        long,
-        env = "TALLY_CLICKHOUSE_PASSWORD",
-        default_value = "",
-        hide_env_values = true,
-        global = true
-    )]
-    pub clickhouse_password: String,
+    pub clickhouse: tally_clickhouse::args::ChArgs,
     /// Create the topic, schema and the rollups (with exact backfill) of the meters in
     /// `--manifests`, and drop rollups of removed meters. In a cluster the operator does this.
     #[arg(long, env = "TALLY_PROVISION")]
     pub provision: bool,
-    /// How far ahead a new meter's cutover is set, in seconds.
-    #[arg(
-        long,
-        env = "TALLY_CUTOVER_MARGIN_SECS",
-        default_value_t = 5,
-        global = true
-    )]
-    pub cutover_margin_secs: i64,
-    /// The sink's bound between reading ClickHouse's clock and logging a batch, seconds.
-    #[arg(
-        long,
-        env = "TALLY_CUTOVER_GRACE_SECS",
-        default_value_t = 5,
-        global = true
-    )]
-    pub cutover_grace_secs: i64,
+    /// The cutover of new rollups.
+    #[command(flatten)]
+    pub cutover: tally_clickhouse::args::CutoverArgs,
     /// Address to listen on.
     #[arg(long, env = "TALLY_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
@@ -191,69 +139,41 @@ pub struct SinkArgs {
 }
 
 impl Args {
-    fn clickhouse_config(&self, url: &str) -> ChConfig {
-        ChConfig {
-            url: url.to_string(),
-            database: self.clickhouse_database.clone(),
-            user: self.clickhouse_user.clone(),
-            password: self.clickhouse_password.clone(),
-        }
-    }
-
     fn kafka_config(&self, brokers: &str) -> KafkaConfig {
-        let mut k = KafkaConfig::new(brokers);
-        k.topic = self.topic.clone();
+        let mut k = self.kafka.config(brokers);
         k.message_timeout_ms = self.kafka_timeout_ms;
-        self.kafka_security.apply(&mut k);
         k
-    }
-
-    fn cutover(&self) -> CutoverConfig {
-        CutoverConfig {
-            margin_secs: self.cutover_margin_secs,
-            grace_secs: self.cutover_grace_secs,
-            ..CutoverConfig::default()
-        }
     }
 }
 
 /// Runs the sink until SIGINT/SIGTERM.
 async fn run_sink(args: &Args, sink: &SinkArgs) -> anyhow::Result<()> {
-    let (Some(brokers), Some(url)) = (&args.kafka, &args.clickhouse) else {
+    let (Some(brokers), Some(url)) = (&args.kafka.brokers, &args.clickhouse.url) else {
         anyhow::bail!("tally-server sink needs --kafka BROKERS and --clickhouse URL");
     };
     let kafka = args.kafka_config(brokers);
     kafka
-        .ensure_topic(args.topic_partitions, 1)
+        .ensure_topic(args.kafka.topic_partitions, 1)
         .await
         .with_context(|| format!("failed to reach Kafka at {brokers}"))?;
-    let mut cfg = SinkConfig::new(kafka, args.clickhouse_config(url));
+    let mut cfg = SinkConfig::new(kafka, args.clickhouse.config(url));
     cfg.group = sink.group.clone();
     cfg.batch_rows = sink.batch_rows.max(1);
     cfg.batch_bytes = sink.batch_bytes.max(1);
     cfg.batch_wait = Duration::from_millis(sink.batch_ms.max(1));
     cfg.dedup_window = Duration::from_secs(sink.dedup_window_days * 86400);
     cfg.dedup_memory_bytes = sink.dedup_memory_mib << 20;
-    cfg.grace_secs = args.cutover_grace_secs;
+    cfg.grace_secs = args.cutover.grace_secs;
     cfg.max_retry = Duration::from_secs(sink.max_retry_secs);
     let stop = Arc::new(AtomicBool::new(false));
     let stats = Arc::new(SinkStats::default());
-    let listener = tokio::net::TcpListener::bind(sink.metrics_listen)
+    let encode = {
+        let stats = stats.clone();
+        move || stats.encode()
+    };
+    tally_runtime::admin::serve("sink metrics", sink.metrics_listen, encode)
         .await
         .with_context(|| format!("failed to listen on {} for metrics", sink.metrics_listen))?;
-    let metrics = {
-        let stats = stats.clone();
-        axum::Router::new()
-            .route(
-                "/metrics",
-                axum::routing::get(move || {
-                    let stats = stats.clone();
-                    async move { stats.encode() }
-                }),
-            )
-            .route("/healthz", axum::routing::get(|| async { "ok" }))
-    };
-    tokio::spawn(async move { axum::serve(listener, metrics).await });
     let worker = {
         let stop = stop.clone();
         std::thread::Builder::new()
@@ -264,7 +184,7 @@ async fn run_sink(args: &Args, sink: &SinkArgs) -> anyhow::Result<()> {
     tokio::pin!(stopped);
     tokio::select! {
         r = &mut stopped => return Ok(r?.map_err(|_| anyhow::anyhow!("the sink thread panicked"))??),
-        () = shutdown() => {}
+        () = tally_runtime::shutdown::signal() => {}
     }
     tracing::info!("Stopping the sink after the batch in hand");
     stop.store(true, Ordering::SeqCst);
@@ -278,15 +198,15 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(Command::Sink(sink)) = &args.command {
         return run_sink(&args, sink).await;
     }
-    let store: Arc<dyn Store> = match &args.clickhouse {
+    let store: Arc<dyn Store> = match &args.clickhouse.url {
         Some(url) => {
-            let ch = Ch::new(&args.clickhouse_config(url))?;
-            let producer = match &args.kafka {
+            let ch = Ch::new(&args.clickhouse.config(url))?;
+            let producer = match &args.kafka.brokers {
                 Some(brokers) => {
                     let kafka = args.kafka_config(brokers);
                     if args.provision {
                         kafka
-                            .ensure_topic(args.topic_partitions, 1)
+                            .ensure_topic(args.kafka.topic_partitions, 1)
                             .await
                             .with_context(|| format!("failed to reach Kafka at {brokers}"))?;
                     }
@@ -306,11 +226,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 ch,
                 producer,
                 args.provision,
-                args.cutover(),
+                args.cutover.config(),
             ))
         }
         None => {
-            if args.kafka.is_some() {
+            if args.kafka.brokers.is_some() {
                 anyhow::bail!(
                     "--kafka needs --clickhouse URL (the sink loads Kafka into ClickHouse, where queries read)"
                 );
@@ -336,7 +256,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let state = AppState::new(store.clone(), limits, metrics.clone())
         .with_auth(authentication(&args, &metrics)?);
     if args.kubernetes {
-        let Some(url) = &args.clickhouse else {
+        let Some(url) = &args.clickhouse.url else {
             anyhow::bail!(
                 "--kubernetes needs --clickhouse URL (the operator provisions meters in ClickHouse)"
             );
@@ -344,7 +264,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         let client = kube::Client::try_default()
             .await
             .context("failed to configure the Kubernetes client (KUBECONFIG or in-cluster)")?;
-        let ch = Ch::new(&args.clickhouse_config(url))?;
+        let ch = Ch::new(&args.clickhouse.config(url))?;
         tokio::spawn(catalog::kubernetes::serve_meters(
             client,
             ch,
@@ -367,9 +287,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("failed to listen on {}", args.listen))?;
-    tracing::info!(listen = %listener.local_addr()?, data = %args.data.display(), store = store.kind(), "tally-server ready");
+    tracing::info!(data = %args.data.display(), store = store.kind(), "tally-server ready");
+    tally_runtime::admin::announce("the API", listener.local_addr()?);
     axum::serve(listener, api::router(state))
-        .with_graceful_shutdown(shutdown())
+        .with_graceful_shutdown(tally_runtime::shutdown::signal())
         .await?;
     tracing::info!("tally-server stopped");
     Ok(())
@@ -439,22 +360,6 @@ async fn watch(
             ),
         }
     }
-}
-
-async fn shutdown() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        {
-            s.recv().await;
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
 }
 
 /// The API's authentication from `--tokens-file`; without one, only on loopback (or

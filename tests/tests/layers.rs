@@ -163,6 +163,7 @@ fn tally_crates_depend_only_downwards() {
             &["tally-crds", "tally-kafka", "tally-meter"],
         ),
         ("tally-collectors", &["tally-crds"]),
+        ("tally-runtime", &[]),
         (
             "tally-server",
             &[
@@ -171,6 +172,7 @@ fn tally_crates_depend_only_downwards() {
                 "tally-embedded",
                 "tally-kafka",
                 "tally-meter",
+                "tally-runtime",
             ],
         ),
         (
@@ -180,11 +182,17 @@ fn tally_crates_depend_only_downwards() {
                 "tally-crds",
                 "tally-kafka",
                 "tally-meter",
+                "tally-runtime",
             ],
         ),
         (
             "tally-agent",
-            &["tally-collectors", "tally-crds", "tally-kafka"],
+            &[
+                "tally-collectors",
+                "tally-crds",
+                "tally-kafka",
+                "tally-runtime",
+            ],
         ),
     ];
     let mut wrong = Vec::new();
