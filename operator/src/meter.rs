@@ -30,7 +30,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use kube::api::{Api, Patch, PatchParams};
 use kube::core::DeserializeGuard;
 use kube::runtime::controller::Action;
@@ -41,10 +41,11 @@ use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 use tally_clickhouse::Ch;
 use tally_clickhouse::provision::{self, CutoverConfig};
-use tally_clickhouse::rollup::{RollupSql, id_of_table};
+use tally_clickhouse::rollup::{self, RollupSql, id_of_table};
 use tally_crds::{Meter, MeterStatus, MeterStorage};
 use tally_meter::engine::CompiledMeter;
 
+use self::decide::{Facts, Next, Prepared, RollupStorage as _};
 use crate::metrics::Metrics;
 use crate::pipeline::Health;
 use crate::status::{self, Verdict};
@@ -185,169 +186,114 @@ fn used_by_others(store: &Store<DeserializeGuard<Meter>>, meter: &Meter) -> BTre
         .collect()
 }
 
+/// ClickHouse behind the decision's storage seam.
+struct ClickHouseRollups<'a> {
+    ch: &'a Ch,
+    cutover: &'a CutoverConfig,
+}
+
+impl decide::RollupStorage for ClickHouseRollups<'_> {
+    async fn prepare(&self, m: &CompiledMeter) -> tally_meter::Result<provision::MeterRecord> {
+        provision::prepare(self.ch, m, self.cutover).await
+    }
+
+    async fn cutover_passed(&self, cutover: i64) -> tally_meter::Result<Option<String>> {
+        provision::cutover_passed(self.ch, cutover, self.cutover).await
+    }
+
+    async fn backfill(
+        &self,
+        m: &CompiledMeter,
+        rec: provision::MeterRecord,
+    ) -> tally_meter::Result<()> {
+        provision::backfill(self.ch, m, rec).await
+    }
+
+    async fn drop_rollups(&self, ids: &[i64]) -> tally_meter::Result<()> {
+        provision::drop_rollups(self.ch, ids).await
+    }
+}
+
+/// Runs the decision ([`decide::decide`]), asking storage what it needs, until it is a
+/// status to write.
 async fn apply(meter: &Meter, ctx: &Context) -> Result<Action> {
-    let previous = meter.status.clone().unwrap_or_default();
-    let storage0 = previous.storage.clone();
-    let compiled = match CompiledMeter::compile(meter) {
-        Ok(c) => c,
-        Err(errors) => {
-            let list: Vec<String> = errors
-                .iter()
-                .map(|e| format!("{}: {}", e.field, e.message))
-                .collect();
-            let v = Verdict {
-                ready: false,
-                reason: "InvalidSpec",
-                message: format!(
-                    "{}. Fix the Meter and apply it again; it is not served until then.",
-                    list.join("; ")
-                ),
-                degraded: None,
-            };
-            write_status(meter, ctx, &v, storage0).await?;
-            return Ok(Action::await_change());
-        }
+    let storage = ClickHouseRollups {
+        ch: &ctx.ch,
+        cutover: &ctx.cutover,
     };
-    let ns = meter.effective_namespace();
-    if let Some(owner) = slug_owner(&ctx.store, meter).filter(|o| *o != meter.name_any()) {
-        let v = Verdict {
-            ready: false,
-            reason: "SlugConflict",
-            message: format!(
-                "slug {:?} is already served by Meter {owner} in namespace {ns}; set a different spec.slug",
-                meter.effective_slug()
-            ),
-            degraded: None,
-        };
-        write_status(meter, ctx, &v, storage0).await?;
-        return Ok(Action::requeue(Duration::from_secs(30)));
-    }
-    if !ctx.health.checked() {
-        // A new leader has not reached ClickHouse yet: change nothing.
-        return Ok(Action::requeue(Duration::from_millis(500)));
-    }
-    if let Some(problem) = ctx.health.clickhouse() {
-        let problem = format!("{problem}; the operator retries with backoff");
-        // A meter already served stays Ready (its queries answer 503 while ClickHouse is
-        // down, rather than 404); Degraded says what is wrong.
-        let served = storage0
+    let compiled = CompiledMeter::compile(meter);
+    let spec_errors = match &compiled {
+        Ok(_) => Vec::new(),
+        Err(errors) => errors
+            .iter()
+            .map(|e| format!("{}: {}", e.field, e.message))
+            .collect(),
+    };
+    let mut facts = Facts {
+        spec_errors,
+        namespace: meter.effective_namespace().to_string(),
+        slug: meter.effective_slug(),
+        slug_owner: slug_owner(&ctx.store, meter).filter(|o| *o != meter.name_any()),
+        health_checked: ctx.health.checked(),
+        clickhouse_problem: ctx.health.clickhouse(),
+        kafka_problem: ctx.health.kafka(),
+        storage: meter.status.as_ref().and_then(|s| s.storage.clone()),
+        wanted: compiled
             .as_ref()
-            .filter(|s| s.backfilled)
-            .and_then(|s| s.rollup_table.clone());
-        let v = match served {
-            Some(table) => Verdict {
-                ready: true,
-                reason: "Provisioned",
-                message: served_message(&table),
-                degraded: Some(("StorageUnavailable", problem)),
-            },
-            None => Verdict {
-                ready: false,
-                reason: "StorageUnavailable",
-                message: problem,
-                degraded: None,
-            },
-        };
-        write_status(meter, ctx, &v, storage0).await?;
-        return Ok(Action::requeue(Duration::from_secs(10)));
-    }
-    let kafka = ctx.health.kafka().map(|m| {
-        (
-            "KafkaUnavailable",
-            format!("{m}; events cannot be ingested until it is reachable"),
-        )
-    });
-    let wanted = RollupSql::new(&compiled).table;
-    let served = storage0
-        .as_ref()
-        .filter(|s| s.backfilled)
-        .and_then(|s| s.rollup_table.clone());
+            .map(|c| RollupSql::new(c).table)
+            .unwrap_or_default(),
+        used_elsewhere: used_by_others(&ctx.store, meter),
+        prepared: None,
+        cutover_wait: None,
+        backfilled_now: false,
+        retiring_dropped: false,
+        now: Utc::now(),
+        drain: ctx.drain,
+        resync: ctx.resync,
+    };
     let fail = |e| Error::ProvisionRollup(key(meter), e);
-    let rec = provision::prepare(&ctx.ch, &compiled, &ctx.cutover)
-        .await
-        .map_err(fail)?;
-    let mut storage = storage0.clone().unwrap_or_default();
-    storage.store = "clickhouse".into();
-    let cutover = DateTime::<Utc>::from_timestamp(rec.cutover as i64, 0);
-    if rec.backfilled == 0 {
-        match provision::cutover_passed(&ctx.ch, rec.cutover as i64, &ctx.cutover)
-            .await
-            .map_err(fail)?
-        {
-            Some(wait) => {
-                storage.pending_rollup_table = Some(wanted.clone());
-                storage.backfill = Some(wait.clone());
-                if served.is_none() {
-                    storage.backfilled = false;
-                    storage.cutover = cutover;
-                }
-                let v = match &served {
-                    Some(old) if *old != wanted => Verdict {
-                        ready: true,
-                        reason: "Rebuilding",
-                        message: format!(
-                            "the definition changed: {old} serves queries while {wanted} is backfilled ({wait})"
-                        ),
-                        degraded: kafka,
-                    },
-                    _ => Verdict {
-                        ready: false,
-                        reason: "Backfilling",
-                        message: format!(
-                            "rollup {wanted} is created; {wait}, then events stored before it are backfilled"
-                        ),
-                        degraded: kafka,
-                    },
-                };
-                write_status(meter, ctx, &v, Some(storage)).await?;
-                return Ok(Action::requeue(Duration::from_secs(1)));
+    let mut record = None;
+    loop {
+        // decide asks storage only for a meter that compiled
+        let compiled = || compiled.as_ref().expect("the spec compiled");
+        match decide::decide(&facts) {
+            Next::Report {
+                verdict,
+                storage,
+                requeue,
+            } => {
+                write_status(meter, ctx, &verdict, storage.map(|s| *s)).await?;
+                return Ok(requeue.map_or_else(Action::await_change, Action::requeue));
             }
-            None => provision::backfill(&ctx.ch, &compiled, rec.clone())
-                .await
-                .map_err(fail)?,
-        }
-    }
-    let now = Utc::now();
-    if let Some(old) = served.filter(|old| *old != wanted) {
-        storage.retiring_rollup_table = Some(old);
-        storage.retire_at = Some(now + ctx.drain);
-    }
-    storage.rollup_table = Some(wanted.clone());
-    storage.backfilled = true;
-    storage.cutover = cutover;
-    storage.pending_rollup_table = None;
-    storage.backfill = Some("complete".into());
-    let mut requeue = ctx.resync;
-    if let (Some(old), Some(at)) = (storage.retiring_rollup_table.clone(), storage.retire_at) {
-        if at <= now {
-            if !used_by_others(&ctx.store, meter).contains(&old)
-                && old != wanted
-                && let Some(id) = id_of_table(&old)
-            {
-                provision::drop_rollups(&ctx.ch, &[id])
+            Next::Wait(d) => return Ok(Action::requeue(d)),
+            Next::Prepare => {
+                let rec = storage.prepare(compiled()).await.map_err(fail)?;
+                facts.prepared = Some(Prepared {
+                    backfilled: rec.backfilled != 0,
+                    cutover: rec.cutover as i64,
+                });
+                record = Some(rec);
+            }
+            Next::CheckCutover(cutover) => {
+                facts.cutover_wait = Some(storage.cutover_passed(cutover).await.map_err(fail)?);
+            }
+            Next::Backfill => {
+                let rec = record.clone().expect("prepared before the backfill");
+                storage.backfill(compiled(), rec).await.map_err(fail)?;
+                facts.backfilled_now = true;
+            }
+            Next::DropRetiring(id) => {
+                let old = rollup::table_name(id);
+                storage
+                    .drop_rollups(&[id])
                     .await
                     .map_err(|e| Error::DropRollup(old.clone(), e))?;
                 tracing::info!(meter = %key(meter), rollup = %old, "Dropped the replaced rollup after its drain period");
+                facts.retiring_dropped = true;
             }
-            storage.retiring_rollup_table = None;
-            storage.retire_at = None;
-        } else {
-            requeue =
-                requeue.min((at - now).to_std().unwrap_or_default() + Duration::from_millis(100));
         }
+        facts.now = Utc::now();
     }
-    let v = Verdict {
-        ready: true,
-        reason: "Provisioned",
-        message: served_message(&wanted),
-        degraded: kafka,
-    };
-    write_status(meter, ctx, &v, Some(storage)).await?;
-    Ok(Action::requeue(requeue))
-}
-
-fn served_message(table: &str) -> String {
-    format!("queries read rollup {table}; events stored before its cutover were backfilled")
 }
 
 /// Writes the status if it changed; publishes an Event when the `Ready` reason changed.
@@ -457,5 +403,6 @@ async fn cleanup(meter: &Meter, ctx: &Context) -> Result<Action> {
     Ok(Action::await_change())
 }
 
+mod decide;
 #[cfg(test)]
 mod tests;

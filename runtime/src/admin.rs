@@ -16,9 +16,10 @@ pub fn metrics_response(text: String) -> impl IntoResponse {
 }
 
 /// Logs that `what` listens on `addr` (the bound address, so with port 0 the chosen
-/// port). Tests read this line to find a server started on port 0.
+/// port): `<what> listening on addr=<host:port>`, at info level (target
+/// `tally_runtime::admin`). Tests read this line to find a server started on port 0.
 pub fn announce(what: &str, addr: SocketAddr) {
-    tracing::info!(what, %addr, "Listening on addr={addr}");
+    tracing::info!("{what} listening on addr={addr}");
 }
 
 /// Binds `addr` (port 0: any free port), announces it, and serves `/healthz` and

@@ -6,7 +6,7 @@ mod common;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{Value, json};
 use tally_clickhouse::provision::CutoverConfig;
@@ -131,14 +131,13 @@ impl Harness {
             .unwrap();
         if let Some(sink) = &mut self.sink {
             sink.produced += n;
-            let deadline = Instant::now() + Duration::from_secs(60);
-            while sink.stats.applied.get() < sink.produced {
-                assert!(
-                    Instant::now() < deadline,
-                    "the sink did not apply the events within 60 s"
-                );
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+            let (stats, produced) = (sink.stats.clone(), sink.produced);
+            common::eventually_within(
+                Duration::from_secs(60),
+                "the sink to apply the events",
+                async || stats.applied.get() >= produced,
+            )
+            .await;
         }
     }
 
@@ -146,14 +145,12 @@ impl Harness {
     /// its minutes.
     async fn compacted(&self) {
         let store = self.embedded.clone().expect("the embedded store");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while store.quarters_pending().unwrap() > 0 {
-            assert!(
-                Instant::now() < deadline,
-                "quarter hours not compacted within 30 s"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        common::eventually_within(
+            Duration::from_secs(30),
+            "the quarter hours to be compacted",
+            async || store.quarters_pending().unwrap() == 0,
+        )
+        .await;
     }
 
     /// Syncs meters on a blocking thread (a sync may backfill).

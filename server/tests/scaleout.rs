@@ -329,7 +329,8 @@ async fn round_trip_dead_letters_and_kafka_outage() {
             .any(|r| r.starts_with("v: envelope version 9")),
         "{dead}"
     );
-    let metrics = common::get_text(&c, &stack.sink.metrics_url).await;
+    let metrics_url = stack.sink.metrics_url();
+    let metrics = common::get_text(&c, &metrics_url).await;
     assert!(
         metrics.contains("tally_sink_dead_letters_total 2"),
         "{metrics}"

@@ -88,6 +88,43 @@ pub async fn eventually<T>(
     }
 }
 
+/// The address a tally binary announced for `what` in `log` after byte `from`: the line
+/// `<what> listening on addr=HOST:PORT` that tally-runtime logs once it has bound
+/// (so a binary started on port 0 is found, and it is our process that listens, not
+/// whatever else holds a port). Waits up to 60 s (a server may wait for Kafka's topic
+/// first), failing early when `alive` says the
+/// process exited. The binary must log `tally_runtime=info`.
+pub fn announced(log: &Path, what: &str, from: usize, mut alive: impl FnMut() -> bool) -> String {
+    let needle = format!("{what} listening on addr=");
+    let start = Instant::now();
+    loop {
+        let text = std::fs::read(log).unwrap_or_default();
+        let text = String::from_utf8_lossy(text.get(from..).unwrap_or_default());
+        if let Some(at) = text.find(&needle) {
+            let rest = &text[at + needle.len()..];
+            let end = rest
+                .find(|c: char| c.is_whitespace() || c == '\u{1b}')
+                .unwrap_or(rest.len());
+            return rest[..end].to_string();
+        }
+        assert!(
+            alive(),
+            "the process exited before announcing {what}:\n{}",
+            text.lines().rev().take(20).collect::<Vec<_>>().join("\n")
+        );
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "{what} was not announced within 60 s in {}",
+            log.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The log filter for a tally binary under test: warnings, plus the admin server's
+/// announcement [`announced`] reads.
+pub const TEST_LOG: &str = "warn,tally_runtime=info";
+
 /// Starts `tally-operator` (`program`) against `kubeconfig`, its Lease in `namespace`,
 /// serving `/metrics` on a free port, logging to `log`; returns the process and the
 /// metrics address.
@@ -218,6 +255,34 @@ impl Proc {
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// Bytes in the log so far (where the next start's output begins).
+    pub fn log_len(&self) -> usize {
+        std::fs::metadata(&self.log).map_or(0, |m| m.len() as usize)
+    }
+
+    /// Whether the process is running.
+    pub fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    }
+
+    /// The address it announced for `what` after log byte `from` ([`announced`]).
+    pub fn announced(&mut self, what: &str, from: usize) -> String {
+        let log = self.log.clone();
+        announced(&log, what, from, || self.running())
+    }
+
+    /// Replaces argument `old` by `new` for the next starts (e.g. port 0 by the port
+    /// it got, so a restart listens where clients already send).
+    pub fn replace_arg(&mut self, old: &str, new: &str) {
+        for a in &mut self.args {
+            if a == old {
+                *a = new.to_string();
+            }
+        }
+    }
 }
 
 impl Drop for Proc {
@@ -295,26 +360,26 @@ impl Standalone {
 
     /// [`Standalone::start`] with more arguments.
     pub fn start_with(dir: &Path, manifests: &Path, extra: &[&str]) -> Standalone {
-        let addr = format!("127.0.0.1:{}", free_port());
         let data = dir.join("data");
         let mut args = vec![
             "--listen",
-            &addr,
+            "127.0.0.1:0",
             "--data",
             data.to_str().expect("UTF-8 path"),
             "--manifests",
             manifests.to_str().expect("UTF-8 path"),
         ];
         args.extend_from_slice(extra);
-        let proc = Proc::start(
+        let mut proc = Proc::start(
             bin("tally-server"),
             &args,
-            &[("RUST_LOG", "warn")],
+            &[("RUST_LOG", TEST_LOG)],
             dir.join("server.log"),
         );
-        let server = Standalone { addr, proc };
-        server.wait_listening();
-        server
+        let addr = proc.announced("the API", 0);
+        // restarts listen where the agents already send
+        proc.replace_arg("127.0.0.1:0", &addr);
+        Standalone { addr, proc }
     }
 
     /// Starts a server whose only manifest is `meter` (written to `dir/manifests`).
@@ -332,17 +397,10 @@ impl Standalone {
 
     /// Starts it again on the same port and data, and waits until it listens.
     pub fn restart(&mut self) {
+        let from = self.proc.log_len();
         self.proc.spawn();
-        self.wait_listening();
-    }
-
-    fn wait_listening(&self) {
-        let addr = &self.addr;
-        wait_for(
-            Duration::from_secs(30),
-            &format!("tally-server on {addr}"),
-            || std::net::TcpStream::connect(addr).is_ok(),
-        );
+        let addr = self.proc.announced("the API", from);
+        assert_eq!(addr, self.addr, "the restarted server listens where it did");
     }
 }
 

@@ -4,9 +4,8 @@
 //! `TALLY_KUBECONFIG`'s) with real
 //! Kafka and ClickHouse. Every process stops (SIGKILL by PID) when the [`Stack`] drops.
 use std::path::Path;
-use std::time::{Duration, Instant};
 
-use crate::{Proc, bin, free_port, start_operator};
+use crate::{Proc, bin, start_operator};
 
 /// Where the pipeline's data goes; the operator creates the topic and the database.
 #[derive(Clone, Copy, Debug)]
@@ -84,14 +83,12 @@ impl Stack {
             })
             .collect();
         // The operator creates the topic; the sink and server wait for it by retrying their start.
-        let ready = Instant::now() + Duration::from_secs(60);
-        let sink_metrics = format!("127.0.0.1:{}", free_port());
         let sink_args = common(&[
             "sink",
             "--group",
             &format!("{}-sink", p.topic),
             "--metrics-listen",
-            &sink_metrics,
+            "127.0.0.1:0",
             "--batch-ms",
             "200",
         ]);
@@ -102,23 +99,15 @@ impl Stack {
             &[("RUST_LOG", "info")],
             dir.join("sink.log"),
         );
-        let addr = format!("127.0.0.1:{}", free_port());
-        let server_args = common(&["--kubernetes", "--listen", &addr]);
+        let server_args = common(&["--kubernetes", "--listen", "127.0.0.1:0"]);
         let server_args: Vec<&str> = server_args.iter().map(String::as_str).collect();
-        let server = Proc::start(
+        let mut server = Proc::start(
             bin("tally-server"),
             &server_args,
             &[("KUBECONFIG", kc), ("RUST_LOG", "info")],
             dir.join("server.log"),
         );
-        while std::net::TcpStream::connect(&addr).is_err() {
-            assert!(
-                Instant::now() < ready,
-                "tally-server did not listen:\n{}",
-                server.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let addr = server.announced("the API", 0);
         Stack {
             server: addr,
             operators,

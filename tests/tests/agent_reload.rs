@@ -1,10 +1,11 @@
 //! The agent re-reads its configuration when the file changes: a new collector starts,
 //! and an invalid file is refused while the running configuration keeps working.
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tally_tests::{
-    Proc, Standalone, bin, free_port, log_agent_config, subject_totals, write_usage_lines,
+    Proc, Standalone, bin, eventually, free_port, log_agent_config, subject_totals,
+    write_usage_lines,
 };
 
 const METER: &str = "apiVersion: tally.dev/v1alpha1
@@ -14,20 +15,19 @@ spec: {eventType: llm-tokens, aggregation: SUM, valueProperty: $.tokens}
 ";
 
 async fn until_total(client: &reqwest::Client, addr: &str, want: u64, agent: &Proc) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let total = async || {
-        subject_totals(client, addr, "team-a", "tokens")
-            .await
-            .map_or(0, |t| t.values().sum::<u64>())
-    };
-    while total().await != want {
-        assert!(
-            Instant::now() < deadline,
-            "total never reached {want}:\n{}",
-            agent.log()
-        );
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    let what = format!("the total to reach {want}; agent log:\n{}", agent.log());
+    eventually(
+        Duration::from_secs(30),
+        Duration::from_millis(300),
+        &what,
+        async || {
+            let total = subject_totals(client, addr, "team-a", "tokens")
+                .await
+                .map_or(0, |t| t.values().sum::<u64>());
+            (total == want).then_some(())
+        },
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -6,7 +6,7 @@ pub mod services;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 pub struct Server {
     child: Option<Child>,
@@ -14,6 +14,7 @@ pub struct Server {
     pub data: PathBuf,
     pub manifests: PathBuf,
     extra: Vec<String>,
+    starts: u32,
     _tmp: Option<tempfile::TempDir>,
 }
 
@@ -58,6 +59,7 @@ impl Server {
             data: tmp.path().join("data"),
             manifests,
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            starts: 0,
             _tmp: Some(tmp),
         };
         s.spawn();
@@ -65,28 +67,29 @@ impl Server {
     }
 
     fn spawn(&mut self) {
-        let port = free_port();
-        self.addr = format!("127.0.0.1:{port}");
-        let log = std::fs::File::create(self.data.with_extension(format!("{port}.log"))).unwrap();
+        // port 0: the server picks a free port and announces it
+        self.starts += 1;
+        let log_path = self.data.with_extension(format!("{}.log", self.starts));
+        let log = std::fs::File::create(&log_path).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_tally-server"))
-            .args(["--listen", &self.addr, "--data"])
+            .args(["--listen", "127.0.0.1:0", "--data"])
             .arg(&self.data)
             .arg("--manifests")
             .arg(&self.manifests)
             .args(["--reload-interval-ms", "100"])
             .args(&self.extra)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", tally_tests::TEST_LOG)
             .stdout(Stdio::from(log.try_clone().unwrap()))
             .stderr(Stdio::from(log))
             .spawn()
             .expect("tally-server starts");
-        self.child = Some(child);
-        let addr = self.addr.clone();
-        wait_for(
-            Duration::from_secs(30),
-            &format!("listening on {addr} (tally-server)"),
-            || std::net::TcpStream::connect(&addr).is_ok(),
-        );
+        let mut child = Some(child);
+        self.addr = tally_tests::announced(&log_path, "the API", 0, || {
+            child
+                .as_mut()
+                .is_some_and(|c| c.try_wait().ok().flatten().is_none())
+        });
+        self.child = child;
     }
 
     pub fn pid(&self) -> u32 {
@@ -200,30 +203,17 @@ pub fn event(
 }
 
 /// Waits until `f` returns true (for manifest reloads), up to 10 s.
-pub async fn eventually(f: impl AsyncFnMut() -> bool) {
-    eventually_within(Duration::from_secs(10), "condition met", f).await
+/// Waits (up to 10 s) until `f` returns true: the kit's one poller.
+pub async fn eventually(mut f: impl AsyncFnMut() -> bool) {
+    eventually_within(Duration::from_secs(10), "the condition", async || f().await).await
 }
 
-/// Waits until `f` returns true, up to `limit`; panics saying `what` did not happen.
+/// Waits until `f` returns true, up to `limit`; fails saying `what` did not happen.
 pub async fn eventually_within(limit: Duration, what: &str, mut f: impl AsyncFnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if f().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("not {what} within {limit:?}");
+    tally_tests::eventually(limit, Duration::from_millis(50), what, async || {
+        f().await.then_some(())
+    })
+    .await
 }
 
-/// Blocks until `ready` returns true, up to `limit`; panics saying `what` did not happen.
-pub fn wait_for(limit: Duration, what: &str, mut ready: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if ready() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    panic!("not {what} within {limit:?}");
-}
+pub use tally_tests::wait_for;

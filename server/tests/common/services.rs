@@ -178,9 +178,9 @@ impl Drop for PrivateClickHouse {
 /// `tally-server sink` as a child process.
 pub struct SinkProcess {
     child: Option<Child>,
-    /// The sink's Prometheus endpoint.
-    pub metrics_url: String,
     args: Vec<String>,
+    /// Where the current start's output begins in `log`.
+    log_start: usize,
     env: Vec<(String, String)>,
     pub log: PathBuf,
     starts: u32,
@@ -218,12 +218,12 @@ impl SinkProcess {
         .into_iter()
         .map(String::from)
         .collect();
-        let metrics = format!("127.0.0.1:{}", free_port());
-        args.extend(["--metrics-listen".to_string(), metrics.clone()]);
+        // port 0: the sink announces the port it got (SinkProcess::metrics_url)
+        args.extend(["--metrics-listen".to_string(), "127.0.0.1:0".to_string()]);
         args.extend(extra.iter().map(|s| s.to_string()));
         let mut s = SinkProcess {
             child: None,
-            metrics_url: format!("http://{metrics}/metrics"),
+            log_start: 0,
             args,
             env: Vec::new(),
             log: dir.path().join("sink.log"),
@@ -244,8 +244,16 @@ impl SinkProcess {
         self.spawn();
     }
 
+    /// The current start's Prometheus endpoint, as it announced it.
+    pub fn metrics_url(&mut self) -> String {
+        let (log, from) = (self.log.clone(), self.log_start);
+        let addr = tally_tests::announced(&log, "sink metrics", from, || !self.exited());
+        format!("http://{addr}/metrics")
+    }
+
     fn spawn(&mut self) {
         self.starts += 1;
+        self.log_start = std::fs::metadata(&self.log).map_or(0, |m| m.len() as usize);
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -256,7 +264,10 @@ impl SinkProcess {
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env(
                 "RUST_LOG",
-                std::env::var("TALLY_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+                format!(
+                    "{},tally_runtime=info",
+                    std::env::var("TALLY_TEST_LOG").unwrap_or_else(|_| "warn".into())
+                ),
             )
             .stdout(Stdio::from(log.try_clone().unwrap()))
             .stderr(Stdio::from(log))
