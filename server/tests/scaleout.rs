@@ -205,6 +205,31 @@ impl Stack {
         }
     }
 
+    /// Restarts the sink with fail point `point` (after `skip` hits) and waits until it
+    /// aborted there.
+    async fn crash_at(&mut self, point: &str, skip: &str) {
+        self.sink.restart_with(&[
+            ("TALLY_SINK_FAILPOINT", point),
+            ("TALLY_SINK_FAILPOINT_SKIP", skip),
+        ]);
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !self.sink.exited() {
+            assert!(
+                Instant::now() < deadline,
+                "fail point {point} was not hit:\n{}",
+                tail(&self.sink.log_text())
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(
+            self.sink
+                .log_text()
+                .contains(&format!("failpoint {point} hit")),
+            "the sink exited without hitting {point}:\n{}",
+            tail(&self.sink.log_text())
+        );
+    }
+
     /// The whole-range total of a meter, via the query API.
     async fn total(&self, slug: &str) -> f64 {
         let (status, body) = get_json(
@@ -486,27 +511,7 @@ async fn sink_crashes_at_every_fail_point_lose_and_double_nothing() {
         ("after-feed", "2"),
         ("mid-repair", "0"),
     ] {
-        stack.sink.restart_with(&[
-            ("TALLY_SINK_FAILPOINT", point),
-            ("TALLY_SINK_FAILPOINT_SKIP", skip),
-        ]);
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while !stack.sink.exited() {
-            assert!(
-                Instant::now() < deadline,
-                "fail point {point} was not hit:\n{}",
-                tail(&stack.sink.log_text())
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        assert!(
-            stack
-                .sink
-                .log_text()
-                .contains(&format!("failpoint {point} hit")),
-            "the sink exited without hitting {point}:\n{}",
-            tail(&stack.sink.log_text())
-        );
+        stack.crash_at(point, skip).await;
     }
     // and one SIGKILL at a random moment
     stack.sink.restart_with(&[]);
@@ -685,24 +690,7 @@ async fn events_clickhouse_refuses_are_dead_lettered_and_the_rest_count_exactly_
         assert_eq!(status, 204, "{problem}");
     }
     // crash after the second refused row is isolated, then run to the end
-    stack.sink.restart_with(&[
-        ("TALLY_SINK_FAILPOINT", "mid-split"),
-        ("TALLY_SINK_FAILPOINT_SKIP", "1"),
-    ]);
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !stack.sink.exited() {
-        assert!(
-            Instant::now() < deadline,
-            "fail point mid-split was not hit:\n{}",
-            tail(&stack.sink.log_text())
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(
-        stack.sink.log_text().contains("failpoint mid-split hit"),
-        "the sink exited without hitting mid-split:\n{}",
-        tail(&stack.sink.log_text())
-    );
+    stack.crash_at("mid-split", "1").await;
     stack.sink.restart_with(&[]);
     stack.drained(Duration::from_secs(180)).await;
     stack.assert_totals(GOOD).await;

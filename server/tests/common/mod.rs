@@ -3,7 +3,6 @@
 #![allow(dead_code)]
 pub mod services;
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -25,13 +24,7 @@ pub fn repo() -> PathBuf {
     Path::new(&dir).join("..")
 }
 
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+pub use tally_tests::free_port;
 
 impl Server {
     /// A server over a fresh folder whose manifests dir holds `manifests` (file name, YAML).
