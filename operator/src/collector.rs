@@ -12,6 +12,7 @@
 //! their rendered content differs from what this leader applied last; statuses only
 //! when they differ from the stored ones. At rest there are no writes.
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -30,8 +31,12 @@ use tally_crds::collector::Scope;
 use tally_crds::{Collector, CollectorStatus};
 
 use crate::agents::{self, AgentSettings, CLUSTER_AGENT, NODE_AGENT};
-use crate::meter::FIELD_MANAGER;
+use crate::meter::{FIELD_MANAGER, backoff};
+use crate::metrics::Metrics;
 use crate::status::condition;
+
+/// The controller label of this loop's metrics.
+const CONTROLLER: &str = "collector";
 
 /// How far back the newest event of a Collector is looked for.
 const LAST_EVENT_DAYS: u32 = 35;
@@ -39,8 +44,16 @@ const LAST_EVENT_DAYS: u32 = 35;
 /// Runs the render loop until dropped. `settings` is `None` when no sink is configured
 /// (then Collectors say so and no agents are deployed). Without a change the loop runs
 /// every `every`: it re-reads referenced Secrets (so a rotated key reaches the agents)
-/// and, from ClickHouse (`ch`), each Collector's newest event time.
-pub async fn run(client: Client, settings: Option<AgentSettings>, ch: Option<Ch>, every: Duration) {
+/// and, from ClickHouse (`ch`), each Collector's newest event time. Each pass is counted
+/// as a reconcile of controller `collector` in `metrics`; a failed pass is retried with
+/// the Meter controller's backoff instead of after `every`.
+pub async fn run(
+    client: Client,
+    settings: Option<AgentSettings>,
+    ch: Option<Ch>,
+    every: Duration,
+    metrics: Arc<Metrics>,
+) {
     let collectors: Api<DeserializeGuard<Collector>> = Api::all(client.clone());
     let (reader, writer) = reflector::store();
     let (tx, mut changed) = tokio::sync::mpsc::channel::<()>(1);
@@ -94,9 +107,12 @@ pub async fn run(client: Client, settings: Option<AgentSettings>, ch: Option<Ch>
         return;
     }
     let mut applied: HashMap<String, u64> = HashMap::new();
+    let mut failures = 0u32;
     loop {
         tokio::time::sleep(Duration::from_millis(200)).await;
         while changed.try_recv().is_ok() {}
+        let timer = metrics.reconcile(CONTROLLER);
+        let mut failed = false;
         let all: Vec<Collector> = reader
             .state()
             .iter()
@@ -119,6 +135,8 @@ pub async fn run(client: Client, settings: Option<AgentSettings>, ch: Option<Ch>
         let secret_problems = match render(&client, settings.as_ref(), &all, &mut applied).await {
             Ok(p) => p,
             Err(e) => {
+                metrics.failure(CONTROLLER, "apply");
+                failed = true;
                 tracing::warn!(error = %e, "Failed to apply the agents' objects; retrying");
                 HashMap::new()
             }
@@ -134,10 +152,15 @@ pub async fn run(client: Client, settings: Option<AgentSettings>, ch: Option<Ch>
                 newest_event: newest.get(&key).copied(),
             };
             if let Err(e) = write_status(&client, c, settings.as_ref(), &workloads, &found).await {
+                metrics.failure(CONTROLLER, "apply_status");
+                failed = true;
                 tracing::warn!(collector = %key, error = %e, "Failed to write a Collector's status");
             }
         }
-        let _ = tokio::time::timeout(every, changed.recv()).await;
+        drop(timer);
+        failures = if failed { failures + 1 } else { 0 };
+        let wait = if failed { backoff(failures) } else { every };
+        let _ = tokio::time::timeout(wait, changed.recv()).await;
     }
 }
 

@@ -210,7 +210,7 @@ async fn lead(
         ch,
         cutover: args.cutover.config(),
         health,
-        metrics,
+        metrics: metrics.clone(),
         recorder: Recorder::new(
             client,
             Reporter {
@@ -238,6 +238,7 @@ async fn lead(
         agent_settings(&args),
         Some(ch_for_collectors),
         Duration::from_secs(args.collector_status_secs.max(1)),
+        metrics.clone(),
     );
     tokio::select! {
         () = provisioning => {}

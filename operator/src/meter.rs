@@ -122,14 +122,20 @@ pub async fn reconcile(obj: Arc<DeserializeGuard<Meter>>, ctx: Arc<Context>) -> 
     Ok(action)
 }
 
-/// Requeues a failed meter with exponential backoff (1 s … 5 min).
+/// The wait after `failures` consecutive failures: 1 s doubling to 5 min (both
+/// controllers use it).
+pub(crate) fn backoff(failures: u32) -> Duration {
+    Duration::from_secs(1u64 << failures.saturating_sub(1).min(8)).min(Duration::from_secs(300))
+}
+
+/// Requeues a failed meter with exponential backoff ([`backoff`]).
 pub fn error_policy(obj: Arc<DeserializeGuard<Meter>>, err: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics.failure(CONTROLLER, err.category());
     let name = format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any());
     let mut failures = ctx.failures.lock().unwrap_or_else(|e| e.into_inner());
     let n = failures.entry(name.clone()).or_default();
     *n += 1;
-    let wait = Duration::from_secs(1u64 << (*n - 1).min(8)).min(Duration::from_secs(300));
+    let wait = backoff(*n);
     let mut chain = err.to_string();
     let mut cause = std::error::Error::source(err);
     while let Some(c) = cause {
