@@ -21,20 +21,22 @@ pub struct Lease {
     pub field_manager: String,
 }
 
-/// This replica's identity: `explicit` (the pod's name), else the host name and pid.
+/// This replica's identity: `explicit` (the pod's name) as given, else the host name
+/// and pid.
 pub fn identity(explicit: Option<String>) -> String {
-    explicit
+    if let Some(id) = explicit.filter(|s| !s.is_empty()) {
+        return id;
+    }
+    let host = std::env::var("HOSTNAME")
+        .ok()
         .filter(|s| !s.is_empty())
-        .or_else(|| std::env::var("HOSTNAME").ok().filter(|s| !s.is_empty()))
         .or_else(|| {
             std::fs::read_to_string("/proc/sys/kernel/hostname")
                 .ok()
                 .map(|h| h.trim().to_string())
         })
-        .map_or_else(
-            || format!("tally-{}", std::process::id()),
-            |host| format!("{host}-{}", std::process::id()),
-        )
+        .unwrap_or_else(|| "tally".into());
+    format!("{host}-{}", std::process::id())
 }
 
 /// Joins the election: the receiver turns true while this replica leads. Dropping it
@@ -60,4 +62,18 @@ pub async fn campaign(
         .await?;
     tracing::info!(lease = %format!("{}/{}", lease.namespace, lease.name), identity = %lease.identity, "Joined the leader election");
     Ok(manager.watch().await)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn an_explicit_identity_is_kept_as_given() {
+        assert_eq!(super::identity(Some("agent-a".into())), "agent-a");
+        let derived = super::identity(None);
+        assert!(
+            derived.ends_with(&format!("-{}", std::process::id())),
+            "{derived}"
+        );
+        assert_eq!(super::identity(Some(String::new())), derived);
+    }
 }
