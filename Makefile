@@ -2,6 +2,9 @@
 # Build output and installed tools live outside the clone so repeated runs reuse them.
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/tally-target
 CARGO ?= cargo
+# Installed tools (tansu, cargo-nextest), kept across clones like the target dir.
+TALLY_TOOLS ?= $(HOME)/.cache/tally-tools
+NEXTEST := $(TALLY_TOOLS)/bin/cargo-nextest
 LISTEN ?= 127.0.0.1:8080
 DATA ?= ./data
 # The Kubernetes tests' control plane: a folder with etcd, kube-apiserver and
@@ -27,14 +30,16 @@ run: ## Start the standalone server on 127.0.0.1:8080 with examples/quickstart (
 run-agent: ## Run tally-agent with examples/agent/agent.yaml, shipping to `make run`'s server
 	$(CARGO) run -p tally-agent -- --config examples/agent/agent.yaml
 
-test: lint services tools ## Check formatting and clippy, start the services, install the Helm library, then run every test (Kubernetes tests on a real control plane from KUBEBUILDER_ASSETS)
-	KUBEBUILDER_ASSETS="$(KUBEBUILDER_ASSETS)" $(CARGO) test --workspace
+test: lint services tools ## Check formatting and clippy, start the services, install the test tools, then run every test with cargo-nextest (.config/nextest.toml; Kubernetes tests on a real control plane from KUBEBUILDER_ASSETS)
+	KUBEBUILDER_ASSETS="$(KUBEBUILDER_ASSETS)" $(NEXTEST) nextest run --workspace
+	$(CARGO) test --workspace --doc
 
 test-e2e: services tools ## Tests that need a Kubernetes API: against KUBECONFIG when set (a control plane without scheduler or kubelets, never a real cluster), else a real control plane from KUBEBUILDER_ASSETS
 	TALLY_KUBECONFIG=$(KUBECONFIG) KUBEBUILDER_ASSETS="$(KUBEBUILDER_ASSETS)" $(CARGO) test -p tally-tests --test kube_api --test control_plane --test rbac_e2e --test operator_meters --test operator_collectors --test operator_unreachable --test agent_pod_runtime --test agent_lease --test cluster_e2e --test helm_chart
 
-tools: ## Install the Helm Go library for Python (helm-sdkpy) that the chart's tests lint and install with
+tools: ## Install what the tests use: the Helm Go library for Python (helm-sdkpy) and cargo-nextest (built once into TALLY_TOOLS, about 6 minutes)
 	@python3 -c 'import helm_sdkpy, yaml' 2>/dev/null || python3 -m pip install --quiet --ignore-requires-python helm-sdkpy cffi pyyaml
+	@[ -x $(NEXTEST) ] || { echo "installing cargo-nextest into $(TALLY_TOOLS) (once per machine)"; CARGO_TARGET_DIR=$(TALLY_TOOLS)/nextest-build $(CARGO) install --locked --quiet cargo-nextest --root $(TALLY_TOOLS) && rm -rf $(TALLY_TOOLS)/nextest-build; }
 
 helm-lint: tools ## Lint the Helm chart with its default values and with charts/tally/ci/ci-values.yaml
 	python3 scripts/helm-check.py lint charts/tally
