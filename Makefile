@@ -31,6 +31,7 @@ run-agent: ## Run tally-agent with examples/agent/agent.yaml, shipping to `make 
 	$(CARGO) run -p tally-agent -- --config examples/agent/agent.yaml
 
 test: lint services tools ## Check formatting and clippy, start the services, install the test tools, then run every test with cargo-nextest (.config/nextest.toml; Kubernetes tests on a real control plane from KUBEBUILDER_ASSETS)
+	$(CARGO) build --workspace --bins
 	KUBEBUILDER_ASSETS="$(KUBEBUILDER_ASSETS)" $(NEXTEST) nextest run --workspace
 	$(CARGO) test --workspace --doc
 
