@@ -32,8 +32,8 @@ run-agent: ## Run tally-agent with examples/agent/agent.yaml, shipping to `make 
 
 test: lint services tools ## Check formatting and clippy, start the services, install the test tools, then run every test with cargo-nextest (.config/nextest.toml; Kubernetes tests on a real control plane from KUBEBUILDER_ASSETS)
 	$(CARGO) build --workspace --bins
-	KUBEBUILDER_ASSETS="$(KUBEBUILDER_ASSETS)" $(NEXTEST) nextest run --workspace
 	$(CARGO) test --workspace --doc
+	KUBEBUILDER_ASSETS="$(KUBEBUILDER_ASSETS)" $(NEXTEST) nextest run --workspace
 
 test-e2e: services tools ## Tests that need a Kubernetes API: against KUBECONFIG when set (a control plane without scheduler or kubelets, never a real cluster), else a real control plane from KUBEBUILDER_ASSETS
 	TALLY_KUBECONFIG=$(KUBECONFIG) KUBEBUILDER_ASSETS="$(KUBEBUILDER_ASSETS)" $(CARGO) test -p tally-tests --test kube_api --test control_plane --test rbac_e2e --test operator_meters --test operator_collectors --test operator_unreachable --test agent_pod_runtime --test agent_lease --test cluster_e2e --test helm_chart
