@@ -126,8 +126,8 @@ pub fn announced(log: &Path, what: &str, from: usize, mut alive: impl FnMut() ->
 pub const TEST_LOG: &str = "warn,tally_runtime=info";
 
 /// Starts `tally-operator` (`program`) against `kubeconfig`, its Lease in `namespace`,
-/// serving `/metrics` on a free port, logging to `log`; returns the process and the
-/// metrics address.
+/// serving `/metrics` on a port of its choosing (port 0), logging to `log`; returns the
+/// process and the metrics address it announced.
 pub fn start_operator(
     program: PathBuf,
     kubeconfig: &Path,
@@ -135,15 +135,16 @@ pub fn start_operator(
     args: &[&str],
     log: PathBuf,
 ) -> (Proc, String) {
-    let metrics = format!("127.0.0.1:{}", free_port());
-    let mut all = vec!["--metrics-listen", metrics.as_str()];
+    let mut all = vec!["--metrics-listen", "127.0.0.1:0"];
     all.extend_from_slice(args);
     let envs = [
         ("KUBECONFIG", kubeconfig.to_str().expect("UTF-8 path")),
         ("POD_NAMESPACE", namespace),
         ("RUST_LOG", "info"),
     ];
-    (Proc::start(program, &all, &envs, log), metrics)
+    let mut proc = Proc::start(program, &all, &envs, log);
+    let metrics = proc.announced("operator metrics", 0);
+    (proc, metrics)
 }
 
 /// Says, on the test process's own stderr (not the harness's captured output, so a
