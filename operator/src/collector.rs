@@ -326,7 +326,37 @@ async fn render(
     let ns = settings.namespace.as_str();
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
     let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
-    let mut any = false;
+    let any = [Scope::Node, Scope::Cluster].into_iter().any(|scope| {
+        !agents::agent_config(all, scope, settings)
+            .config
+            .collectors
+            .is_empty()
+    });
+    let rbac = agents::rbac(settings);
+    if settings.manage_rbac && any {
+        // The agents' identities first, so their pods can be created at once.
+        apply_all(
+            &Api::namespaced(client.clone(), ns),
+            &rbac.service_accounts,
+            applied,
+        )
+        .await?;
+        apply_all(&Api::all(client.clone()), &rbac.cluster_roles, applied).await?;
+        apply_all(
+            &Api::all(client.clone()),
+            &rbac.cluster_role_bindings,
+            applied,
+        )
+        .await?;
+        apply_all(&Api::namespaced(client.clone(), ns), &rbac.roles, applied).await?;
+        apply_all(
+            &Api::namespaced(client.clone(), ns),
+            &rbac.role_bindings,
+            applied,
+        )
+        .await?;
+    }
+    // With --no-agent-rbac (manage_rbac false) the chart installs and removes them.
     for (scope, name) in [(Scope::Node, NODE_AGENT), (Scope::Cluster, CLUSTER_AGENT)] {
         let rendered = agents::agent_config(all, scope, settings);
         let secret = agents::secret_name(name);
@@ -363,7 +393,6 @@ async fn render(
             remove(&secrets, ns, &secret, applied).await?;
             continue;
         }
-        any = true;
         if rendered.secrets.is_empty() {
             remove(&secrets, ns, &secret, applied).await?;
         } else {
@@ -385,32 +414,8 @@ async fn render(
             }
         }
     }
-    let rbac = agents::rbac(settings);
-    if !settings.manage_rbac {
-        // Installed (and removed) with the chart.
-    } else if any {
-        apply_all(
-            &Api::namespaced(client.clone(), ns),
-            &rbac.service_accounts,
-            applied,
-        )
-        .await?;
-        apply_all(&Api::all(client.clone()), &rbac.cluster_roles, applied).await?;
-        apply_all(
-            &Api::all(client.clone()),
-            &rbac.cluster_role_bindings,
-            applied,
-        )
-        .await?;
-        apply_all(&Api::namespaced(client.clone(), ns), &rbac.roles, applied).await?;
-        apply_all(
-            &Api::namespaced(client.clone(), ns),
-            &rbac.role_bindings,
-            applied,
-        )
-        .await?;
-    } else {
-        // No Collector is left: the agents' identities go too.
+    if settings.manage_rbac && !any {
+        // No Collector is left: the agents' identities go too, after their workloads.
         remove_all(
             &Api::namespaced(client.clone(), ns),
             ns,

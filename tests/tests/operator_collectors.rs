@@ -121,22 +121,21 @@ async fn collectors_become_agent_workloads_that_follow_every_change() {
         ds_json["spec"]["template"]["spec"]["containers"][0]["image"],
         "tally:test"
     );
-    // The agents' identity follows in the same render round (after the workloads).
-    soon(
-        "the node agents' ServiceAccount and ClusterRole",
-        async || {
-            let sa = Api::<ServiceAccount>::namespaced(client.clone(), "tally-system")
-                .get_opt("tally-agent")
-                .await
-                .unwrap();
-            let role = Api::<ClusterRole>::all(client.clone())
-                .get_opt("tally-agent")
-                .await
-                .unwrap();
-            (sa.is_some() && role.is_some()).then_some(())
-        },
-    )
-    .await;
+    // The agents' identity is applied before their workloads: once the DaemonSet
+    // exists, its ServiceAccount and ClusterRole already do (no pod is refused for a
+    // missing ServiceAccount).
+    let sa = Api::<ServiceAccount>::namespaced(client.clone(), "tally-system")
+        .get_opt("tally-agent")
+        .await
+        .unwrap();
+    let role = Api::<ClusterRole>::all(client.clone())
+        .get_opt("tally-agent")
+        .await
+        .unwrap();
+    assert!(
+        sa.is_some() && role.is_some(),
+        "the DaemonSet exists before the agents' ServiceAccount and ClusterRole"
+    );
     assert!(
         deps.get_opt("tally-cluster-agent").await.unwrap().is_none(),
         "no cluster-scoped Collector, no cluster agent"
