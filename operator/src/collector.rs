@@ -326,12 +326,12 @@ async fn render(
     let ns = settings.namespace.as_str();
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
     let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
-    let any = [Scope::Node, Scope::Cluster].into_iter().any(|scope| {
-        !agents::agent_config(all, scope, settings)
-            .config
-            .collectors
-            .is_empty()
-    });
+    // Each scope rendered once: whether any has collectors decides the RBAC first.
+    let scopes = [(Scope::Node, NODE_AGENT), (Scope::Cluster, CLUSTER_AGENT)]
+        .map(|(scope, name)| (scope, name, agents::agent_config(all, scope, settings)));
+    let any = scopes
+        .iter()
+        .any(|(_, _, r)| !r.config.collectors.is_empty());
     let rbac = agents::rbac(settings);
     if settings.manage_rbac && any {
         // The agents' identities first, so their pods can be created at once.
@@ -357,8 +357,7 @@ async fn render(
         .await?;
     }
     // With --no-agent-rbac (manage_rbac false) the chart installs and removes them.
-    for (scope, name) in [(Scope::Node, NODE_AGENT), (Scope::Cluster, CLUSTER_AGENT)] {
-        let rendered = agents::agent_config(all, scope, settings);
+    for (scope, name, rendered) in scopes {
         let secret = agents::secret_name(name);
         if rendered.config.collectors.is_empty() {
             match scope {

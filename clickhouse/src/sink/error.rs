@@ -53,6 +53,16 @@ pub enum SinkError {
         #[source]
         source: tally_meter::Error,
     },
+    /// A setting is invalid before anything is asked of ClickHouse (e.g. the database
+    /// name); the cause names it.
+    #[error("failed to {step}; fix the setting the cause names")]
+    Invalid {
+        /// The step.
+        step: String,
+        /// The error.
+        #[source]
+        source: tally_meter::Error,
+    },
     /// The Kafka consumer could not be created, subscribed or moved.
     #[error("failed to {step} (Kafka)")]
     Kafka {

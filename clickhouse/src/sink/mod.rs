@@ -154,36 +154,18 @@ pub fn run(cfg: SinkConfig, stats: Arc<SinkStats>, stop: Arc<AtomicBool>) -> Sin
         .enable_all()
         .build()
         .map_err(SinkError::Runtime)?;
-    let ch = Ch::new(&cfg.clickhouse).map_err(|source| SinkError::Stopped {
-        step: "connect to ClickHouse".into(),
+    let ch = Ch::new(&cfg.clickhouse).map_err(|source| SinkError::Invalid {
+        step: "configure the ClickHouse client".into(),
         source,
     })?;
-    let started = Instant::now();
-    let mut backoff = retry::Backoff::default();
-    loop {
-        let e = match rt.block_on(ch.ensure_schema()) {
-            Ok(()) => break,
-            Err(e) => e,
-        };
-        let step = "create tally's tables";
-        let e = SinkError::unless_transient(step, e)?;
-        if started.elapsed() >= cfg.max_retry {
-            let secs = started.elapsed().as_secs();
-            return Err(SinkError::GaveUp {
-                step: step.into(),
-                secs,
-                source: e,
-            });
-        }
-        if stop.load(Ordering::SeqCst) {
-            return Err(SinkError::Stopped {
-                step: step.into(),
-                source: e,
-            });
-        }
-        tracing::warn!(error = %e, "ClickHouse not ready; retrying");
-        std::thread::sleep(backoff.delay().max(Duration::from_secs(1)));
-    }
+    // ClickHouse may still be starting: not faster than once a second
+    retrying(
+        "create tally's tables",
+        cfg.max_retry,
+        Duration::from_secs(1),
+        &stop,
+        || rt.block_on(ch.ensure_schema()),
+    )?;
     let consumer: BaseConsumer<RebalanceLog> = cfg
         .kafka
         .consumer_settings(&cfg.group)
@@ -207,6 +189,43 @@ pub fn run(cfg: SinkConfig, stats: Arc<SinkStats>, stop: Arc<AtomicBool>) -> Sin
         stop: stop.clone(),
     };
     sink.run(&stop)
+}
+
+/// Runs `f` until it succeeds: transient failures are retried with backoff (at least
+/// `floor` apart) for at most `max_retry`; a wrong set-up or a refused value stops at
+/// once ([`retry`]), and so does `stop`.
+fn retrying<T>(
+    what: &str,
+    max_retry: Duration,
+    floor: Duration,
+    stop: &AtomicBool,
+    mut f: impl FnMut() -> Result<T>,
+) -> SinkResult<T> {
+    let start = Instant::now();
+    let mut backoff = retry::Backoff::default();
+    loop {
+        let e = match f() {
+            Ok(v) => return Ok(v),
+            Err(e) => SinkError::unless_transient(what, e)?,
+        };
+        if stop.load(Ordering::SeqCst) {
+            return Err(SinkError::Stopped {
+                step: what.into(),
+                source: e,
+            });
+        }
+        if start.elapsed() >= max_retry {
+            let secs = start.elapsed().as_secs();
+            return Err(SinkError::GaveUp {
+                step: what.into(),
+                secs,
+                source: e,
+            });
+        }
+        let delay = backoff.delay().max(floor);
+        tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "Failed to {what}; retrying");
+        std::thread::sleep(delay);
+    }
 }
 
 impl Sink {
@@ -395,38 +414,14 @@ impl Sink {
         Ok(Some(msg))
     }
 
-    /// Runs `f` until it succeeds: transient failures are retried with backoff for at
-    /// most `max_retry`; a wrong set-up or a refused value stops at once ([`retry`]).
+    /// [`retrying`] with this sink's `max_retry` and stop flag.
     fn with_retry<T>(
         &mut self,
         what: &str,
         mut f: impl FnMut(&mut Sink) -> Result<T>,
     ) -> SinkResult<T> {
-        let start = Instant::now();
-        let mut backoff = retry::Backoff::default();
-        loop {
-            let e = match f(self) {
-                Ok(v) => return Ok(v),
-                Err(e) => SinkError::unless_transient(what, e)?,
-            };
-            if self.stop.load(Ordering::SeqCst) {
-                return Err(SinkError::Stopped {
-                    step: what.into(),
-                    source: e,
-                });
-            }
-            if start.elapsed() >= self.cfg.max_retry {
-                let secs = start.elapsed().as_secs();
-                return Err(SinkError::GaveUp {
-                    step: what.into(),
-                    secs,
-                    source: e,
-                });
-            }
-            let delay = backoff.delay();
-            tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "Failed to {what}; retrying");
-            std::thread::sleep(delay);
-        }
+        let (max_retry, stop) = (self.cfg.max_retry, self.stop.clone());
+        retrying(what, max_retry, Duration::ZERO, &stop, || f(self))
     }
 
     /// Applies one batch: begin, dedup, insert, feed, done.
