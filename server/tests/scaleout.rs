@@ -527,6 +527,74 @@ async fn sink_crashes_at_every_fail_point_lose_and_double_nothing() {
     stack.assert_totals(UNIQUE).await;
 }
 
+/// The partitions a sink holds now, from its `/metrics`.
+async fn partitions_held(sink: &mut SinkProcess) -> u64 {
+    let metrics = common::get_text(&client(), &sink.metrics_url()).await;
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("tally_sink_partitions_assigned "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Two sinks share the partitions; the first (the group's leader) is SIGKILLed while
+/// the second stays in the group: the second takes every partition over and the totals
+/// are exact.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sink_takes_over_the_partitions_of_a_killed_one() {
+    let Some(svc) = services("sink takeover test") else {
+        return;
+    };
+    let url = svc.clickhouse.clone();
+    let mut stack = Stack::start(svc, &url, METERS, &["--batch-rows", "2000"]);
+    const N: u64 = 20_000;
+    stack.send(0..N / 2, 2000).await;
+    stack.drained(Duration::from_secs(60)).await;
+    let mut second = SinkProcess::start(
+        &stack.svc.kafka,
+        &url,
+        &stack.database,
+        &stack.topic,
+        &["--batch-rows", "2000"],
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (a, b) = (
+            partitions_held(&mut stack.sink).await,
+            partitions_held(&mut second).await,
+        );
+        if a > 0 && b > 0 && a + b == 4 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the second sink got no share of the partitions within 60 s (first {a}, second {b}):\n{}",
+            tail(&second.log_text())
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    stack.sink.kill9();
+    stack.send(N / 2..N, 2000).await;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while partitions_held(&mut second).await < 4 {
+        assert!(
+            Instant::now() < deadline,
+            "the surviving sink did not take the partitions over within 90 s:\n{}",
+            tail(&second.log_text())
+        );
+        assert!(
+            !second.exited(),
+            "the second sink exited:\n{}",
+            tail(&second.log_text())
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // the survivor is the stack's sink from here on
+    std::mem::swap(&mut stack.sink, &mut second);
+    stack.drained(Duration::from_secs(120)).await;
+    stack.assert_totals(N).await;
+}
+
 /// ClickHouse SIGKILLed and restarted while events stream in: exact totals afterwards.
 #[tokio::test(flavor = "multi_thread")]
 async fn clickhouse_killed_mid_stream_loses_and_doubles_nothing() {

@@ -65,7 +65,8 @@
 //! # Files
 //! `config.rs` settings, `stats.rs` counters, `batch.rs` decoding, `dedup.rs`,
 //! `log.rs` the begin/done log, `repair.rs`, `split.rs`, `prune.rs`, `retry.rs`,
-//! `error.rs`, `failpoint.rs`; this file runs the loop and applies batches.
+//! `error.rs`, `failpoint.rs`, `group.rs` (consumer-group membership); this file runs
+//! the loop and applies batches.
 //!
 //! # Fail points
 //! `TALLY_SINK_FAILPOINT=<name>` aborts the process at that point, after skipping
@@ -78,6 +79,7 @@ mod config;
 mod dedup;
 mod error;
 mod failpoint;
+mod group;
 mod log;
 mod prune;
 mod repair;
@@ -233,33 +235,19 @@ impl Sink {
         let mut batch: Vec<Msg> = Vec::new();
         let mut bytes = 0usize;
         let mut first_at = Instant::now();
-        let mut idle_since = Instant::now();
-        let mut rejoin_after = Duration::from_secs(12);
-        let mut last_check = Instant::now();
-        let mut assigned = 0;
+        let mut group = group::GroupWatch::new();
         // at start, then hourly
         let mut last_prune = Instant::now() - Duration::from_secs(3600);
         loop {
-            // Some brokers (tansu 0.6) leave a crashed member's partitions with it after
-            // its session expired. A member with nothing assigned for twice the session
-            // timeout rejoins, which makes the group rebalance; the wait doubles each time
-            // (up to 5 min), so members idle by design (more sinks than partitions) do
-            // not keep the group rebalancing.
-            if last_check.elapsed() >= Duration::from_secs(1) {
-                last_check = Instant::now();
-                assigned = self.consumer.assignment().map(|a| a.count()).unwrap_or(0);
-            }
-            if assigned > 0 {
-                idle_since = Instant::now();
-                rejoin_after = Duration::from_secs(12);
-            } else if idle_since.elapsed() > rejoin_after {
-                tracing::warn!(group = %self.cfg.group, secs = rejoin_after.as_secs(), "No partitions assigned; rejoining the consumer group");
+            if let group::Membership::Rejoin(waited) =
+                group.tick(&self.consumer, &self.cfg, &self.stats)
+            {
+                tracing::warn!(group = %self.cfg.group, secs = waited.as_secs(), "No partitions assigned; rejoining the consumer group");
+                self.stats.rejoins.inc();
                 self.consumer.unsubscribe();
                 self.consumer
                     .subscribe(&[&self.cfg.kafka.topic])
                     .map_err(error::kafka("rejoin the consumer group"))?;
-                idle_since = Instant::now();
-                rejoin_after = (rejoin_after * 2).min(Duration::from_secs(300));
             }
             if stop.load(Ordering::SeqCst) {
                 if !batch.is_empty() {

@@ -2,6 +2,7 @@
 use std::sync::atomic::AtomicU64;
 
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 /// Counters of a running sink (exported by `tally-server sink` on `/metrics`).
@@ -19,6 +20,10 @@ pub struct SinkStats {
     pub repairs: Counter,
     /// Dedup lookups that went to ClickHouse.
     pub lookups: Counter,
+    /// Times the sink rejoined its consumer group after holding no partition.
+    pub rejoins: Counter,
+    /// Kafka partitions assigned to this sink now (checked once a second).
+    pub assigned: Gauge,
     /// Microseconds spent applying batches (begin to done), excluding waiting for Kafka.
     pub apply_micros: Counter,
     /// Unix ms when the first message arrived (0 = none yet).
@@ -56,9 +61,19 @@ impl SinkStats {
                 "Dedup lookups that went to ClickHouse",
                 &self.lookups,
             ),
+            (
+                "group_rejoins",
+                "Times the sink rejoined its consumer group after holding no partition",
+                &self.rejoins,
+            ),
         ] {
             r.register(name, help, c.clone());
         }
+        r.register(
+            "partitions_assigned",
+            "Kafka partitions assigned to this sink now",
+            self.assigned.clone(),
+        );
         let mut out = String::new();
         let _ = prometheus_client::encoding::text::encode(&mut out, &r);
         out

@@ -261,7 +261,6 @@ impl SinkProcess {
             .unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_tally-server"))
             .args(&self.args)
-            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env(
                 "RUST_LOG",
                 format!(
@@ -269,6 +268,8 @@ impl SinkProcess {
                     std::env::var("TALLY_TEST_LOG").unwrap_or_else(|_| "warn".into())
                 ),
             )
+            // after the default, so a test's own RUST_LOG wins
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::from(log.try_clone().unwrap()))
             .stderr(Stdio::from(log))
             .spawn()
