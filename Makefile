@@ -46,7 +46,7 @@ helm-lint: tools ## Lint the Helm chart with its default values and with charts/
 	python3 scripts/helm-check.py lint charts/tally
 	python3 scripts/helm-check.py lint charts/tally charts/tally/ci/ci-values.yaml
 
-services: ## Install (if missing) and start tansu (Kafka API, :9092) and ClickHouse (:8123) on 127.0.0.1
+services: ## Install (if missing) and start tansu (Kafka API, :9092), ClickHouse 18.16 (:8123) and ClickHouse 26.9 (:8124, chdb-core) on 127.0.0.1
 	scripts/services.sh start
 
 services-stop: ## Stop the services started by `make services`

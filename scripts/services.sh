@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs (when missing) and runs the services the tests need, on loopback only:
-#   tansu (Kafka API) on 127.0.0.1:9092 and ClickHouse 18.16 on 127.0.0.1:8123 (HTTP) / 9000.
+#   tansu (Kafka API) on 127.0.0.1:9092, ClickHouse 18.16 on 127.0.0.1:8123 (HTTP) / 9000,
+#   and ClickHouse 26.9 (the engine of PyPI's chdb-core, scripts/clickhouse26.py) on
+#   127.0.0.1:8124 (HTTP) / 9124.
 # PID files and logs live under $SERVICES_DIR (default ./.services, git-ignored).
 #   scripts/services.sh start | stop | status | install | clickhouse-config DIR HTTP_PORT TCP_PORT
 set -euo pipefail
@@ -10,6 +12,11 @@ DIR="${SERVICES_DIR:-$(pwd)/.services}"
 KAFKA_PORT="${TALLY_KAFKA_PORT:-9092}"
 CH_HTTP_PORT="${TALLY_CH_HTTP_PORT:-8123}"
 CH_TCP_PORT="${TALLY_CH_TCP_PORT:-9000}"
+CH26_HTTP_PORT="${TALLY_CH26_HTTP_PORT:-8124}"
+CH26_TCP_PORT="${TALLY_CH26_TCP_PORT:-9124}"
+CHDB_VERSION=26.9.0
+CHDB_PYTHON="$TOOLS/chdb-venv/bin/python"
+SCRIPTS="$(cd "$(dirname "$0")" && pwd)"
 export PATH="$TOOLS/bin:$PATH"
 
 install() {
@@ -21,6 +28,11 @@ install() {
   if ! command -v clickhouse-server >/dev/null; then
     echo "installing clickhouse-server and clickhouse-client from Debian"
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq clickhouse-server clickhouse-client
+  fi
+  if ! "$CHDB_PYTHON" -c "import importlib.metadata as m, sys; sys.exit(m.version('chdb-core') != '$CHDB_VERSION')" 2>/dev/null; then
+    echo "installing chdb-core $CHDB_VERSION (ClickHouse 26.9) into $TOOLS/chdb-venv (about a minute, once per machine)"
+    python3 -m venv "$TOOLS/chdb-venv"
+    "$TOOLS/chdb-venv/bin/pip" install -q "chdb-core==$CHDB_VERSION"
   fi
 }
 
@@ -67,7 +79,7 @@ port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
 start() {
   install
-  mkdir -p "$DIR/tansu" "$DIR/clickhouse"
+  mkdir -p "$DIR/tansu" "$DIR/clickhouse" "$DIR/clickhouse26"
   if running "$DIR/tansu.pid"; then echo "tansu already running (pid $(cat "$DIR/tansu.pid"))";
   elif port_open "$KAFKA_PORT"; then echo "port $KAFKA_PORT is already served (not started from $DIR); using it";
   else
@@ -85,19 +97,26 @@ start() {
     nohup /usr/sbin/clickhouse-server --config-file="$DIR/clickhouse/config.xml" \
       >"$DIR/clickhouse.log" 2>&1 & echo $! >"$DIR/clickhouse.pid"
   fi
-  for _ in $(seq 1 100); do
-    if curl -sf "http://127.0.0.1:$CH_HTTP_PORT/ping" >/dev/null && port_open "$KAFKA_PORT"; then
-      echo "services up: kafka 127.0.0.1:$KAFKA_PORT, clickhouse http://127.0.0.1:$CH_HTTP_PORT (logs in $DIR)"
+  if running "$DIR/clickhouse26.pid"; then echo "clickhouse 26.9 already running (pid $(cat "$DIR/clickhouse26.pid"))";
+  elif port_open "$CH26_HTTP_PORT"; then echo "port $CH26_HTTP_PORT is already served (not started from $DIR); using it";
+  else
+    nohup "$CHDB_PYTHON" "$SCRIPTS/clickhouse26.py" "$DIR/clickhouse26" "$CH26_HTTP_PORT" "$CH26_TCP_PORT" \
+      >"$DIR/clickhouse26.log" 2>&1 & echo $! >"$DIR/clickhouse26.pid"
+  fi
+  for _ in $(seq 1 300); do
+    if curl -sf "http://127.0.0.1:$CH_HTTP_PORT/ping" >/dev/null && port_open "$KAFKA_PORT" \
+      && curl -sf "http://127.0.0.1:$CH26_HTTP_PORT/ping" >/dev/null; then
+      echo "services up: kafka 127.0.0.1:$KAFKA_PORT, clickhouse 18.16 http://127.0.0.1:$CH_HTTP_PORT, clickhouse 26.9 http://127.0.0.1:$CH26_HTTP_PORT (logs in $DIR)"
       return 0
     fi
     sleep 0.2
   done
-  echo "services did not come up; see $DIR/tansu.log and $DIR/clickhouse.log" >&2
+  echo "services did not come up; see $DIR/tansu.log, $DIR/clickhouse.log and $DIR/clickhouse26.log" >&2
   exit 1
 }
 
 stop() {
-  for s in tansu clickhouse; do
+  for s in tansu clickhouse clickhouse26; do
     if running "$DIR/$s.pid"; then
       kill "$(cat "$DIR/$s.pid")"
       for _ in $(seq 1 50); do running "$DIR/$s.pid" || break; sleep 0.1; done
@@ -109,7 +128,7 @@ stop() {
 }
 
 status() {
-  for s in tansu clickhouse; do
+  for s in tansu clickhouse clickhouse26; do
     if running "$DIR/$s.pid"; then echo "$s: running (pid $(cat "$DIR/$s.pid"))"; else echo "$s: stopped"; fi
   done
 }

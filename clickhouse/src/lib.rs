@@ -223,6 +223,14 @@ impl Ch {
         Ok(v.first().copied().unwrap_or_default() as i64)
     }
 
+    /// The server's version, as `SELECT version()` answers (e.g. `26.9.2.1`).
+    pub async fn server_version(&self) -> Result<String> {
+        let v: Vec<String> = self
+            .fetch("read the server version", "SELECT version()")
+            .await?;
+        Ok(v.into_iter().next().unwrap_or_default())
+    }
+
     /// Inserts rows into `table` of tally's database.
     pub async fn insert<T>(&self, table: &str, rows: &[T::Value<'_>]) -> Result<()>
     where

@@ -71,9 +71,13 @@ impl Harness {
         }
     }
 
-    /// A fresh ClickHouse database and Kafka topic with a sink, or `None` (skipped).
-    async fn clickhouse(test: &str) -> Option<Harness> {
-        let svc = common::services::services(test)?;
+    /// A fresh database on ClickHouse `major` (18 or 26) and a Kafka topic with a sink,
+    /// or `None` (skipped).
+    async fn clickhouse(test: &str, major: u32) -> Option<Harness> {
+        let mut svc = common::services::services(test)?;
+        if major == 26 {
+            svc.clickhouse = svc.clickhouse26.clone();
+        }
         let database = common::services::unique("conformance");
         let mut kafka = KafkaConfig::new(&svc.kafka);
         kafka.topic = common::services::unique("conformance");
@@ -85,6 +89,13 @@ impl Harness {
             password: String::new(),
         };
         let ch = Ch::new(&chcfg).unwrap();
+        let version = ch.server_version().await.unwrap();
+        eprintln!("{test}: ClickHouse {version} at {}", svc.clickhouse);
+        assert!(
+            version.starts_with(&format!("{major}.")),
+            "{test} wants ClickHouse {major}, {} is {version}",
+            svc.clickhouse
+        );
         ch.ensure_schema().await.unwrap();
         let producer = Arc::new(Producer::new(&kafka).unwrap());
         let cutover = CutoverConfig {
@@ -306,30 +317,36 @@ async fn embedded_query_over_the_row_limit_is_refused_not_truncated() {
     row_limit_refuses(Harness::embedded()).await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn clickhouse_store_answers_every_case_when_meters_exist_before_events() {
-    if let Some(h) = Harness::clickhouse("clickhouse conformance (meters first)").await {
-        every_case_when_meters_exist_before_events(h).await;
-    }
+/// One test per ClickHouse version for each case: `$v18` on 18.16, `$v26` on 26.9.
+macro_rules! on_both_clickhouses {
+    ($($label:literal => $case:ident: $v18:ident, $v26:ident;)*) => {$(
+        #[tokio::test(flavor = "multi_thread")]
+        async fn $v18() {
+            if let Some(h) = Harness::clickhouse(concat!("clickhouse 18 conformance (", $label, ")"), 18).await {
+                $case(h).await;
+            }
+        }
+
+        #[tokio::test(flavor = "multi_thread")]
+        async fn $v26() {
+            if let Some(h) = Harness::clickhouse(concat!("clickhouse 26 conformance (", $label, ")"), 26).await {
+                $case(h).await;
+            }
+        }
+    )*};
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn clickhouse_store_answers_every_case_when_meters_are_backfilled() {
-    if let Some(h) = Harness::clickhouse("clickhouse conformance (backfill)").await {
-        every_case_when_meters_are_backfilled(h).await;
-    }
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn clickhouse_latest_ties_go_to_the_event_ingested_last_and_filters_apply() {
-    if let Some(h) = Harness::clickhouse("clickhouse conformance (latest, filters)").await {
-        latest_ties_and_filters(h).await;
-    }
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn clickhouse_query_over_the_row_limit_is_refused_not_truncated() {
-    if let Some(h) = Harness::clickhouse("clickhouse conformance (row limit)").await {
-        row_limit_refuses(h).await;
-    }
+on_both_clickhouses! {
+    "meters first" => every_case_when_meters_exist_before_events:
+        clickhouse_store_answers_every_case_when_meters_exist_before_events,
+        clickhouse26_store_answers_every_case_when_meters_exist_before_events;
+    "backfill" => every_case_when_meters_are_backfilled:
+        clickhouse_store_answers_every_case_when_meters_are_backfilled,
+        clickhouse26_store_answers_every_case_when_meters_are_backfilled;
+    "latest, filters" => latest_ties_and_filters:
+        clickhouse_latest_ties_go_to_the_event_ingested_last_and_filters_apply,
+        clickhouse26_latest_ties_go_to_the_event_ingested_last_and_filters_apply;
+    "row limit" => row_limit_refuses:
+        clickhouse_query_over_the_row_limit_is_refused_not_truncated,
+        clickhouse26_query_over_the_row_limit_is_refused_not_truncated;
 }

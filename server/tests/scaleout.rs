@@ -94,6 +94,15 @@ fn totals(n: u64) -> (u64, u64, u64) {
     (sum, n, n.min(1234))
 }
 
+/// `SELECT version()` of the ClickHouse at `url` (from a multi-threaded runtime).
+fn server_version(url: &str) -> String {
+    tokio::task::block_in_place(|| {
+        tokio::runtime::Handle::current().block_on(ch(url, "SELECT version()"))
+    })
+    .trim()
+    .to_string()
+}
+
 struct Stack {
     svc: Services,
     clickhouse: String,
@@ -125,6 +134,10 @@ impl Stack {
             "--cutover-grace-secs",
             "1",
         ];
+        eprintln!(
+            "scale-out stack on ClickHouse {} at {clickhouse}",
+            server_version(clickhouse)
+        );
         let server = Server::start(&[("meters.yaml", meters)], &args);
         let sink = SinkProcess::start(&svc.kafka, clickhouse, &database, &topic, sink_extra);
         Stack {
@@ -285,7 +298,7 @@ async fn round_trip_dead_letters_and_kafka_outage() {
     let Some(svc) = services("scale-out round trip") else {
         return;
     };
-    let url = svc.clickhouse.clone();
+    let url = svc.clickhouse26.clone();
     let quickstart =
         std::fs::read_to_string(repo().join("examples/quickstart/meters.yaml")).unwrap();
     let mut stack = Stack::start(svc.clone(), &url, &quickstart, &[]);
@@ -488,7 +501,7 @@ async fn sink_crashes_at_every_fail_point_lose_and_double_nothing() {
     let Some(svc) = services("sink crash test") else {
         return;
     };
-    let url = svc.clickhouse.clone();
+    let url = svc.clickhouse26.clone();
     let mut stack = Stack::start(svc, &url, METERS, &["--batch-rows", "2000"]);
     // the backlog is sent first, so every fail point meets batches to crash in
     stack.sink.stop();
@@ -545,7 +558,7 @@ async fn a_sink_takes_over_the_partitions_of_a_killed_one() {
     let Some(svc) = services("sink takeover test") else {
         return;
     };
-    let url = svc.clickhouse.clone();
+    let url = svc.clickhouse26.clone();
     let mut stack = Stack::start(svc, &url, METERS, &["--batch-rows", "2000"]);
     const N: u64 = 20_000;
     stack.send(0..N / 2, 2000).await;
@@ -601,7 +614,7 @@ async fn clickhouse_killed_mid_stream_loses_and_doubles_nothing() {
     let Some(svc) = services("ClickHouse crash test") else {
         return;
     };
-    let mut private = PrivateClickHouse::start();
+    let mut private = PrivateClickHouse::start26();
     let url = private.url.clone();
     let mut stack = Stack::start(svc, &url, METERS, &["--batch-rows", "2000"]);
     const N: u64 = 40_000;
@@ -629,7 +642,7 @@ async fn a_meter_created_later_is_backfilled_exactly_while_ingestion_continues()
     let Some(svc) = services("backfill test") else {
         return;
     };
-    let url = svc.clickhouse.clone();
+    let url = svc.clickhouse26.clone();
     // the default batch size (50,000): dedup lookups of that size must work
     let mut stack = Stack::start(svc, &url, METERS, &[]);
     const BEFORE: u64 = 100_000;
@@ -730,7 +743,7 @@ async fn events_clickhouse_refuses_are_dead_lettered_and_the_rest_count_exactly_
     let Some(svc) = services("refused-value test") else {
         return;
     };
-    let url = svc.clickhouse.clone();
+    let url = svc.clickhouse26.clone();
     let mut stack = Stack::start(svc, &url, METERS, &["--batch-rows", "1000"]);
     stack.sink.stop();
     let db = stack.database.clone();
@@ -787,27 +800,30 @@ async fn a_refused_clickhouse_login_stops_the_sink_at_once_naming_the_flag() {
     let Some(svc) = services("sink configuration-error test") else {
         return;
     };
-    let started = Instant::now();
-    let mut sink = SinkProcess::start(
-        &svc.kafka,
-        &svc.clickhouse,
-        &unique("t"),
-        &unique("t"),
-        &["--clickhouse-user", "nobody-tally-knows"],
-    );
-    while !sink.exited() {
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "the sink is still retrying a refused login after 30 s:\n{}",
-            tail(&sink.log_text())
+    // 18.16 answers UNKNOWN_USER, 26.9 AUTHENTICATION_FAILED: both name the flag
+    for clickhouse in [&svc.clickhouse, &svc.clickhouse26] {
+        let started = Instant::now();
+        let mut sink = SinkProcess::start(
+            &svc.kafka,
+            clickhouse,
+            &unique("t"),
+            &unique("t"),
+            &["--clickhouse-user", "nobody-tally-knows"],
         );
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        while !sink.exited() {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "the sink is still retrying a refused login at {clickhouse} after 30 s:\n{}",
+                tail(&sink.log_text())
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let log = sink.log_text();
+        assert!(
+            (log.contains("UNKNOWN_USER") || log.contains("AUTHENTICATION_FAILED"))
+                && log.contains("--clickhouse-user"),
+            "{clickhouse}: {}",
+            tail(&log)
+        );
     }
-    let log = sink.log_text();
-    assert!(
-        (log.contains("UNKNOWN_USER") || log.contains("AUTHENTICATION_FAILED"))
-            && log.contains("--clickhouse-user"),
-        "{}",
-        tail(&log)
-    );
 }

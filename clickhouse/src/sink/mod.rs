@@ -178,7 +178,8 @@ pub fn run(cfg: SinkConfig, stats: Arc<SinkStats>, stop: Arc<AtomicBool>) -> Sin
     consumer
         .subscribe(&[&cfg.kafka.topic])
         .map_err(error::kafka("subscribe to the topic"))?;
-    tracing::info!(brokers = %cfg.kafka.brokers, topic = %cfg.kafka.topic, group = %cfg.group, clickhouse = %ch.url(), database = %ch.db(), "tally sink started");
+    let version = rt.block_on(ch.server_version()).unwrap_or_default();
+    tracing::info!(brokers = %cfg.kafka.brokers, topic = %cfg.kafka.topic, group = %cfg.group, clickhouse = %ch.url(), clickhouse_version = %version, database = %ch.db(), "tally sink started");
     let mut sink = Sink {
         recent: RecentIds::new(cfg.dedup_memory_bytes),
         cfg,

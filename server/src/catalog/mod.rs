@@ -39,6 +39,22 @@ impl Catalog {
         self.meters.get(ns)?.get(slug)
     }
 
+    /// This catalog without the meters `keep` does not name (by namespace and slug), or
+    /// `None` when it has none of those.
+    fn without_other_than(&self, keep: &[Arc<CompiledMeter>]) -> Option<Catalog> {
+        let kept = |m: &StoredMeter| {
+            keep.iter()
+                .any(|k| k.namespace == m.meter.namespace && k.slug == m.meter.slug)
+        };
+        let all: Vec<&StoredMeter> = self.meters.values().flat_map(|m| m.values()).collect();
+        if all.iter().all(|m| kept(m)) {
+            return None;
+        }
+        Some(Catalog::new(
+            all.into_iter().filter(|m| kept(m)).cloned().collect(),
+        ))
+    }
+
     pub(crate) fn list(&self, ns: &str) -> Vec<&StoredMeter> {
         self.meters
             .get(ns)
@@ -48,13 +64,18 @@ impl Catalog {
 }
 
 /// Syncs `meters` into the store on a blocking thread (a sync may backfill), then
-/// publishes them to the API. Returns how many are served and the rollups no meter
-/// uses any more (the caller drops them, or leaves that to the operator).
+/// publishes them to the API. Meters that are gone stop being served first, before the
+/// store drops their rollups, so no query meets a dropped table. Returns how many are
+/// served and the rollups no meter uses any more (the caller drops them, or leaves that
+/// to the operator).
 pub async fn sync_and_publish(
     store: &Arc<dyn Store>,
     state: &AppState,
     meters: Vec<Arc<CompiledMeter>>,
 ) -> tally_meter::Result<(usize, Vec<i64>)> {
+    if let Some(fewer) = state.catalog().without_other_than(&meters) {
+        state.publish(fewer);
+    }
     let store = store.clone();
     let synced = tokio::task::spawn_blocking(move || store.sync_meters(meters))
         .await

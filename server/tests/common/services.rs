@@ -13,7 +13,10 @@ use super::{free_port, repo};
 #[derive(Clone, Debug)]
 pub struct Services {
     pub kafka: String,
+    /// ClickHouse 18.16 (`TALLY_TEST_CLICKHOUSE`, default :8123).
     pub clickhouse: String,
+    /// ClickHouse 26.9 (`TALLY_TEST_CLICKHOUSE_26`, default :8124).
+    pub clickhouse26: String,
 }
 
 fn reachable_tcp(addr: &str) -> bool {
@@ -46,15 +49,24 @@ pub fn services(test: &str) -> Option<Services> {
     let kafka = std::env::var("TALLY_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:9092".into());
     let clickhouse =
         std::env::var("TALLY_TEST_CLICKHOUSE").unwrap_or_else(|_| "http://127.0.0.1:8123".into());
+    let clickhouse26 = std::env::var("TALLY_TEST_CLICKHOUSE_26")
+        .unwrap_or_else(|_| "http://127.0.0.1:8124".into());
     let mut missing = Vec::new();
     if !reachable_tcp(&kafka) {
         missing.push(format!("Kafka at {kafka}"));
     }
     if !clickhouse_ping(&clickhouse) {
-        missing.push(format!("ClickHouse at {clickhouse}"));
+        missing.push(format!("ClickHouse 18.16 at {clickhouse}"));
+    }
+    if !clickhouse_ping(&clickhouse26) {
+        missing.push(format!("ClickHouse 26.9 at {clickhouse26}"));
     }
     if missing.is_empty() {
-        return Some(Services { kafka, clickhouse });
+        return Some(Services {
+            kafka,
+            clickhouse,
+            clickhouse26,
+        });
     }
     let why = format!(
         "{test}: {} not reachable (start them with `make services`)",
@@ -110,25 +122,48 @@ pub struct PrivateClickHouse {
     dir: tempfile::TempDir,
     http: u16,
     tcp: u16,
+    v26: bool,
+}
+
+/// The Python that runs ClickHouse 26.9 (`scripts/services.sh install` makes it).
+fn chdb_python() -> PathBuf {
+    let tools = std::env::var_os("TALLY_TOOLS").map_or_else(
+        || PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/tally-tools"),
+        PathBuf::from,
+    );
+    tools.join("chdb-venv/bin/python")
 }
 
 impl PrivateClickHouse {
+    /// ClickHouse 26.9 (`scripts/clickhouse26.py`) on its own data dir and ports.
+    pub fn start26() -> PrivateClickHouse {
+        PrivateClickHouse::launch(true)
+    }
+
+    /// ClickHouse 18.16 (Debian's clickhouse-server).
     pub fn start() -> PrivateClickHouse {
+        PrivateClickHouse::launch(false)
+    }
+
+    fn launch(v26: bool) -> PrivateClickHouse {
         let dir = tempfile::tempdir().unwrap();
         let (http, tcp) = (free_port(), free_port());
-        let ok = Command::new(repo().join("scripts/services.sh"))
-            .args(["clickhouse-config"])
-            .arg(dir.path())
-            .args([http.to_string(), tcp.to_string()])
-            .status()
-            .unwrap();
-        assert!(ok.success(), "writing a ClickHouse config failed");
+        if !v26 {
+            let ok = Command::new(repo().join("scripts/services.sh"))
+                .args(["clickhouse-config"])
+                .arg(dir.path())
+                .args([http.to_string(), tcp.to_string()])
+                .status()
+                .unwrap();
+            assert!(ok.success(), "writing a ClickHouse config failed");
+        }
         let mut ch = PrivateClickHouse {
             child: None,
             url: format!("http://127.0.0.1:{http}"),
             dir,
             http,
             tcp,
+            v26,
         };
         ch.spawn();
         ch
@@ -136,11 +171,21 @@ impl PrivateClickHouse {
 
     fn spawn(&mut self) {
         let log = std::fs::File::create(self.dir.path().join("stdout.log")).unwrap();
-        let child = Command::new("/usr/sbin/clickhouse-server")
-            .arg(format!(
+        let mut cmd = if self.v26 {
+            let mut c = Command::new(chdb_python());
+            c.arg(repo().join("scripts/clickhouse26.py"))
+                .arg(self.dir.path().join("data26"))
+                .args([self.http.to_string(), self.tcp.to_string()]);
+            c
+        } else {
+            let mut c = Command::new("/usr/sbin/clickhouse-server");
+            c.arg(format!(
                 "--config-file={}",
                 self.dir.path().join("config.xml").display()
-            ))
+            ));
+            c
+        };
+        let child = cmd
             .stdout(Stdio::from(log.try_clone().unwrap()))
             .stderr(Stdio::from(log))
             .spawn()
