@@ -13,6 +13,7 @@
 //!    meter's rollup: (a) HOUR windows of one subject, (b) DAY windows of all subjects by
 //!    subject; each vs one SQL query computing the same answer from the raw table.
 //!
+//! ClickHouse: TALLY_BENCH_CLICKHOUSE (default 26.9 on :8124; :8123 is 18.16).
 //! Sizes: TALLY_BENCH_EVENTS (200000), TALLY_BENCH_SUBJECTS (1000), TALLY_BENCH_DAYS (30);
 //! TALLY_BENCH_SKIP_QUERY=1 skips part 3 (about 5 minutes).
 mod common;
@@ -284,7 +285,7 @@ async fn query_bench(url: &str, subjects: usize, days: usize) {
 async fn main() {
     let kafka_addr = std::env::var("TALLY_BENCH_KAFKA").unwrap_or_else(|_| "127.0.0.1:9092".into());
     let url =
-        std::env::var("TALLY_BENCH_CLICKHOUSE").unwrap_or_else(|_| "http://127.0.0.1:8123".into());
+        std::env::var("TALLY_BENCH_CLICKHOUSE").unwrap_or_else(|_| "http://127.0.0.1:8124".into());
     let n = env("TALLY_BENCH_EVENTS", 200_000) / 500 * 500;
     println!(
         "tally scale-out benchmark ({n} events; Kafka {kafka_addr}, ClickHouse {url}; {} cores)",
