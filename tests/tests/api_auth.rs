@@ -212,6 +212,43 @@ async fn tokens_scope_every_request_to_their_namespaces() {
         "dead letters of its own namespace only: {body}"
     );
 
+    // With tokens the document asks for one on every API route (401/403 documented as
+    // problems) and on no operational one.
+    let doc: serde_json::Value = http
+        .get(format!("http://{}/api/v1/openapi.json", server.addr))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        doc["security"][0]["bearer"],
+        serde_json::json!([]),
+        "{}",
+        doc["security"]
+    );
+    assert_eq!(
+        doc["components"]["securitySchemes"]["bearer"]["scheme"],
+        "bearer"
+    );
+    for path in [
+        "/api/v1/meters/{slug}/query",
+        "/api/v1/namespaces/{namespace}/meters/{slug}/query",
+    ] {
+        let responses = &doc["paths"][path]["get"]["responses"];
+        for status in ["401", "403"] {
+            assert!(
+                responses[status]["content"]["application/problem+json"].is_object(),
+                "{path} documents {status}: {responses}"
+            );
+        }
+    }
+    assert_eq!(
+        doc["paths"]["/healthz"]["get"]["security"],
+        serde_json::json!([])
+    );
+
     // Health, metrics and the API description stay open.
     for path in ["/healthz", "/readyz", "/metrics", "/api/v1/openapi.json"] {
         let r = http

@@ -13,6 +13,7 @@ pub mod auth;
 mod dead_letters;
 mod events;
 mod meters;
+pub mod openapi;
 pub mod problem;
 
 pub use meters::parse_query;
@@ -21,12 +22,12 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
+use axum::Router;
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::{self, Next};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use axum::routing::{get, post};
-use axum::{Json, Router};
 
 use tokio::sync::Semaphore;
 use utoipa::OpenApi;
@@ -131,10 +132,10 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .nest("/api/v1", api.clone())
         .nest("/api/v1/namespaces/{namespace}", api)
-        .route("/api/v1/openapi.json", get(openapi))
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(|| async { "ok" }))
-        .route("/metrics", get(metrics))
+        .route("/api/v1/openapi.json", get(openapi::openapi))
+        .route("/healthz", get(openapi::healthz))
+        .route("/readyz", get(openapi::readyz))
+        .route("/metrics", get(openapi::metrics))
         .fallback(|| async {
             Problem::new(
                 StatusCode::NOT_FOUND,
@@ -238,10 +239,6 @@ pub(crate) async fn run_blocking<T: Send + 'static>(
         .map_err(Problem::from)
 }
 
-async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
-    tally_runtime::admin::metrics_response(state.metrics.encode())
-}
-
 #[derive(OpenApi)]
 #[openapi(
     info(
@@ -249,6 +246,10 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
         description = "Usage metering: CloudEvents in, exact usage per subject and window out. Every route also exists under /api/v1/namespaces/{namespace}/."
     ),
     paths(
+        openapi::healthz,
+        openapi::readyz,
+        openapi::metrics,
+        openapi::openapi,
         events::ingest_events,
         events::list_events,
         dead_letters::list_dead_letters,
@@ -293,11 +294,13 @@ impl utoipa::Modify for BearerAuth {
     }
 }
 
-/// The OpenAPI 3 document, generated from the handlers' annotations.
-pub fn openapi_document() -> utoipa::openapi::OpenApi {
+/// The handlers' annotations, before [`openapi::document`] completes them.
+fn api_doc() -> utoipa::openapi::OpenApi {
     ApiDoc::openapi()
 }
 
-async fn openapi() -> Json<utoipa::openapi::OpenApi> {
-    Json(openapi_document())
+/// The OpenAPI 3 document of a server with bearer tokens ([`openapi::document`] gives
+/// the one for either configuration, as `/api/v1/openapi.json` serves it).
+pub fn openapi_document() -> utoipa::openapi::OpenApi {
+    openapi::document(true)
 }

@@ -1,0 +1,131 @@
+//! The OpenAPI document as the server is configured: every route it serves (the
+//! namespaced copies and the operational routes too), problems as
+//! `application/problem+json`, and the bearer requirement only when tokens are on.
+use axum::Json;
+use axum::extract::State;
+use axum::response::IntoResponse;
+use utoipa::openapi::path::{Operation, ParameterBuilder, ParameterIn, PathItem};
+use utoipa::openapi::{Content, OpenApi, Ref, RefOr, Required, Response};
+
+use super::AppState;
+
+/// Where every `/api/v1/…` route is served again for one namespace.
+const NAMESPACED: &str = "/api/v1/namespaces/{namespace}";
+const PROBLEM: &str = "application/problem+json";
+
+/// Liveness: the process answers.
+#[utoipa::path(get, path = "/healthz", tag = "operations",
+    responses((status = 200, description = "The process is up", content_type = "text/plain", body = String)))]
+pub(crate) async fn healthz() -> &'static str {
+    "ok"
+}
+
+/// Readiness: the server takes requests.
+#[utoipa::path(get, path = "/readyz", tag = "operations",
+    responses((status = 200, description = "The server takes requests", content_type = "text/plain", body = String)))]
+pub(crate) async fn readyz() -> &'static str {
+    "ok"
+}
+
+/// The server's metrics in the OpenMetrics text format.
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "Prometheus / OpenMetrics text", content_type = "application/openmetrics-text", body = String)))]
+pub(crate) async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    tally_runtime::admin::metrics_response(state.metrics.encode())
+}
+
+/// This document.
+#[utoipa::path(get, path = "/api/v1/openapi.json", tag = "operations",
+    responses((status = 200, description = "The OpenAPI 3.1 document of this server, as configured", content_type = "application/json", body = Object)))]
+pub(crate) async fn openapi(State(state): State<AppState>) -> Json<OpenApi> {
+    Json(document(state.auth.enabled()))
+}
+
+fn operations(item: &mut PathItem) -> impl Iterator<Item = &mut Operation> {
+    [
+        &mut item.get,
+        &mut item.put,
+        &mut item.post,
+        &mut item.delete,
+        &mut item.patch,
+    ]
+    .into_iter()
+    .flatten()
+}
+
+fn problem_response(description: &str) -> RefOr<Response> {
+    let mut r = Response::new(description);
+    r.content.insert(
+        PROBLEM.into(),
+        Content::new(Some(Ref::from_schema_name("Problem"))),
+    );
+    RefOr::T(r)
+}
+
+/// The document for a server with tokens (`auth`) or without.
+pub fn document(auth: bool) -> OpenApi {
+    let mut doc = super::api_doc();
+    let api: Vec<(String, PathItem)> = doc
+        .paths
+        .paths
+        .iter()
+        .filter(|(p, _)| p.starts_with("/api/v1/") && p.as_str() != "/api/v1/openapi.json")
+        .map(|(p, i)| (p.clone(), i.clone()))
+        .collect();
+    for (path, mut item) in api {
+        for op in operations(&mut item) {
+            op.parameters.get_or_insert_with(Vec::new).insert(
+                0,
+                ParameterBuilder::new()
+                    .name("namespace")
+                    .parameter_in(ParameterIn::Path)
+                    .required(Required::True)
+                    .description(Some("The namespace (a token must be granted it)"))
+                    .schema(Some(utoipa::openapi::schema::Object::with_type(
+                        utoipa::openapi::schema::Type::String,
+                    )))
+                    .build(),
+            );
+            if let Some(id) = &mut op.operation_id {
+                id.push_str("_in_namespace");
+            }
+        }
+        let namespaced = format!("{NAMESPACED}{}", &path["/api/v1".len()..]);
+        doc.paths.paths.insert(namespaced, item);
+    }
+    for (path, item) in doc.paths.paths.iter_mut() {
+        let guarded = path.starts_with("/api/v1/") && path.as_str() != "/api/v1/openapi.json";
+        for op in operations(item) {
+            for (status, resp) in op.responses.responses.iter_mut() {
+                let RefOr::T(r) = resp else { continue };
+                if (status.starts_with('4') || status.starts_with('5'))
+                    && let Some(c) = r.content.shift_remove("application/json")
+                {
+                    r.content.insert(PROBLEM.into(), c);
+                }
+            }
+            if guarded && auth {
+                let responses = &mut op.responses.responses;
+                responses.insert(
+                    "401".into(),
+                    problem_response("No token, or a token the server does not know"),
+                );
+                responses.insert(
+                    "403".into(),
+                    problem_response("The token is not granted this namespace"),
+                );
+            }
+            if !guarded {
+                // operational routes are open in every configuration
+                op.security = Some(Vec::new());
+            }
+        }
+    }
+    if !auth {
+        doc.security = None;
+        if let Some(c) = doc.components.as_mut() {
+            c.security_schemes.clear();
+        }
+    }
+    doc
+}
