@@ -299,6 +299,26 @@ async fn openapi_health_and_metrics_are_served() {
         "problems are documented as application/problem+json: {query}"
     );
     assert_every_route_is_documented(&doc);
+    // `{}` is no event: the CloudEvent schema requires what the server requires
+    let event = &doc["components"]["schemas"]["CloudEvent"];
+    let mut required: Vec<&str> = event["required"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    required.sort();
+    assert_eq!(
+        required,
+        ["id", "source", "specversion", "subject", "type"],
+        "{event}"
+    );
+    assert_eq!(event["propertyNames"]["pattern"], "^[a-z0-9]{1,20}$");
+    let params = doc["paths"]["/api/v1/meters/{slug}/query"]["get"]["parameters"]
+        .as_array()
+        .unwrap();
+    let from = params.iter().find(|p| p["name"] == "from").unwrap();
+    assert_eq!(from["schema"]["format"], "date-time", "{from}");
     assert_eq!(c.get(s.url("/healthz")).send().await.unwrap().status(), 200);
     assert_eq!(c.get(s.url("/readyz")).send().await.unwrap().status(), 200);
     let metrics = get_text(&c, &s.url("/metrics")).await;

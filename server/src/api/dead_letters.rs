@@ -12,7 +12,7 @@ use super::{AppState, namespace, parse_limit, run_blocking};
 /// namespace in the path, lists those of every namespace (and those whose namespace
 /// could not be read).
 #[utoipa::path(get, path = "/api/v1/dead-letters", tag = "events",
-    params(("limit" = Option<usize>, Query, description = "1-1000, default 100")),
+    params(("limit" = Option<u32>, Query, minimum = 1, maximum = 1000, description = "1-1000, default 100")),
     responses((status = 200, body = [tally_meter::store::DeadLetter]), (status = 400, body = Problem)))]
 pub(crate) async fn list_dead_letters(
     State(state): State<AppState>,

@@ -16,9 +16,60 @@ use super::auth::Access;
 use super::problem::{Problem, ProblemItem};
 use super::{AppState, namespace, parse_limit, run_blocking};
 
+/// A CloudEvent 1.0 as `POST /events` takes it: the rules `UsageEvent::from_json`
+/// applies, as far as JSON Schema says them (documentation only). Extension attributes
+/// (1-20 lowercase letters or digits, scalar values, at most 32) are allowed beside.
+#[derive(Serialize, ToSchema)]
+#[schema(as = CloudEvent)]
+pub(crate) struct CloudEventDoc {
+    /// Always `1.0`.
+    #[schema(pattern = "^1\\.0$", example = "1.0")]
+    specversion: String,
+    /// Unique within `source`; a re-sent event with the same id counts once.
+    #[schema(min_length = 1, max_length = 256, example = "req-7f3a")]
+    id: String,
+    /// Who produced it, e.g. a service's URI.
+    #[schema(min_length = 1, max_length = 512, example = "//api.example.com")]
+    source: String,
+    /// The event type meters select on.
+    #[serde(rename = "type")]
+    #[schema(min_length = 1, max_length = 256, example = "llm.tokens")]
+    ty: String,
+    /// The customer billed.
+    #[schema(min_length = 1, max_length = 256, example = "customer-42")]
+    subject: String,
+    /// RFC 3339; absent: the time the server received it.
+    #[schema(value_type = Option<String>, format = DateTime, max_length = 64)]
+    time: Option<String>,
+    /// `application/json` when present.
+    #[schema(
+        pattern = "^[Aa][Pp][Pp][Ll][Ii][Cc][Aa][Tt][Ii][Oo][Nn]/[Jj][Ss][Oo][Nn]\\s*(;.*)?$"
+    )]
+    datacontenttype: Option<String>,
+    #[schema(max_length = 1024)]
+    dataschema: Option<String>,
+    /// The usage payload, at most 64 KiB serialized.
+    #[schema(value_type = Option<Object>)]
+    data: Option<Value>,
+}
+
+/// The body of `POST /events` as `application/json`: one event or an array.
+#[derive(Serialize, ToSchema)]
+#[serde(untagged)]
+#[schema(as = CloudEvents)]
+#[allow(dead_code)] // a schema for the document; the handler reads the body as JSON
+pub(crate) enum CloudEventsDoc {
+    One(CloudEventDoc),
+    Many(Vec<CloudEventDoc>),
+}
+
 /// Ingest CloudEvents.
 #[utoipa::path(post, path = "/api/v1/events", tag = "events",
-    request_body(content = Object, description = "One CloudEvent (application/cloudevents+json or application/json) or an array (application/cloudevents-batch+json or application/json)"),
+    request_body(content(
+        (CloudEventDoc = "application/cloudevents+json"),
+        (Vec<CloudEventDoc> = "application/cloudevents-batch+json"),
+        (CloudEventsDoc = "application/json")),
+        description = "One CloudEvent (application/cloudevents+json), an array (application/cloudevents-batch+json), or either as application/json"),
     responses((status = 204, description = "Every event is durably stored (duplicates are accepted and counted once)"),
               (status = 400, description = "Invalid events: nothing was stored; every problem is listed by index and field", body = Problem),
               (status = 413, description = "Body too large", body = Problem),
@@ -193,7 +244,7 @@ pub(crate) struct MeterError {
 
 /// List recent events, newest first, with their per-meter validation errors.
 #[utoipa::path(get, path = "/api/v1/events", tag = "events",
-    params(("limit" = Option<usize>, Query, description = "1-1000, default 100")),
+    params(("limit" = Option<u32>, Query, minimum = 1, maximum = 1000, description = "1-1000, default 100")),
     responses((status = 200, body = [IngestedEvent]), (status = 400, body = Problem)))]
 pub(crate) async fn list_events(
     State(state): State<AppState>,

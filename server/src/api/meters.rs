@@ -140,12 +140,23 @@ pub(crate) struct QueryRowView {
     group_by: BTreeMap<String, Option<String>>,
 }
 
+/// A query's window size (documentation of the `windowSize` parameter).
+#[derive(ToSchema)]
+#[schema(as = WindowSize)]
+#[allow(dead_code, clippy::upper_case_acronyms)] // the document's enum; the handler parses the string
+pub(crate) enum WindowSizeDoc {
+    MINUTE,
+    HOUR,
+    DAY,
+    MONTH,
+}
+
 /// Query a meter: values per window, subject and group-by values.
 #[utoipa::path(get, path = "/api/v1/meters/{slug}/query", tag = "meters",
     params(("slug" = String, Path),
-        ("from" = Option<String>, Query, description = "RFC 3339, inclusive; default: the meter's first event"),
-        ("to" = Option<String>, Query, description = "RFC 3339, exclusive; default: now"),
-        ("windowSize" = Option<String>, Query, description = "MINUTE, HOUR, DAY or MONTH; absent: one row for the whole range"),
+        ("from" = Option<chrono::DateTime<chrono::Utc>>, Query, description = "RFC 3339, inclusive; default: the meter's first event; after `to`: 400"),
+        ("to" = Option<chrono::DateTime<chrono::Utc>>, Query, description = "RFC 3339, exclusive; default: now"),
+        ("windowSize" = Option<WindowSizeDoc>, Query, description = "absent: one row for the whole range"),
         ("windowTimeZone" = Option<String>, Query, description = "IANA zone windows align to; default UTC"),
         ("subject" = Option<Vec<String>>, Query, description = "repeatable"),
         ("groupBy" = Option<Vec<String>>, Query, description = "repeatable; a groupBy name of the meter or subject"),

@@ -262,8 +262,11 @@ pub(crate) async fn run_blocking<T: Send + 'static>(
         Problem,
         ProblemItem,
         events::IngestedEvent,
+        events::CloudEventDoc,
+        events::CloudEventsDoc,
         events::MeterError,
         meters::MeterView,
+        meters::WindowSizeDoc,
         meters::QueryResponse,
         meters::QueryRowView
     )),

@@ -5,6 +5,7 @@ use axum::Json;
 use axum::extract::State;
 use axum::response::IntoResponse;
 use utoipa::openapi::path::{Operation, ParameterBuilder, ParameterIn, PathItem};
+use utoipa::openapi::schema::{AdditionalProperties, ObjectBuilder, OneOfBuilder, Schema, Type};
 use utoipa::openapi::{Content, OpenApi, Ref, RefOr, Required, Response};
 
 use super::AppState;
@@ -81,14 +82,23 @@ pub fn document(auth: bool) -> OpenApi {
                     .parameter_in(ParameterIn::Path)
                     .required(Required::True)
                     .description(Some("The namespace (a token must be granted it)"))
-                    .schema(Some(utoipa::openapi::schema::Object::with_type(
-                        utoipa::openapi::schema::Type::String,
-                    )))
+                    .schema(Some(
+                        ObjectBuilder::new()
+                            .schema_type(Type::String)
+                            .pattern(Some("^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))
+                            .max_length(Some(63)),
+                    ))
                     .build(),
             );
             if let Some(id) = &mut op.operation_id {
                 id.push_str("_in_namespace");
             }
+            op.responses
+                .responses
+                .entry("400".into())
+                .or_insert_with(|| {
+                    problem_response("The namespace is not a Kubernetes namespace name")
+                });
         }
         let namespaced = format!("{NAMESPACED}{}", &path["/api/v1".len()..]);
         doc.paths.paths.insert(namespaced, item);
@@ -121,6 +131,7 @@ pub fn document(auth: bool) -> OpenApi {
             }
         }
     }
+    extension_attributes(&mut doc);
     if !auth {
         doc.security = None;
         if let Some(c) = doc.components.as_mut() {
@@ -128,4 +139,36 @@ pub fn document(auth: bool) -> OpenApi {
         }
     }
     doc
+}
+
+/// What JSON Schema can say of a CloudEvent's extension attributes, beside the known
+/// ones: names of 1-20 lowercase letters or digits, scalar values, at most 32.
+fn extension_attributes(doc: &mut OpenApi) {
+    let Some(components) = doc.components.as_mut() else {
+        return;
+    };
+    let Some(RefOr::T(Schema::Object(event))) = components.schemas.get_mut("CloudEvent") else {
+        return;
+    };
+    let known = event.properties.len();
+    event.property_names = Some(Box::new(Schema::Object(
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .pattern(Some("^[a-z0-9]{1,20}$"))
+            .build(),
+    )));
+    let scalar = OneOfBuilder::new()
+        .item(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .max_length(Some(tally_crds::event::MAX_EXTENSION_VALUE_LEN)),
+        )
+        .item(ObjectBuilder::new().schema_type(Type::Number))
+        .item(ObjectBuilder::new().schema_type(Type::Boolean))
+        .item(ObjectBuilder::new().schema_type(Type::Null))
+        .build();
+    event.additional_properties = Some(Box::new(AdditionalProperties::RefOr(RefOr::T(
+        Schema::OneOf(scalar),
+    ))));
+    event.max_properties = Some(known + tally_crds::event::MAX_EXTENSIONS);
 }
