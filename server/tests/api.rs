@@ -314,6 +314,7 @@ async fn openapi_health_and_metrics_are_served() {
         "{event}"
     );
     assert_eq!(event["propertyNames"]["pattern"], "^[a-z0-9]{1,20}$");
+    assert_eq!(event["properties"]["type"]["maxLength"], 256, "{event}");
     let params = doc["paths"]["/api/v1/meters/{slug}/query"]["get"]["parameters"]
         .as_array()
         .unwrap();

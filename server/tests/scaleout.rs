@@ -150,6 +150,14 @@ impl Stack {
         }
     }
 
+    /// [`Stack::start`] on the shared ClickHouse 26.9, where the scale-out tests run,
+    /// or `None` (the test is skipped; under CI it fails).
+    fn on_shared(test: &str, meters: &str, sink_extra: &[&str]) -> Option<Stack> {
+        let svc = services(test)?;
+        let url = svc.clickhouse26.clone();
+        Some(Stack::start(svc, &url, meters, sink_extra))
+    }
+
     /// Posts events `range` in requests of `per` events; a request that fails is sent
     /// again (at-least-once), as a client would.
     async fn send(&self, range: std::ops::Range<u64>, per: u64) {
@@ -295,13 +303,12 @@ fn tail(s: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn round_trip_dead_letters_and_kafka_outage() {
-    let Some(svc) = services("scale-out round trip") else {
-        return;
-    };
-    let url = svc.clickhouse26.clone();
     let quickstart =
         std::fs::read_to_string(repo().join("examples/quickstart/meters.yaml")).unwrap();
-    let mut stack = Stack::start(svc.clone(), &url, &quickstart, &[]);
+    let Some(mut stack) = Stack::on_shared("scale-out round trip", &quickstart, &[]) else {
+        return;
+    };
+    let (url, svc) = (stack.clickhouse.clone(), stack.svc.clone());
     let c = client();
     let events: Value = serde_json::from_str(
         &std::fs::read_to_string(repo().join("examples/events.json")).unwrap(),
@@ -498,11 +505,10 @@ async fn round_trip_dead_letters_and_kafka_outage() {
 /// point and SIGKILLed at a random moment: every meter total is exact.
 #[tokio::test(flavor = "multi_thread")]
 async fn sink_crashes_at_every_fail_point_lose_and_double_nothing() {
-    let Some(svc) = services("sink crash test") else {
+    let Some(mut stack) = Stack::on_shared("sink crash test", METERS, &["--batch-rows", "2000"])
+    else {
         return;
     };
-    let url = svc.clickhouse26.clone();
-    let mut stack = Stack::start(svc, &url, METERS, &["--batch-rows", "2000"]);
     // the backlog is sent first, so every fail point meets batches to crash in
     stack.sink.stop();
     const UNIQUE: u64 = 180_000;
@@ -555,11 +561,11 @@ async fn partitions_held(sink: &mut SinkProcess) -> u64 {
 /// are exact.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_sink_takes_over_the_partitions_of_a_killed_one() {
-    let Some(svc) = services("sink takeover test") else {
+    let Some(mut stack) = Stack::on_shared("sink takeover test", METERS, &["--batch-rows", "2000"])
+    else {
         return;
     };
-    let url = svc.clickhouse26.clone();
-    let mut stack = Stack::start(svc, &url, METERS, &["--batch-rows", "2000"]);
+    let url = stack.clickhouse.clone();
     const N: u64 = 20_000;
     stack.send(0..N / 2, 2000).await;
     stack.drained(Duration::from_secs(60)).await;
@@ -639,12 +645,11 @@ async fn clickhouse_killed_mid_stream_loses_and_doubles_nothing() {
 /// event exactly once, across the cutover.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_meter_created_later_is_backfilled_exactly_while_ingestion_continues() {
-    let Some(svc) = services("backfill test") else {
+    // the default batch size (50,000): dedup lookups of that size must work
+    let Some(mut stack) = Stack::on_shared("backfill test", METERS, &[]) else {
         return;
     };
-    let url = svc.clickhouse26.clone();
-    // the default batch size (50,000): dedup lookups of that size must work
-    let mut stack = Stack::start(svc, &url, METERS, &[]);
+    let url = stack.clickhouse.clone();
     const BEFORE: u64 = 100_000;
     const N: u64 = 130_000;
     stack.send(0..BEFORE, 2000).await;
@@ -740,11 +745,11 @@ async fn a_meter_created_later_is_backfilled_exactly_while_ingestion_continues()
 /// counts exactly once.
 #[tokio::test(flavor = "multi_thread")]
 async fn events_clickhouse_refuses_are_dead_lettered_and_the_rest_count_exactly_once() {
-    let Some(svc) = services("refused-value test") else {
+    let Some(mut stack) = Stack::on_shared("refused-value test", METERS, &["--batch-rows", "1000"])
+    else {
         return;
     };
-    let url = svc.clickhouse26.clone();
-    let mut stack = Stack::start(svc, &url, METERS, &["--batch-rows", "1000"]);
+    let url = stack.clickhouse.clone();
     stack.sink.stop();
     let db = stack.database.clone();
     // numeric after "ev-", or ClickHouse refuses the insert (code 6, CANNOT_PARSE_TEXT)

@@ -38,7 +38,8 @@ pub(super) struct GroupWatch {
     rejoin_after: Duration,
     rejoined_at: Option<Instant>,
     last_nudge: Instant,
-    nudger: Option<BaseConsumer>,
+    /// The client outside the group, and the topic's partitions it re-commits.
+    nudger: Option<(BaseConsumer, Vec<i32>)>,
 }
 
 /// What the loop has to do after [`GroupWatch::tick`].
@@ -102,30 +103,33 @@ impl GroupWatch {
             return;
         }
         self.last_nudge = Instant::now();
+        let topic = &cfg.kafka.topic;
         if self.nudger.is_none() {
-            match cfg.kafka.consumer_settings(&cfg.group).create() {
-                Ok(c) => self.nudger = Some(c),
+            let side: BaseConsumer = match cfg.kafka.consumer_settings(&cfg.group).create() {
+                Ok(c) => c,
                 Err(e) => {
                     tracing::debug!(error = %e, "Cannot create the group nudger");
                     return;
                 }
-            }
+            };
+            let partitions = match side.fetch_metadata(Some(topic), BROKER_TIMEOUT) {
+                Ok(md) => md
+                    .topics()
+                    .iter()
+                    .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+                    .collect(),
+                Err(e) => {
+                    tracing::debug!(error = %e, "Group nudge: no topic metadata");
+                    return;
+                }
+            };
+            self.nudger = Some((side, partitions));
         }
-        let Some(side) = &self.nudger else { return };
-        let topic = &cfg.kafka.topic;
-        let partitions = match side.fetch_metadata(Some(topic), BROKER_TIMEOUT) {
-            Ok(md) => md
-                .topics()
-                .iter()
-                .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-                .collect::<Vec<_>>(),
-            Err(e) => {
-                tracing::debug!(error = %e, "Group nudge: no topic metadata");
-                return;
-            }
+        let Some((side, partitions)) = &self.nudger else {
+            return;
         };
         let mut wanted = TopicPartitionList::new();
-        for &p in &partitions {
+        for &p in partitions {
             wanted.add_partition(topic, p);
         }
         let committed = side

@@ -17,8 +17,9 @@ use super::problem::{Problem, ProblemItem};
 use super::{AppState, namespace, parse_limit, run_blocking};
 
 /// A CloudEvent 1.0 as `POST /events` takes it: the rules `UsageEvent::from_json`
-/// applies, as far as JSON Schema says them (documentation only). Extension attributes
-/// (1-20 lowercase letters or digits, scalar values, at most 32) are allowed beside.
+/// applies, as far as JSON Schema says them (documentation only). The length limits and
+/// the extension attributes' rules are added from `tally_crds::event`'s constants
+/// (`openapi::event_limits`).
 #[derive(Serialize, ToSchema)]
 #[schema(as = CloudEvent)]
 pub(crate) struct CloudEventDoc {
@@ -26,27 +27,26 @@ pub(crate) struct CloudEventDoc {
     #[schema(pattern = "^1\\.0$", example = "1.0")]
     specversion: String,
     /// Unique within `source`; a re-sent event with the same id counts once.
-    #[schema(min_length = 1, max_length = 256, example = "req-7f3a")]
+    #[schema(min_length = 1, example = "req-7f3a")]
     id: String,
     /// Who produced it, e.g. a service's URI.
-    #[schema(min_length = 1, max_length = 512, example = "//api.example.com")]
+    #[schema(min_length = 1, example = "//api.example.com")]
     source: String,
     /// The event type meters select on.
     #[serde(rename = "type")]
-    #[schema(min_length = 1, max_length = 256, example = "llm.tokens")]
+    #[schema(min_length = 1, example = "llm.tokens")]
     ty: String,
     /// The customer billed.
-    #[schema(min_length = 1, max_length = 256, example = "customer-42")]
+    #[schema(min_length = 1, example = "customer-42")]
     subject: String,
     /// RFC 3339; absent: the time the server received it.
-    #[schema(value_type = Option<String>, format = DateTime, max_length = 64)]
+    #[schema(value_type = Option<String>, format = DateTime)]
     time: Option<String>,
     /// `application/json` when present.
     #[schema(
         pattern = "^[Aa][Pp][Pp][Ll][Ii][Cc][Aa][Tt][Ii][Oo][Nn]/[Jj][Ss][Oo][Nn]\\s*(;.*)?$"
     )]
     datacontenttype: Option<String>,
-    #[schema(max_length = 1024)]
     dataschema: Option<String>,
     /// The usage payload, at most 64 KiB serialized.
     #[schema(value_type = Option<Object>)]

@@ -63,6 +63,12 @@ fn problem_response(description: &str) -> RefOr<Response> {
     RefOr::T(r)
 }
 
+/// The API's routes (behind the token check, and served again per namespace); the
+/// document itself and the operational routes are open.
+fn behind_auth(path: &str) -> bool {
+    path.starts_with("/api/v1/") && path != "/api/v1/openapi.json"
+}
+
 /// The document for a server with tokens (`auth`) or without.
 pub fn document(auth: bool) -> OpenApi {
     let mut doc = super::api_doc();
@@ -70,7 +76,7 @@ pub fn document(auth: bool) -> OpenApi {
         .paths
         .paths
         .iter()
-        .filter(|(p, _)| p.starts_with("/api/v1/") && p.as_str() != "/api/v1/openapi.json")
+        .filter(|(p, _)| behind_auth(p))
         .map(|(p, i)| (p.clone(), i.clone()))
         .collect();
     for (path, mut item) in api {
@@ -104,7 +110,7 @@ pub fn document(auth: bool) -> OpenApi {
         doc.paths.paths.insert(namespaced, item);
     }
     for (path, item) in doc.paths.paths.iter_mut() {
-        let guarded = path.starts_with("/api/v1/") && path.as_str() != "/api/v1/openapi.json";
+        let guarded = behind_auth(path);
         for op in operations(item) {
             for (status, resp) in op.responses.responses.iter_mut() {
                 let RefOr::T(r) = resp else { continue };
@@ -131,7 +137,7 @@ pub fn document(auth: bool) -> OpenApi {
             }
         }
     }
-    extension_attributes(&mut doc);
+    event_limits(&mut doc);
     if !auth {
         doc.security = None;
         if let Some(c) = doc.components.as_mut() {
@@ -141,27 +147,44 @@ pub fn document(auth: bool) -> OpenApi {
     doc
 }
 
-/// What JSON Schema can say of a CloudEvent's extension attributes, beside the known
-/// ones: names of 1-20 lowercase letters or digits, scalar values, at most 32.
-fn extension_attributes(doc: &mut OpenApi) {
+/// The CloudEvent schema's limits, from the constants `UsageEvent::from_json` checks:
+/// the attributes' lengths, and for extension attributes (beside the known ones) names
+/// of 1-20 lowercase letters or digits, scalar values, at most 32.
+fn event_limits(doc: &mut OpenApi) {
+    use tally_crds::event as limits;
     let Some(components) = doc.components.as_mut() else {
         return;
     };
     let Some(RefOr::T(Schema::Object(event))) = components.schemas.get_mut("CloudEvent") else {
         return;
     };
+    for (name, max) in [
+        ("id", limits::MAX_ID_LEN),
+        ("source", limits::MAX_SOURCE_LEN),
+        ("type", limits::MAX_TYPE_LEN),
+        ("subject", limits::MAX_SUBJECT_LEN),
+        ("time", limits::MAX_TIME_LEN),
+        ("dataschema", limits::MAX_DATASCHEMA_LEN),
+    ] {
+        if let Some(RefOr::T(Schema::Object(attribute))) = event.properties.get_mut(name) {
+            attribute.max_length = Some(max);
+        }
+    }
     let known = event.properties.len();
     event.property_names = Some(Box::new(Schema::Object(
         ObjectBuilder::new()
             .schema_type(Type::String)
-            .pattern(Some("^[a-z0-9]{1,20}$"))
+            .pattern(Some(format!(
+                "^[a-z0-9]{{1,{}}}$",
+                limits::MAX_EXTENSION_NAME_LEN
+            )))
             .build(),
     )));
     let scalar = OneOfBuilder::new()
         .item(
             ObjectBuilder::new()
                 .schema_type(Type::String)
-                .max_length(Some(tally_crds::event::MAX_EXTENSION_VALUE_LEN)),
+                .max_length(Some(limits::MAX_EXTENSION_VALUE_LEN)),
         )
         .item(ObjectBuilder::new().schema_type(Type::Number))
         .item(ObjectBuilder::new().schema_type(Type::Boolean))
@@ -170,5 +193,5 @@ fn extension_attributes(doc: &mut OpenApi) {
     event.additional_properties = Some(Box::new(AdditionalProperties::RefOr(RefOr::T(
         Schema::OneOf(scalar),
     ))));
-    event.max_properties = Some(known + tally_crds::event::MAX_EXTENSIONS);
+    event.max_properties = Some(known + limits::MAX_EXTENSIONS);
 }
