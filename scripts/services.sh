@@ -29,6 +29,10 @@ install() {
     echo "installing clickhouse-server and clickhouse-client from Debian"
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq clickhouse-server clickhouse-client
   fi
+  if [ ! -f /usr/share/java/zookeeper.jar ]; then
+    echo "installing zookeeper 3.8 from Debian (the replicated ClickHouse test runs its own)"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq zookeeper
+  fi
   if ! "$CHDB_PYTHON" -c "import importlib.metadata as m, sys; sys.exit(m.version('chdb-core') != '$CHDB_VERSION')" 2>/dev/null; then
     echo "installing chdb-core $CHDB_VERSION (ClickHouse 26.9) into $TOOLS/chdb-venv (about a minute, once per machine)"
     python3 -m venv "$TOOLS/chdb-venv"

@@ -37,6 +37,15 @@ pub struct ChArgs {
         global = true
     )]
     pub password: String,
+    /// The ClickHouse cluster (a `<remote_servers>` name, with ZooKeeper) to spread
+    /// tally's tables over: Replicated tables created ON CLUSTER, one shard per Kafka
+    /// partition, queries through Distributed tables. Unset: one server.
+    #[arg(
+        long = "clickhouse-cluster",
+        env = "TALLY_CLICKHOUSE_CLUSTER",
+        global = true
+    )]
+    pub cluster: Option<String>,
 }
 
 impl ChArgs {
@@ -47,6 +56,7 @@ impl ChArgs {
             database: self.database.clone(),
             user: self.user.clone(),
             password: self.password.clone(),
+            cluster: self.cluster.clone().filter(|c| !c.is_empty()),
         }
     }
 }

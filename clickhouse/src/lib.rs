@@ -28,6 +28,7 @@
 //!   (every modern zone offset is a multiple of 15 minutes, so whole quarters of any
 //!   window come from it), each fed by its own view.
 pub mod args;
+pub mod cluster;
 pub mod provision;
 pub mod rollup;
 pub mod sink;
@@ -50,6 +51,9 @@ pub struct ChConfig {
     pub user: String,
     /// Password.
     pub password: String,
+    /// The cluster (`remote_servers` name) tally's tables are spread over, replicated
+    /// and sharded; `None`: one server.
+    pub cluster: Option<String>,
 }
 
 /// A ClickHouse connection bound to tally's database.
@@ -58,6 +62,7 @@ pub struct Ch {
     client: clickhouse::Client,
     database: String,
     url: String,
+    cluster: Option<String>,
 }
 
 impl std::fmt::Debug for Ch {
@@ -112,10 +117,21 @@ impl Ch {
         if !config.password.is_empty() {
             client = client.with_password(&config.password);
         }
+        if let Some(c) = &config.cluster
+            && !is_database_name(c)
+        {
+            return Err(Error::Unavailable(format!(
+                "ClickHouse cluster {c:?} must be letters, digits and '_' (a <remote_servers> name)"
+            )));
+        }
+        if config.cluster.is_some() {
+            client = cluster::replicated_settings(client);
+        }
         Ok(Ch {
             client,
             database: config.database.clone(),
             url: config.url.clone(),
+            cluster: config.cluster.clone(),
         })
     }
 
@@ -200,10 +216,10 @@ impl Ch {
             v.join(", ")
         };
         let sql = format!(
-            "SELECT namespace, source, toUInt32(max(time)) AS t FROM {}.events \
+            "SELECT namespace, source, toUInt32(max(time)) AS t FROM {} \
              WHERE time >= now() - INTERVAL {days} DAY AND namespace IN ({}) AND source IN ({}) \
              GROUP BY namespace, source",
-            self.database,
+            self.read("events"),
             list(|p| &p.0),
             list(|p| &p.1)
         );
@@ -252,59 +268,91 @@ impl Ch {
         ins.end().await.map_err(self.err(&step))
     }
 
-    /// Creates the database and the shared tables if missing. Idempotent.
+    /// Creates the database and the shared tables if missing. Idempotent. On a cluster
+    /// the DDL runs `ON CLUSTER` (it waits for every server), so it is skipped when
+    /// everything exists already.
     pub async fn ensure_schema(&self) -> Result<()> {
         let db = &self.database;
+        let on = self.on_cluster();
+        let mut tables = vec![
+            "events",
+            "events_feed",
+            "event_ids",
+            "dead_letters",
+            "sink_log",
+            "meters",
+        ];
+        if self.cluster.is_some() {
+            tables.extend([
+                "partition_shards",
+                "events_all",
+                "dead_letters_all",
+                "sink_log_all",
+            ]);
+            if self.all_exist(&tables).await? {
+                return Ok(());
+            }
+        }
         self.exec(
             "create the database",
-            &format!("CREATE DATABASE IF NOT EXISTS {db}"),
+            &format!("CREATE DATABASE IF NOT EXISTS {db}{on}"),
         )
         .await?;
-        for (name, engine) in [
-            (
-                "events",
-                "MergeTree PARTITION BY toYYYYMM(time) ORDER BY (namespace, type, subject, time)",
-            ),
-            ("events_feed", "Null"),
-        ] {
+        let events = format!(
+            "({EVENT_COLUMNS}) ENGINE = {} PARTITION BY toYYYYMM(time) ORDER BY (namespace, type, subject, time)",
+            self.engine("events", "MergeTree", "")
+        );
+        let feed = format!("({EVENT_COLUMNS}) ENGINE = Null");
+        let event_ids = format!(
+            "(h UInt64, namespace String, source String, id String, ingested DateTime('UTC')) \
+             ENGINE = {} PARTITION BY toYYYYMM(ingested) ORDER BY h",
+            self.engine("event_ids", "MergeTree", "")
+        );
+        let dead_letters = format!(
+            "(kafka_partition Int32, kafka_offset Int64, namespace String, reason String, \
+             payload String, at DateTime('UTC')) \
+             ENGINE = {} ORDER BY (kafka_partition, kafka_offset)",
+            self.engine("dead_letters", "ReplacingMergeTree", "")
+        );
+        let sink_log = format!(
+            "(topic String, kafka_partition Int32, batch UInt64, phase String, rank UInt8, \
+             start_offset Int64, end_offset Int64, inserted_at DateTime('UTC'), logged_ms Int64) \
+             ENGINE = {} ORDER BY (topic, kafka_partition, start_offset, rank)",
+            self.engine("sink_log", "MergeTree", "")
+        );
+        let meters = format!(
+            "(rollup String, namespace String, name String, slug String, definition String, \
+             cutover DateTime('UTC'), backfilled UInt8, dropped UInt8, version UInt64) \
+             ENGINE = {} ORDER BY rollup",
+            self.shared_engine("meters", "ReplacingMergeTree", "version")
+        );
+        let mut ddl = vec![
+            ("events", events),
+            ("events_feed", feed),
+            ("event_ids", event_ids),
+            ("dead_letters", dead_letters),
+            ("sink_log", sink_log),
+            ("meters", meters),
+        ];
+        if self.cluster.is_some() {
+            ddl.push((
+                "partition_shards",
+                format!(
+                    "(topic String, kafka_partition Int32, shard UInt32, version UInt64) \
+                     ENGINE = {} ORDER BY (topic, kafka_partition)",
+                    self.shared_engine("partition_shards", "ReplacingMergeTree", "version")
+                ),
+            ));
+        }
+        for (name, ddl) in ddl {
             self.exec(
                 &format!("create table {name}"),
-                &format!(
-                    "CREATE TABLE IF NOT EXISTS {db}.{name} ({EVENT_COLUMNS}) ENGINE = {engine}"
-                ),
+                &format!("CREATE TABLE IF NOT EXISTS {db}.{name}{on} {ddl}"),
             )
             .await?;
         }
-        for (name, ddl) in [
-            (
-                "event_ids",
-                "(h UInt64, namespace String, source String, id String, ingested DateTime('UTC')) \
-                 ENGINE = MergeTree PARTITION BY toYYYYMM(ingested) ORDER BY h",
-            ),
-            (
-                "dead_letters",
-                "(kafka_partition Int32, kafka_offset Int64, namespace String, reason String, \
-                 payload String, at DateTime('UTC')) \
-                 ENGINE = ReplacingMergeTree ORDER BY (kafka_partition, kafka_offset)",
-            ),
-            (
-                "sink_log",
-                "(topic String, kafka_partition Int32, batch UInt64, phase String, rank UInt8, \
-                 start_offset Int64, end_offset Int64, inserted_at DateTime('UTC'), logged_ms Int64) \
-                 ENGINE = MergeTree ORDER BY (topic, kafka_partition, start_offset, rank)",
-            ),
-            (
-                "meters",
-                "(rollup String, namespace String, name String, slug String, definition String, \
-                 cutover DateTime('UTC'), backfilled UInt8, dropped UInt8, version UInt64) \
-                 ENGINE = ReplacingMergeTree(version) ORDER BY rollup",
-            ),
-        ] {
-            self.exec(
-                &format!("create table {name}"),
-                &format!("CREATE TABLE IF NOT EXISTS {db}.{name} {ddl}"),
-            )
-            .await?;
+        for name in ["events", "dead_letters", "sink_log"] {
+            self.create_distributed(name).await?;
         }
         Ok(())
     }

@@ -141,7 +141,11 @@ pub async fn prepare(ch: &Ch, m: &CompiledMeter, cfg: &CutoverConfig) -> Result<
     let rec = record(ch, &sql.table).await?;
     let mut view_ok = rec.is_some();
     for grain in Grain::ALL {
-        view_ok = view_ok && exists(ch, &view_name(&grain.table(&sql.table))).await?;
+        let table = grain.table(&sql.table);
+        view_ok = view_ok && exists(ch, &view_name(&table)).await?;
+        if ch.cluster().is_some() {
+            view_ok = view_ok && exists(ch, &format!("{table}_all")).await?;
+        }
     }
     if let (true, Some(rec)) = (view_ok, rec) {
         return Ok(rec);
@@ -160,13 +164,11 @@ pub async fn prepare(ch: &Ch, m: &CompiledMeter, cfg: &CutoverConfig) -> Result<
     };
     write_record(ch, &r).await?;
     for grain in Grain::ALL {
-        ch.exec("create a rollup", &sql.create_table(ch.db(), grain))
+        ch.exec("create a rollup", &sql.create_table(ch, grain))
             .await?;
-        ch.exec(
-            "create a rollup view",
-            &sql.create_view(ch.db(), cutover, grain),
-        )
-        .await?;
+        ch.create_distributed(&grain.table(&sql.table)).await?;
+        ch.exec("create a rollup view", &sql.create_view(ch, cutover, grain))
+            .await?;
     }
     tracing::info!(meter = %m.slug, namespace = %m.namespace, rollup = %sql.table, cutover, "Created rollup and view");
     Ok(r)
@@ -254,8 +256,8 @@ async fn open_batches(ch: &Ch, cutover: i64) -> Result<Vec<(i32, u32)>> {
             "SELECT kafka_partition, toUInt32(s) FROM (SELECT kafka_partition, \
              argMax(phase, tuple(start_offset, rank, logged_ms)) AS p, \
              argMax(inserted_at, tuple(start_offset, rank, logged_ms)) AS s \
-             FROM {}.sink_log GROUP BY topic, kafka_partition) WHERE p = 'begin' AND s < toDateTime({cutover})",
-            ch.db()
+             FROM {} GROUP BY topic, kafka_partition) WHERE p = 'begin' AND s < toDateTime({cutover})",
+            ch.read("sink_log")
         ),
     )
     .await
@@ -311,22 +313,39 @@ pub async fn wait_mutations(ch: &Ch, table: &str) -> Result<()> {
     }
 }
 
-/// Deletes the rows of `table` matching `cond` and waits until they are gone.
+/// Deletes the rows of `table` matching `cond` and waits until they are gone. On a
+/// cluster (a connection with `ON CLUSTER`), on every shard, waiting until no shard's
+/// replica that answers shows any (each replica applies the deletion to the parts
+/// numbered before it, never to rows inserted after it: [`crate::cluster`]).
 pub async fn delete_where(ch: &Ch, table: &str, cond: &str) -> Result<()> {
-    let n: Vec<u64> = ch
-        .fetch(
-            "count rows to delete",
-            &format!("SELECT count() FROM {}.{table} WHERE {cond}", ch.db()),
-        )
-        .await?;
-    if n.first().copied().unwrap_or_default() > 0 {
-        ch.exec(
-            "delete rollup rows",
-            &format!("ALTER TABLE {}.{table} DELETE WHERE {cond}", ch.db()),
-        )
-        .await?;
+    let count = || async {
+        let n: Vec<u64> = ch
+            .fetch(
+                "count rows to delete",
+                &format!("SELECT count() FROM {} WHERE {cond}", ch.read(table)),
+            )
+            .await?;
+        Ok::<_, Error>(n.first().copied().unwrap_or_default())
+    };
+    if count().await? == 0 {
+        return Ok(());
     }
-    wait_mutations(ch, table).await
+    ch.exec(
+        "delete rollup rows",
+        &format!(
+            "ALTER TABLE {}.{table}{} DELETE WHERE {cond}",
+            ch.db(),
+            ch.on_cluster()
+        ),
+    )
+    .await?;
+    if ch.cluster().is_none() {
+        return wait_mutations(ch, table).await;
+    }
+    while count().await? > 0 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
 }
 
 /// Step 3: fills the rollup with the events stored before the cutover and marks the
@@ -338,14 +357,14 @@ pub async fn backfill(ch: &Ch, m: &CompiledMeter, mut rec: MeterRecord) -> Resul
         let table = grain.table(&sql.table);
         delete_where(ch, &table, "origin = 1").await?;
         let select = sql.select(
-            &format!("{}.events", ch.db()),
+            &ch.read("events"),
             Derivation::Backfill,
             &format!("inserted_at < toDateTime({})", rec.cutover),
             grain,
         );
         ch.exec_aggregation(
             "backfill a rollup",
-            &format!("INSERT INTO {}.{table} {select}", ch.db()),
+            &format!("INSERT INTO {} {select}", ch.read(&table)),
         )
         .await?;
     }
@@ -365,15 +384,26 @@ pub async fn drop_rollups(ch: &Ch, ids: &[i64]) -> Result<()> {
     for id in ids {
         let table = super::rollup::table_name(*id);
         let db = ch.db();
+        let on = ch.on_cluster();
         for grain in Grain::ALL {
             let t = grain.table(&table);
             ch.exec(
                 "drop a rollup view",
-                &format!("DROP TABLE IF EXISTS {db}.{}", view_name(&t)),
+                &format!("DROP TABLE IF EXISTS {db}.{}{on}", view_name(&t)),
             )
             .await?;
-            ch.exec("drop a rollup", &format!("DROP TABLE IF EXISTS {db}.{t}"))
+            if ch.cluster().is_some() {
+                ch.exec(
+                    "drop a Distributed rollup",
+                    &format!("DROP TABLE IF EXISTS {db}.{t}_all{on}"),
+                )
                 .await?;
+            }
+            ch.exec(
+                "drop a rollup",
+                &format!("DROP TABLE IF EXISTS {db}.{t}{on}"),
+            )
+            .await?;
         }
         if let Some(mut rec) = existing.get(&table).cloned() {
             rec.dropped = 1;

@@ -10,7 +10,7 @@
 //! hold this SQL to the same hand-computed answers as the embedded store.
 use tally_crds::{Aggregation, FilterOperator};
 
-use super::lit;
+use super::{Ch, lit};
 use tally_meter::engine::CompiledMeter;
 use tally_meter::engine::path::{Segment, SingularPath};
 
@@ -177,8 +177,10 @@ impl<'a> RollupSql<'a> {
         cols.join(", ")
     }
 
-    /// `CREATE TABLE IF NOT EXISTS` of the rollup of `grain`.
-    pub fn create_table(&self, db: &str, grain: Grain) -> String {
+    /// `CREATE TABLE IF NOT EXISTS` of the rollup of `grain` (Replicated and `ON
+    /// CLUSTER` when `ch` is a cluster's).
+    pub fn create_table(&self, ch: &Ch, grain: Grain) -> String {
+        let (db, table) = (ch.db(), grain.table(&self.table));
         let mut cols = vec!["subject String".to_string()];
         cols.extend(self.groups().into_iter().map(|g| format!("{g} String")));
         cols.push("gnull UInt64".into());
@@ -186,10 +188,11 @@ impl<'a> RollupSql<'a> {
         cols.push("origin UInt8".into());
         cols.extend(self.states().iter().map(|(c, t, _)| format!("{c} {t}")));
         format!(
-            "CREATE TABLE IF NOT EXISTS {db}.{} ({}) ENGINE = AggregatingMergeTree \
+            "CREATE TABLE IF NOT EXISTS {db}.{table}{} ({}) ENGINE = {} \
              PARTITION BY toYYYYMM(minute) ORDER BY ({})",
-            grain.table(&self.table),
+            ch.on_cluster(),
             cols.join(", "),
+            ch.engine(&table, "AggregatingMergeTree", ""),
             self.key_columns()
         )
     }
@@ -295,11 +298,12 @@ impl<'a> RollupSql<'a> {
 
     /// `CREATE MATERIALIZED VIEW` feeding the rollup of `grain` from `events_feed` for
     /// rows inserted at or after `cutover` (ClickHouse seconds).
-    pub fn create_view(&self, db: &str, cutover: i64, grain: Grain) -> String {
-        let table = grain.table(&self.table);
+    pub fn create_view(&self, ch: &Ch, cutover: i64, grain: Grain) -> String {
+        let (db, table) = (ch.db(), grain.table(&self.table));
         format!(
-            "CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.{} TO {db}.{table} AS {}",
+            "CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.{}{} TO {db}.{table} AS {}",
             view_name(&table),
+            ch.on_cluster(),
             self.select(
                 &format!("{db}.events_feed"),
                 Derivation::View,

@@ -95,7 +95,6 @@ impl ClickHouseStore {
         max_rows: usize,
     ) -> Result<QueryAnswer> {
         let m = &*sm.meter;
-        let db = self.ch.db();
         let ns_type = format!(
             "namespace = {} AND type = {}",
             lit(&m.namespace),
@@ -120,7 +119,10 @@ impl ClickHouseStore {
                     .ch
                     .fetch(
                         "find the first event",
-                        &format!("SELECT count(), min(time_ms) FROM {db}.events WHERE {ns_type}"),
+                        &format!(
+                            "SELECT count(), min(time_ms) FROM {} WHERE {ns_type}",
+                            self.ch.read("events")
+                        ),
                     )
                     .await?;
                 match first.first() {
@@ -153,8 +155,9 @@ impl ClickHouseStore {
                 .fetch(
                     "read events at the edges of a query",
                     &format!(
-                        "SELECT * FROM {db}.events WHERE {ns_type}{subjects} \
+                        "SELECT * FROM {} WHERE {ns_type}{subjects} \
                          AND time >= toDateTime({}) AND time <= toDateTime({}) AND time_ms >= {a} AND time_ms < {b}",
+                        self.ch.read("events"),
                         a.div_euclid(1000).max(0),
                         b.div_euclid(1000).max(0)
                     ),
@@ -210,12 +213,12 @@ impl ClickHouseStore {
                 };
                 let q = format!(
                     "SELECT {} AS s_subject, [{groups}] AS s_groups, bitAnd(gnull, {mask}) AS s_gnull, {} AS s_bucket, {} \
-                     FROM {db}.{} WHERE minute >= toDateTime({a}) AND minute < toDateTime({b}){subjects} \
+                     FROM {} WHERE minute >= toDateTime({a}) AND minute < toDateTime({b}){subjects} \
                      GROUP BY s_subject, s_groups, s_gnull, s_bucket",
                     if by_subject { "subject" } else { "''" },
                     bucket_expr(spec.window_size, from_ms.div_euclid(1000), off),
                     sql.merge_columns(),
-                    grain.table(&sql.table)
+                    self.ch.read(&grain.table(&sql.table))
                 );
                 let rows: Vec<BucketRow> = self.ch.fetch("query a rollup", &q).await?;
                 for r in rows {
@@ -339,9 +342,8 @@ impl Store for ClickHouseStore {
         self.run(self.ch.fetch(
             "list subjects",
             &format!(
-                "SELECT DISTINCT subject FROM {}.{} ORDER BY subject",
-                self.ch.db(),
-                sql.table
+                "SELECT DISTINCT subject FROM {} ORDER BY subject",
+                self.ch.read(&sql.table)
             ),
         ))
     }
@@ -350,8 +352,8 @@ impl Store for ClickHouseStore {
         let rows: Vec<EventRow> = self.run(self.ch.fetch(
             "list events",
             &format!(
-                "SELECT * FROM {}.events WHERE namespace = {} ORDER BY ingested_ms DESC, kafka_partition DESC, kafka_offset DESC LIMIT {limit}",
-                self.ch.db(),
+                "SELECT * FROM {} WHERE namespace = {} ORDER BY ingested_ms DESC, kafka_partition DESC, kafka_offset DESC LIMIT {limit}",
+                self.ch.read("events"),
                 lit(namespace)
             ),
         ))?;
@@ -384,8 +386,8 @@ impl Store for ClickHouseStore {
             "list dead letters",
             &format!(
                 "SELECT kafka_partition, kafka_offset, namespace, reason, payload, toUInt32(at) \
-                 FROM {}.dead_letters FINAL {filter} ORDER BY at DESC, kafka_partition, kafka_offset DESC LIMIT {limit}",
-                self.ch.db()
+                 FROM {} FINAL {filter} ORDER BY at DESC, kafka_partition, kafka_offset DESC LIMIT {limit}",
+                self.ch.read("dead_letters")
             ),
         ))?;
         Ok(rows.into_iter().map(DeadLetter::from).collect())

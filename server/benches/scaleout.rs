@@ -50,6 +50,7 @@ fn ch_config(url: &str, db: &str) -> ChConfig {
         database: db.into(),
         user: String::new(),
         password: String::new(),
+        cluster: None,
     }
 }
 

@@ -136,6 +136,15 @@ pub struct SinkArgs {
     /// Exit with an error after failing on one batch for this many seconds.
     #[arg(long, env = "TALLY_SINK_MAX_RETRY_SECS", default_value_t = 300)]
     pub max_retry_secs: u64,
+    /// With --clickhouse-cluster: the HTTP URL of every replica, comma-separated, shard
+    /// by shard in `system.clusters` order. Default: http://<host_name>:<the port of
+    /// --clickhouse> for each replica the cluster lists.
+    #[arg(
+        long = "clickhouse-replica-urls",
+        env = "TALLY_CLICKHOUSE_REPLICA_URLS",
+        value_delimiter = ','
+    )]
+    pub replica_urls: Vec<String>,
 }
 
 impl Args {
@@ -165,6 +174,7 @@ async fn run_sink(args: &Args, sink: &SinkArgs) -> anyhow::Result<()> {
     cfg.dedup_memory_bytes = sink.dedup_memory_mib << 20;
     cfg.grace_secs = args.cutover.grace_secs;
     cfg.max_retry = Duration::from_secs(sink.max_retry_secs);
+    cfg.replica_urls = sink.replica_urls.clone();
     let stop = Arc::new(AtomicBool::new(false));
     let stats = Arc::new(SinkStats::default());
     let encode = {

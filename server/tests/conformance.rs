@@ -87,6 +87,7 @@ impl Harness {
             database: database.clone(),
             user: String::new(),
             password: String::new(),
+            cluster: None,
         };
         let ch = Ch::new(&chcfg).unwrap();
         let version = ch.server_version().await.unwrap();

@@ -51,6 +51,7 @@ async fn main() {
         database: raw_db.clone(),
         user: String::new(),
         password: String::new(),
+        cluster: None,
     })
     .unwrap();
     let compiled: Vec<_> = (0..n)

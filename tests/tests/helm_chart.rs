@@ -419,6 +419,17 @@ async fn helm_install_with_the_ci_values_wires_every_secret() {
             plain("TALLY_KAFKA_SSL_CA_LOCATION"),
             Some("/etc/tally/kafka-ca/ca.crt".into())
         );
+        // every component spreads tables over the same cluster; the sink writes replicas
+        assert_eq!(
+            plain("TALLY_CLICKHOUSE_CLUSTER"),
+            Some("tally".into()),
+            "{name}"
+        );
+        assert_eq!(
+            plain("TALLY_CLICKHOUSE_REPLICA_URLS").is_some(),
+            name == "tally-sink",
+            "{name}"
+        );
         let mounts = c["volumeMounts"].to_string();
         assert!(mounts.contains("/etc/tally/kafka-ca"), "{name}: {mounts}");
         // No credential is written into the pod spec.

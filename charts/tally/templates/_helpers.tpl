@@ -74,6 +74,10 @@ seccompProfile:
   value: {{ .Values.clickhouse.url | quote }}
 - name: TALLY_CLICKHOUSE_DATABASE
   value: {{ .Values.clickhouse.database | quote }}
+{{- if .Values.clickhouse.cluster }}
+- name: TALLY_CLICKHOUSE_CLUSTER
+  value: {{ .Values.clickhouse.cluster | quote }}
+{{- end }}
 {{- if .Values.clickhouse.existingSecret }}
 - name: TALLY_CLICKHOUSE_USER
   valueFrom:

@@ -62,6 +62,11 @@
 //! database, bad credentials, no grant) stops the sink at once with the fix
 //! ([`SinkError::Config`]).
 //!
+//! # On a replicated, sharded cluster
+//! Each Kafka partition belongs to one shard ([`crate::cluster`]); a batch's messages of
+//! each shard are applied as a batch of their own through that shard's writer replica,
+//! so everything above holds shard by shard.
+//!
 //! # Files
 //! `config.rs` settings, `stats.rs` counters, `batch.rs` decoding, `dedup.rs`,
 //! `log.rs` the begin/done log, `repair.rs`, `split.rs`, `prune.rs`, `retry.rs`,
@@ -103,6 +108,7 @@ pub use self::error::{SinkError, SinkResult};
 use self::failpoint::failpoint;
 use self::log::PartState;
 pub use self::stats::SinkStats;
+use crate::cluster::{PartitionShards, Topology};
 use crate::{Ch, DeadLetterRow, EventRow};
 use tally_meter::{Error, Result};
 
@@ -138,7 +144,14 @@ impl ConsumerContext for RebalanceLog {
 
 struct Sink {
     cfg: SinkConfig,
+    /// Where the batch being applied goes: the server, or on a cluster the writer
+    /// replica of the shard in hand ([`Sink::on_shard`]).
     ch: Ch,
+    /// The connection the sink was configured with (on a cluster: DDL, the shard map).
+    control: Ch,
+    /// On a cluster, each shard's writer replica ([`crate::cluster`]); empty on one server.
+    shards: Vec<Ch>,
+    shard_map: PartitionShards,
     consumer: BaseConsumer<RebalanceLog>,
     rt: tokio::runtime::Runtime,
     recent: RecentIds,
@@ -179,11 +192,34 @@ pub fn run(cfg: SinkConfig, stats: Arc<SinkStats>, stop: Arc<AtomicBool>) -> Sin
         .subscribe(&[&cfg.kafka.topic])
         .map_err(error::kafka("subscribe to the topic"))?;
     let version = rt.block_on(ch.server_version()).unwrap_or_default();
-    tracing::info!(brokers = %cfg.kafka.brokers, topic = %cfg.kafka.topic, group = %cfg.group, clickhouse = %ch.url(), clickhouse_version = %version, database = %ch.db(), "tally sink started");
+    let shards = match ch.cluster() {
+        None => Vec::new(),
+        Some(cluster) => {
+            let topology = retrying(
+                "read the cluster's shards",
+                cfg.max_retry,
+                Duration::from_secs(1),
+                &stop,
+                || rt.block_on(Topology::discover(&ch, cluster, &cfg.replica_urls)),
+            )?;
+            let writers: Vec<&str> = topology.shards.iter().map(|r| r[0].as_str()).collect();
+            tracing::info!(
+                cluster,
+                shards = topology.shards.len(),
+                ?writers,
+                "Writing each shard through its first replica"
+            );
+            writers.into_iter().map(|url| ch.replica(url)).collect()
+        }
+    };
+    tracing::info!(brokers = %cfg.kafka.brokers, topic = %cfg.kafka.topic, group = %cfg.group, clickhouse = %ch.url(), clickhouse_version = %version, database = %ch.db(), cluster = ch.cluster().unwrap_or(""), "tally sink started");
     let mut sink = Sink {
         recent: RecentIds::new(cfg.dedup_memory_bytes),
         cfg,
+        control: ch.clone(),
         ch,
+        shards,
+        shard_map: PartitionShards::default(),
         consumer,
         rt,
         parts: HashMap::new(),
@@ -259,11 +295,15 @@ impl Sink {
             self.handle_rebalances(&mut batch);
             if last_prune.elapsed() >= Duration::from_secs(3600) {
                 last_prune = Instant::now();
-                if let Err(e) = self.rt.block_on(self.prune_identities()) {
-                    tracing::warn!(error = %e, "Failed to drop expired dedup identities; retrying in an hour");
-                }
-                if let Err(e) = self.rt.block_on(self.prune_log()) {
-                    tracing::warn!(error = %e, "Failed to prune the sink log; retrying in an hour");
+                for shard in 0..self.shards.len().max(1) {
+                    self.on_shard(shard, |sink| {
+                        if let Err(e) = sink.rt.block_on(sink.prune_identities()) {
+                            tracing::warn!(error = %e, "Failed to drop expired dedup identities; retrying in an hour");
+                        }
+                        if let Err(e) = sink.rt.block_on(sink.prune_log()) {
+                            tracing::warn!(error = %e, "Failed to prune the sink log; retrying in an hour");
+                        }
+                    });
                 }
             }
             let wait = if batch.is_empty() {
@@ -339,7 +379,10 @@ impl Sink {
     fn route(&mut self, msg: Msg) -> SinkResult<Option<Msg>> {
         let p = msg.partition;
         if !self.parts.contains_key(&p) {
-            let state = self.with_retry("read the sink log", |s| s.read_partition(p))?;
+            let state = self.with_retry("read the sink log", |s| {
+                let shard = s.shard_of(p)?;
+                s.on_shard(shard, |s| s.read_partition(p))
+            })?;
             let target = state.open.map_or(state.next, |o| o.0);
             self.parts.insert(p, state);
             if msg.offset != target && target >= 0 {
@@ -389,7 +432,8 @@ impl Sink {
                     "Repairing a batch that began but did not finish"
                 );
                 self.with_retry("repair a batch", |sink| {
-                    sink.repair(&msgs, s, batch, &ranges)
+                    let shard = sink.shard_of(p)?;
+                    sink.on_shard(shard, |sink| sink.repair(&msgs, s, batch, &ranges))
                 })?;
                 let state = self.parts.get_mut(&p).expect("present");
                 state.next = end + 1;
@@ -413,8 +457,58 @@ impl Sink {
         retrying(what, max_retry, Duration::ZERO, &stop, || f(self))
     }
 
-    /// Applies one batch: begin, dedup, insert, feed, done.
+    /// The shard partition `p`'s rows live on (0 on one server).
+    fn shard_of(&mut self, p: i32) -> Result<usize> {
+        if self.shards.is_empty() {
+            return Ok(0);
+        }
+        let (n, topic) = (self.shards.len(), self.cfg.kafka.topic.clone());
+        self.rt
+            .block_on(self.shard_map.shard_of(&self.control, &topic, p, n))
+    }
+
+    /// Runs `f` with `self.ch` the writer of `shard` (on one server: the server).
+    fn on_shard<T>(&mut self, shard: usize, f: impl FnOnce(&mut Sink) -> T) -> T {
+        let Some(writer) = self.shards.get(shard).cloned() else {
+            return f(self);
+        };
+        let previous = std::mem::replace(&mut self.ch, writer);
+        let out = f(self);
+        self.ch = previous;
+        out
+    }
+
+    /// Applies one batch: on a cluster, its messages of each shard as a batch of their
+    /// own on that shard; then commits the offsets to Kafka.
     fn apply(&mut self, msgs: Vec<Msg>) -> SinkResult<()> {
+        let ranges = Self::ranges(&msgs);
+        if self.shards.is_empty() {
+            self.apply_on_shard(msgs)?;
+        } else {
+            let mut by_shard: std::collections::BTreeMap<usize, Vec<Msg>> = Default::default();
+            for m in msgs {
+                // every partition of the batch was routed, so its shard is known
+                let shard =
+                    self.with_retry("read the partition's shard", |s| s.shard_of(m.partition))?;
+                by_shard.entry(shard).or_default().push(m);
+            }
+            for (shard, msgs) in by_shard {
+                self.on_shard(shard, |sink| sink.apply_on_shard(msgs))?;
+            }
+        }
+        let mut tpl = TopicPartitionList::new();
+        for &(p, _, end) in &ranges {
+            tpl.add_partition_offset(&self.cfg.kafka.topic, p, Offset::Offset(end + 1))
+                .map_err(error::kafka("commit offsets"))?;
+        }
+        if let Err(e) = self.consumer.commit(&tpl, CommitMode::Async) {
+            tracing::debug!(error = %e, "Kafka offset commit failed (the sink log is authoritative)");
+        }
+        Ok(())
+    }
+
+    /// Applies one batch where `self.ch` points: begin, dedup, feed, insert, done.
+    fn apply_on_shard(&mut self, msgs: Vec<Msg>) -> SinkResult<()> {
         let ranges = Self::ranges(&msgs);
         self.batch_seq += 1;
         let batch = (chrono::Utc::now().timestamp_micros() as u64) ^ self.batch_seq;
@@ -451,14 +545,6 @@ impl Sink {
             if let Some(st) = self.parts.get_mut(&p) {
                 st.next = end + 1;
             }
-        }
-        let mut tpl = TopicPartitionList::new();
-        for &(p, _, end) in &ranges {
-            tpl.add_partition_offset(&self.cfg.kafka.topic, p, Offset::Offset(end + 1))
-                .map_err(error::kafka("commit offsets"))?;
-        }
-        if let Err(e) = self.consumer.commit(&tpl, CommitMode::Async) {
-            tracing::debug!(error = %e, "Kafka offset commit failed (the sink log is authoritative)");
         }
         Ok(())
     }

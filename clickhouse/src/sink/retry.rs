@@ -64,6 +64,7 @@ pub const CODES: &[Code] = &[
     code(202, "TOO_MANY_SIMULTANEOUS_QUERIES", Transient, ""),
     code(203, "NO_FREE_CONNECTION", Transient, ""),
     code(209, "SOCKET_TIMEOUT", Transient, ""),
+    code(225, "NO_ZOOKEEPER", Transient, ""),
     code(210, "NETWORK_ERROR", Transient, ""),
     code(241, "MEMORY_LIMIT_EXCEEDED", Transient, ""),
     code(242, "TABLE_IS_READ_ONLY", Transient, ""),

@@ -36,6 +36,7 @@ fn context(client: Client, health: Health, others: &[Meter]) -> Arc<Context> {
             database: "tally".into(),
             user: String::new(),
             password: String::new(),
+            cluster: None,
         })
         .unwrap(),
         cutover: CutoverConfig::default(),

@@ -145,9 +145,22 @@ impl PrivateClickHouse {
         PrivateClickHouse::launch(false)
     }
 
+    /// ClickHouse 18.16 on `http`/`tcp` with `extra` as `config.d/extra.xml` (e.g. a
+    /// cluster's replication settings).
+    pub fn launch_with(http: u16, tcp: u16, extra: &str) -> PrivateClickHouse {
+        PrivateClickHouse::launch_on(false, http, tcp, extra)
+    }
+
     fn launch(v26: bool) -> PrivateClickHouse {
+        PrivateClickHouse::launch_on(v26, free_port(), free_port(), "")
+    }
+
+    fn launch_on(v26: bool, http: u16, tcp: u16, extra: &str) -> PrivateClickHouse {
         let dir = tempfile::tempdir().unwrap();
-        let (http, tcp) = (free_port(), free_port());
+        if !extra.is_empty() {
+            std::fs::create_dir_all(dir.path().join("config.d")).unwrap();
+            std::fs::write(dir.path().join("config.d/extra.xml"), extra).unwrap();
+        }
         if !v26 {
             let ok = Command::new(repo().join("scripts/services.sh"))
                 .args(["clickhouse-config"])
@@ -356,5 +369,212 @@ impl SinkProcess {
 impl Drop for SinkProcess {
     fn drop(&mut self) {
         self.kill9();
+    }
+}
+
+/// The jars ZooKeeper 3.8 runs from (Debian's `zookeeper` package), or `None`.
+fn zookeeper_classpath() -> Option<String> {
+    let java = std::path::Path::new("/usr/share/java");
+    let jars = [
+        "zookeeper.jar",
+        "zookeeper-jute.jar",
+        "netty-all.jar",
+        "slf4j-api.jar",
+        "slf4j-simple.jar",
+        "commons-cli.jar",
+        "commons-io.jar",
+        "metrics-core.jar",
+        "snappy-java.jar",
+    ];
+    let paths: Vec<PathBuf> = jars.iter().map(|j| java.join(j)).collect();
+    paths.iter().all(|p| p.exists()).then(|| {
+        paths
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(":")
+    })
+}
+
+/// Whether a replicated cluster can run here (ZooKeeper's jars, Java, clickhouse-server),
+/// or `false` after printing why the test is skipped (under `CI` it fails instead).
+pub fn cluster_available(test: &str) -> bool {
+    let mut missing = Vec::new();
+    if zookeeper_classpath().is_none() {
+        missing.push("ZooKeeper (Debian's zookeeper package)");
+    }
+    if Command::new("java").arg("-version").output().is_err() {
+        missing.push("java");
+    }
+    if !std::path::Path::new("/usr/sbin/clickhouse-server").exists() {
+        missing.push("clickhouse-server 18.16");
+    }
+    if missing.is_empty() {
+        return true;
+    }
+    let why = format!(
+        "{test}: {} not installed (`make services` installs them)",
+        missing.join(", ")
+    );
+    if std::env::var_os("CI").is_some() {
+        panic!("{why}; CI must not skip");
+    }
+    eprintln!("SKIPPED {why}");
+    false
+}
+
+/// A ZooKeeper 3.8 server on loopback, on its own data dir; stopped by PID on drop.
+pub struct ZooKeeper {
+    child: Option<Child>,
+    pub port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl ZooKeeper {
+    pub fn start() -> ZooKeeper {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        std::fs::create_dir_all(dir.path().join("data")).unwrap();
+        std::fs::write(
+            dir.path().join("zoo.cfg"),
+            format!(
+                "tickTime=2000\ndataDir={}\nclientPort={port}\nclientPortAddress=127.0.0.1\n\
+                 admin.enableServer=false\n4lw.commands.whitelist=ruok\n",
+                dir.path().join("data").display()
+            ),
+        )
+        .unwrap();
+        let mut zk = ZooKeeper {
+            child: None,
+            port,
+            dir,
+        };
+        zk.spawn();
+        zk
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("zookeeper.log"))
+            .unwrap();
+        let child = Command::new("java")
+            .args(["-Xmx256m", "-cp"])
+            .arg(format!(
+                "{}:/etc/zookeeper/conf",
+                zookeeper_classpath().expect("checked by cluster_available")
+            ))
+            .arg("org.apache.zookeeper.server.ZooKeeperServerMain")
+            .arg(self.dir.path().join("zoo.cfg"))
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("java starts ZooKeeper");
+        self.child = Some(child);
+        let port = self.port;
+        super::wait_for(
+            Duration::from_secs(60),
+            &format!("ZooKeeper answering imok on 127.0.0.1:{port}"),
+            || zookeeper_ok(port),
+        );
+    }
+
+    /// SIGKILL, then start again on the same data.
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.spawn();
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for ZooKeeper {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn zookeeper_ok(port: u16) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    if s.write_all(b"ruok").is_err() {
+        return false;
+    }
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out.contains("imok")
+}
+
+/// A replicated, sharded ClickHouse 18.16 cluster named `c1` on loopback: `shards` ×
+/// `replicas` servers, each with its own config, data dir, ports, `{shard}`/`{replica}`
+/// macros, `interserver_http_host` 127.0.0.1, and the ZooKeeper at `zk_port`.
+pub struct ClickHouseCluster {
+    /// `servers[shard][replica]`, each a private server.
+    pub servers: Vec<Vec<PrivateClickHouse>>,
+}
+
+impl ClickHouseCluster {
+    pub fn start(shards: usize, replicas: usize, zk_port: u16) -> ClickHouseCluster {
+        let ports: Vec<Vec<(u16, u16, u16)>> = (0..shards)
+            .map(|_| {
+                (0..replicas)
+                    .map(|_| (free_port(), free_port(), free_port()))
+                    .collect()
+            })
+            .collect();
+        let remote: String = ports
+            .iter()
+            .map(|shard| {
+                let reps: String = shard
+                    .iter()
+                    .map(|(_, tcp, _)| {
+                        format!("<replica><host>127.0.0.1</host><port>{tcp}</port></replica>")
+                    })
+                    .collect();
+                format!("<shard><internal_replication>true</internal_replication>{reps}</shard>")
+            })
+            .collect();
+        let servers = ports
+            .iter()
+            .enumerate()
+            .map(|(s, shard)| {
+                shard
+                    .iter()
+                    .enumerate()
+                    .map(|(r, &(http, tcp, inter))| {
+                        let extra = format!(
+                            "<yandex>\n  <interserver_http_port>{inter}</interserver_http_port>\n  \
+                             <interserver_http_host>127.0.0.1</interserver_http_host>\n  \
+                             <zookeeper><node><host>127.0.0.1</host><port>{zk_port}</port></node></zookeeper>\n  \
+                             <macros><shard>{:02}</shard><replica>r{}</replica></macros>\n  \
+                             <distributed_ddl><path>/clickhouse/task_queue/ddl</path></distributed_ddl>\n  \
+                             <remote_servers><c1>{remote}</c1></remote_servers>\n</yandex>\n",
+                            s + 1,
+                            r + 1
+                        );
+                        PrivateClickHouse::launch_with(http, tcp, &extra)
+                    })
+                    .collect()
+            })
+            .collect();
+        ClickHouseCluster { servers }
+    }
+
+    /// Every replica's URL, shard by shard (the sink's `--clickhouse-replica-urls`).
+    pub fn urls(&self) -> Vec<String> {
+        self.servers
+            .iter()
+            .flatten()
+            .map(|s| s.url.clone())
+            .collect()
     }
 }
