@@ -32,6 +32,16 @@ spec:
   aggregation: COUNT
 "#;
 
+const LATE_METER: &str = r#"
+apiVersion: tally.dev/v1alpha1
+kind: Meter
+metadata: {name: tokens-late}
+spec:
+  eventType: llm
+  aggregation: SUM
+  valueProperty: $.tokens
+"#;
+
 const SUBJECTS: u64 = 20;
 
 /// Event `i`: subject, second of the day and tokens all follow from `i`.
@@ -228,6 +238,28 @@ async fn a_sharded_replicated_cluster_counts_exactly_once_through_replica_sink_a
             }
         })
     };
+    // a meter created while events stream: backfilled through the Distributed tables
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    std::fs::write(server.manifests.join("late.yaml"), LATE_METER).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while client()
+        .get(server.url("/api/v1/meters/tokens_late"))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        != 200
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the late meter was not served within 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        !sender.is_finished(),
+        "events should still stream at the cutover"
+    );
     for shard in 0..2 {
         tokio::time::sleep(Duration::from_secs(1)).await;
         eprintln!("SIGKILL shard {}'s writer replica", shard + 1);
@@ -263,6 +295,31 @@ async fn a_sharded_replicated_cluster_counts_exactly_once_through_replica_sink_a
         !sink.exited(),
         "the sink exited:\n{}",
         tail(&sink.log_text())
+    );
+    let (tokens, _) = expected(N, 3);
+    assert_eq!(
+        totals(&server, "tokens_late").await,
+        tokens,
+        "the late meter"
+    );
+    let rollup = ch(
+        &query_url,
+        &format!("SELECT rollup FROM {db}.meters FINAL WHERE slug = 'tokens_late'"),
+    )
+    .await
+    .trim()
+    .to_string();
+    let origins = ch(
+        &query_url,
+        &format!(
+            "SELECT origin, countMerge(cnt) FROM {db}.{rollup}_all GROUP BY origin ORDER BY origin"
+        ),
+    )
+    .await;
+    assert_eq!(
+        origins.lines().count(),
+        2,
+        "the backfill and the view both counted: {origins}"
     );
 
     // every replica holds its shard's rows exactly once, and the shards hold them all
@@ -311,5 +368,21 @@ async fn a_sharded_replicated_cluster_counts_exactly_once_through_replica_sink_a
         "the sink should have seen its writer go away:\n{}",
         tail(&log)
     );
+
+    // deleting the meter drops its view, rollup and Distributed table on every server
+    std::fs::remove_file(server.manifests.join("late.yaml")).unwrap();
+    for url in cluster.urls() {
+        let sql = format!(
+            "SELECT count() FROM system.tables WHERE database = '{db}' AND name LIKE '{rollup}%'"
+        );
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while ch(&url, &sql).await.trim() != "0" {
+            assert!(
+                Instant::now() < deadline,
+                "the late meter's tables stay on {url}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
     eprintln!("cluster test done in {:?}", started.elapsed());
 }
