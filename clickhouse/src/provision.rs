@@ -19,7 +19,14 @@
 //!    mark the meter backfilled. Queries serve the meter only after that.
 //!
 //! So each stored event is counted once: by the view (`>= T`) or by the backfill
-//! (`< T`), never both and never neither. Deleting a meter drops its view and rollup;
+//! (`< T`), never both and never neither.
+//!
+//! A meter found with some but not all of its views (a database provisioned before the
+//! fifteen-minute tier has only the minute view; a view dropped by hand) gets a new `T`
+//! for every grain: each existing view is dropped and its rows (`origin = 0`) deleted
+//! before the new view is created, so the argument above holds for the new `T`. (A
+//! sink repair that read the old `T` just before could re-derive old view rows after
+//! that deletion; it needs a crashed batch at that moment.) Deleting a meter drops its view and rollup;
 //! raw events stay.
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -164,9 +171,28 @@ pub async fn prepare(ch: &Ch, m: &CompiledMeter, cfg: &CutoverConfig) -> Result<
     };
     write_record(ch, &r).await?;
     for grain in Grain::ALL {
+        let table = grain.table(&sql.table);
         ch.exec("create a rollup", &sql.create_table(ch, grain))
             .await?;
-        ch.create_distributed(&grain.table(&sql.table)).await?;
+        ch.create_distributed(&table).await?;
+        // A view already there counts from an older cutover (a database from before the
+        // quarter tier has only the minute view): drop it, then its rows, while no view
+        // writes to the table, so the backfill (< T) and the new view (>= T) count
+        // each event once.
+        if exists(ch, &view_name(&table)).await? {
+            ch.exec(
+                "drop a rollup view of an older cutover",
+                &format!(
+                    "DROP TABLE IF EXISTS {}.{}{}",
+                    ch.db(),
+                    view_name(&table),
+                    ch.on_cluster()
+                ),
+            )
+            .await?;
+            delete_where(ch, &table, "origin = 0").await?;
+            tracing::info!(rollup = %table, cutover, "Replaced a rollup view of an older cutover");
+        }
         ch.exec("create a rollup view", &sql.create_view(ch, cutover, grain))
             .await?;
     }

@@ -832,3 +832,167 @@ async fn a_refused_clickhouse_login_stops_the_sink_at_once_naming_the_flag() {
         );
     }
 }
+
+/// A database provisioned by a release before the fifteen-minute tier: the meter's
+/// minute rollup and view (the SQL that release ran, which this one still generates),
+/// and its record. This release's provisioning must take it over without counting the
+/// events the old view already counted a second time.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_database_from_before_the_quarter_tier_upgrades_without_counting_twice() {
+    use tally_clickhouse::provision::MeterRecord;
+    use tally_clickhouse::rollup::{Grain, RollupSql};
+    let Some(svc) = services("upgrade test") else {
+        return;
+    };
+    let url = svc.clickhouse26.clone();
+    let (database, topic) = (unique("u"), unique("u"));
+    let old = tally_clickhouse::Ch::new(&tally_clickhouse::ChConfig {
+        url: url.clone(),
+        database: database.clone(),
+        user: String::new(),
+        password: String::new(),
+        cluster: None,
+    })
+    .unwrap();
+    old.ensure_schema().await.unwrap();
+    let mut meter: tally_crds::Meter = serde_yaml::from_str(LATE_METER).unwrap();
+    meter.metadata.namespace = Some("default".into());
+    let compiled = tally_meter::engine::CompiledMeter::compile(&meter).unwrap();
+    let sql = RollupSql::new(&compiled);
+    let t1 = old.now().await.unwrap();
+    old.insert::<MeterRecord>(
+        "meters",
+        &[MeterRecord {
+            rollup: sql.table.clone(),
+            namespace: "default".into(),
+            name: "tokens-late".into(),
+            slug: "tokens_late".into(),
+            definition: serde_json::to_string(&meter).unwrap(),
+            cutover: t1 as u32,
+            backfilled: 1,
+            dropped: 0,
+            version: 1,
+        }],
+    )
+    .await
+    .unwrap();
+    old.exec("old rollup", &sql.create_table(&old, Grain::Minute))
+        .await
+        .unwrap();
+    old.exec("old view", &sql.create_view(&old, t1, Grain::Minute))
+        .await
+        .unwrap();
+
+    // the old release ingests (its server only produced to Kafka; the sink loads)
+    let ingest_only = [
+        "--kafka",
+        &svc.kafka,
+        "--topic",
+        &topic,
+        "--topic-partitions",
+        "4",
+        "--clickhouse",
+        &url,
+        "--clickhouse-database",
+        &database,
+    ];
+    let server = Server::start(&[("meters.yaml", LATE_METER)], &ingest_only);
+    let sink = SinkProcess::start(&svc.kafka, &url, &database, &topic, &[]);
+    let mut stack = Stack {
+        svc: svc.clone(),
+        clickhouse: url.clone(),
+        database: database.clone(),
+        topic: topic.clone(),
+        server,
+        sink,
+    };
+    const BEFORE: u64 = 4_000;
+    const N: u64 = 6_000;
+    stack.send(0..BEFORE, 500).await;
+    stack.drained(Duration::from_secs(120)).await;
+    let counted = ch(
+        &url,
+        &format!("SELECT sumMerge(sum) FROM {database}.{}", sql.table),
+    )
+    .await;
+    assert_eq!(
+        counted.trim(),
+        totals(BEFORE).0.to_string(),
+        "the old view counted"
+    );
+
+    // upgrade: this release's server provisions the same meter
+    let args = [
+        "--kafka",
+        &svc.kafka,
+        "--topic",
+        &topic,
+        "--topic-partitions",
+        "4",
+        "--clickhouse",
+        &url,
+        "--clickhouse-database",
+        &database,
+        "--provision",
+        "--cutover-margin-secs",
+        "1",
+        "--cutover-grace-secs",
+        "1",
+    ];
+    stack.server = Server::start(&[("meters.yaml", LATE_METER)], &args);
+    stack.send(BEFORE..N, 500).await;
+    stack.drained(Duration::from_secs(120)).await;
+    // the sink log can be read a moment before the last batch's rows: wait on the answer
+    let want = totals(N).0 as f64;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut got = stack.total("tokens_late").await;
+    while got != want && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        got = stack.total("tokens_late").await;
+    }
+    let origins = ch(
+        &url,
+        &format!(
+            "SELECT origin, sumMerge(sum) FROM {database}.{} GROUP BY origin ORDER BY origin",
+            sql.table
+        ),
+    )
+    .await;
+    assert_eq!(
+        got, want,
+        "whole-day total after the upgrade (minute rollup by origin: {origins})"
+    );
+    // a range that is not whole quarters reads minute rows, quarter rows and raw edges
+    let (from, to) = ("2024-06-01T00:07:30Z", "2024-06-01T09:52:10.500Z");
+    let (from_ms, to_ms) = (450_000i64, (9 * 3600 + 52 * 60 + 10) * 1000 + 500);
+    let want: u64 = (0..N)
+        .filter(|i| {
+            let minute = (i % 600) as i64;
+            let ms = minute * 60_000 + (i % 60) as i64 * 1000 + (i % 1000) as i64;
+            (from_ms..to_ms).contains(&ms)
+        })
+        .map(|i| (i % 97) + 1)
+        .sum();
+    let (status, body) = get_json(
+        &client(),
+        &stack.server.url(&format!(
+            "/api/v1/meters/tokens_late/query?from={from}&to={to}"
+        )),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let got: f64 = body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["value"].as_f64().unwrap())
+        .sum();
+    assert_eq!(got, want as f64, "an unaligned range after the upgrade");
+    assert!(
+        ch(&url, &format!("EXISTS TABLE {database}.{}_q", sql.table))
+            .await
+            .trim()
+            == "1",
+        "the quarter tier was added"
+    );
+}
