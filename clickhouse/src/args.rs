@@ -46,6 +46,17 @@ pub struct ChArgs {
         global = true
     )]
     pub cluster: Option<String>,
+    /// With --clickhouse-cluster: the HTTP URL of every replica, comma-separated, shard
+    /// by shard in `system.clusters` order. Default: http://<host_name>:<the port of
+    /// --clickhouse> for each replica the cluster lists. The sink and provisioning
+    /// read and write each shard through its first replica.
+    #[arg(
+        long = "clickhouse-replica-urls",
+        env = "TALLY_CLICKHOUSE_REPLICA_URLS",
+        value_delimiter = ',',
+        global = true
+    )]
+    pub replica_urls: Vec<String>,
 }
 
 impl ChArgs {
@@ -57,6 +68,7 @@ impl ChArgs {
             user: self.user.clone(),
             password: self.password.clone(),
             cluster: self.cluster.clone().filter(|c| !c.is_empty()),
+            replica_urls: self.replica_urls.clone(),
         }
     }
 }

@@ -62,10 +62,12 @@
 //!   written (the writer cut off from ZooKeeper that long) would be missed by a repair
 //!   in that moment; its view takes rows only from the cutover on, so this needs both
 //!   at once.
-//! - **Backfill** reads `events_all` and inserts into the rollup's `_all` table with
-//!   `insert_distributed_sync = 1`, so each row is on a shard when the insert returns; a
-//!   retry first deletes the backfill rows `ON CLUSTER`, then waits until no shard shows
-//!   any.
+//! - **Provisioning reads the writers too**: the cutover's wait reads each shard's
+//!   `sink_log` on its writer, and the backfill runs shard by shard on the writer (its
+//!   `events` into its rollup), so it sees every batch the sink finished; a replica
+//!   that has not fetched the newest parts yet would miss them. A meter created while
+//!   a shard's writer is down waits for it (the provisioning step fails and is retried).
+//!   Deletions (a backfill's retry, an upgrade's old view rows) run on each writer too.
 //!
 //! Untested in cluster mode, so not used there: lightweight deletes, insert dedup
 //! tokens, `DateTime64`. The cluster test runs on ClickHouse 18.16.
@@ -78,9 +80,7 @@ use crate::{Ch, lit};
 
 /// The settings every request of a cluster installation carries (see the module docs).
 pub(crate) fn replicated_settings(client: clickhouse::Client) -> clickhouse::Client {
-    client
-        .with_setting("insert_deduplicate", "0")
-        .with_setting("insert_distributed_sync", "1")
+    client.with_setting("insert_deduplicate", "0")
 }
 
 impl Ch {
@@ -166,7 +166,23 @@ impl Ch {
             database: self.database.clone(),
             url: url.to_string(),
             cluster: None,
+            replica_urls: Vec::new(),
         }
+    }
+
+    /// The connections everything that decides reads and writes through: on a cluster,
+    /// each shard's writer (its first replica), so reads see every acknowledged write
+    /// (see the module docs); on one server, the server.
+    pub async fn writers(&self) -> Result<Vec<Ch>> {
+        let Some(cluster) = &self.cluster else {
+            return Ok(vec![self.clone()]);
+        };
+        let topology = Topology::discover(self, cluster, &self.replica_urls).await?;
+        Ok(topology
+            .shards
+            .iter()
+            .map(|replicas| self.replica(&replicas[0]))
+            .collect())
     }
 
     /// Whether every table in `names` exists here.
@@ -328,6 +344,7 @@ mod tests {
             user: String::new(),
             password: String::new(),
             cluster: cluster.map(String::from),
+            replica_urls: Vec::new(),
         })
         .unwrap()
     }
@@ -366,6 +383,7 @@ mod tests {
             user: String::new(),
             password: String::new(),
             cluster: Some("c1; DROP".into()),
+            replica_urls: Vec::new(),
         })
         .unwrap_err();
         assert!(e.to_string().contains("remote_servers"), "{e}");

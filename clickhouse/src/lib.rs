@@ -54,6 +54,9 @@ pub struct ChConfig {
     /// The cluster (`remote_servers` name) tally's tables are spread over, replicated
     /// and sharded; `None`: one server.
     pub cluster: Option<String>,
+    /// On a cluster: every replica's HTTP URL, shard by shard in `system.clusters`
+    /// order (empty: derived from it, see [`cluster::Topology::discover`]).
+    pub replica_urls: Vec<String>,
 }
 
 /// A ClickHouse connection bound to tally's database.
@@ -63,6 +66,7 @@ pub struct Ch {
     database: String,
     url: String,
     cluster: Option<String>,
+    replica_urls: Vec<String>,
 }
 
 impl std::fmt::Debug for Ch {
@@ -132,6 +136,7 @@ impl Ch {
             database: config.database.clone(),
             url: config.url.clone(),
             cluster: config.cluster.clone(),
+            replica_urls: config.replica_urls.clone(),
         })
     }
 

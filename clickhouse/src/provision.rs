@@ -5,7 +5,9 @@
 //! Every row of `events` carries `inserted_at`, ClickHouse's clock read by the sink when
 //! it began the row's batch (the same value goes into `events_feed`). For a new meter:
 //! 1. Pick `T` = ClickHouse `now()` + margin, record it in `meters`, then create the
-//!    rollup and the view, which takes only feed rows with `inserted_at >= T`.
+//!    rollup and the view, which takes only feed rows with `inserted_at >= T`; if the
+//!    clock has reached `T` by then (slow DDL, e.g. `ON CLUSTER`), start again with a
+//!    later `T` and twice the margin.
 //!    Any batch with `inserted_at >= T` began after `T`, so after the view existed, so
 //!    ClickHouse pushes it through the view. (If the view is found missing on a retry,
 //!    a new `T` is chosen, so this holds for the view that exists.)
@@ -157,47 +159,64 @@ pub async fn prepare(ch: &Ch, m: &CompiledMeter, cfg: &CutoverConfig) -> Result<
     if let (true, Some(rec)) = (view_ok, rec) {
         return Ok(rec);
     }
-    let cutover = ch.now().await? + cfg.margin_secs;
-    let r = MeterRecord {
-        rollup: sql.table.clone(),
-        namespace: m.namespace.clone(),
-        name: m.name.clone(),
-        slug: m.slug.clone(),
-        definition: definition(m),
-        cutover: cutover as u32,
-        backfilled: 0,
-        dropped: 0,
-        version: 0,
-    };
-    write_record(ch, &r).await?;
-    for grain in Grain::ALL {
-        let table = grain.table(&sql.table);
-        ch.exec("create a rollup", &sql.create_table(ch, grain))
-            .await?;
-        ch.create_distributed(&table).await?;
-        // A view already there counts from an older cutover (a database from before the
-        // quarter tier has only the minute view): drop it, then its rows, while no view
-        // writes to the table, so the backfill (< T) and the new view (>= T) count
-        // each event once.
-        if exists(ch, &view_name(&table)).await? {
-            ch.exec(
-                "drop a rollup view of an older cutover",
-                &format!(
-                    "DROP TABLE IF EXISTS {}.{}{}",
-                    ch.db(),
-                    view_name(&table),
-                    ch.on_cluster()
-                ),
-            )
-            .await?;
-            delete_where(ch, &table, "origin = 0").await?;
-            tracing::info!(rollup = %table, cutover, "Replaced a rollup view of an older cutover");
+    // The views must exist before T: if creating them took longer than the margin (ON
+    // CLUSTER DDL waits for every server), T is void and a later one is chosen; the
+    // views just made are then replaced like any of an older cutover.
+    let mut margin = cfg.margin_secs.max(1);
+    loop {
+        let cutover = ch.now().await? + margin;
+        let r = MeterRecord {
+            rollup: sql.table.clone(),
+            namespace: m.namespace.clone(),
+            name: m.name.clone(),
+            slug: m.slug.clone(),
+            definition: definition(m),
+            cutover: cutover as u32,
+            backfilled: 0,
+            dropped: 0,
+            version: 0,
+        };
+        write_record(ch, &r).await?;
+        for grain in Grain::ALL {
+            let table = grain.table(&sql.table);
+            ch.exec("create a rollup", &sql.create_table(ch, grain))
+                .await?;
+            ch.create_distributed(&table).await?;
+            // A view already there counts from an older cutover (a database from before the
+            // quarter tier has only the minute view): drop it, then its rows, while no view
+            // writes to the table, so the backfill (< T) and the new view (>= T) count
+            // each event once.
+            if exists(ch, &view_name(&table)).await? {
+                ch.exec(
+                    "drop a rollup view of an older cutover",
+                    &format!(
+                        "DROP TABLE IF EXISTS {}.{}{}",
+                        ch.db(),
+                        view_name(&table),
+                        ch.on_cluster()
+                    ),
+                )
+                .await?;
+                delete_where(ch, &table, "origin = 0").await?;
+                tracing::info!(rollup = %table, cutover, "Replaced a rollup view of an older cutover");
+            }
+            ch.exec("create a rollup view", &sql.create_view(ch, cutover, grain))
+                .await?;
         }
-        ch.exec("create a rollup view", &sql.create_view(ch, cutover, grain))
-            .await?;
+        let now = ch.now().await?;
+        if now < cutover {
+            tracing::info!(meter = %m.slug, namespace = %m.namespace, rollup = %sql.table, cutover, "Created rollup and view");
+            return Ok(r);
+        }
+        if margin >= 600 {
+            return Err(Error::Unavailable(format!(
+                "creating the views of meter {} took longer than {margin} s, past its cutover; is a ClickHouse server of the cluster down?",
+                m.slug
+            )));
+        }
+        tracing::warn!(meter = %m.slug, margin, late_secs = now - cutover, "Creating the views took longer than the cutover margin; choosing a later cutover");
+        margin *= 2;
     }
-    tracing::info!(meter = %m.slug, namespace = %m.namespace, rollup = %sql.table, cutover, "Created rollup and view");
-    Ok(r)
 }
 
 /// The live record of the rollup `table`, if any.
@@ -275,18 +294,26 @@ fn waiting_for((partition, began): &(i32, u32)) -> String {
     )
 }
 
+/// The partitions whose latest `sink_log` row is a `begin` from before `cutover`: on a
+/// cluster, read on each shard's writer ([`crate::cluster`]).
 async fn open_batches(ch: &Ch, cutover: i64) -> Result<Vec<(i32, u32)>> {
-    ch.fetch(
-        "read the sink log",
-        &format!(
-            "SELECT kafka_partition, toUInt32(s) FROM (SELECT kafka_partition, \
-             argMax(phase, tuple(start_offset, rank, logged_ms)) AS p, \
-             argMax(inserted_at, tuple(start_offset, rank, logged_ms)) AS s \
-             FROM {} GROUP BY topic, kafka_partition) WHERE p = 'begin' AND s < toDateTime({cutover})",
-            ch.read("sink_log")
-        ),
-    )
-    .await
+    let mut open = Vec::new();
+    for w in ch.writers().await? {
+        let rows: Vec<(i32, u32)> = w
+            .fetch(
+                "read the sink log",
+                &format!(
+                    "SELECT kafka_partition, toUInt32(s) FROM (SELECT kafka_partition, \
+                     argMax(phase, tuple(start_offset, rank, logged_ms)) AS p, \
+                     argMax(inserted_at, tuple(start_offset, rank, logged_ms)) AS s \
+                     FROM {}.sink_log GROUP BY topic, kafka_partition) WHERE p = 'begin' AND s < toDateTime({cutover})",
+                    w.db()
+                ),
+            )
+            .await?;
+        open.extend(rows);
+    }
+    Ok(open)
 }
 
 /// Waits until every row with `inserted_at < cutover` is in `events` (see the module
@@ -339,39 +366,32 @@ pub async fn wait_mutations(ch: &Ch, table: &str) -> Result<()> {
     }
 }
 
-/// Deletes the rows of `table` matching `cond` and waits until they are gone. On a
-/// cluster (a connection with `ON CLUSTER`), on every shard, waiting until no shard's
-/// replica that answers shows any (each replica applies the deletion to the parts
-/// numbered before it, never to rows inserted after it: [`crate::cluster`]).
+/// Deletes the rows of `table` matching `cond` and waits until they are gone: on a
+/// cluster, on each shard's writer (the deletion replicates to the other replicas,
+/// and applies only to parts numbered before it: [`crate::cluster`]).
 pub async fn delete_where(ch: &Ch, table: &str, cond: &str) -> Result<()> {
-    let count = || async {
-        let n: Vec<u64> = ch
-            .fetch(
-                "count rows to delete",
-                &format!("SELECT count() FROM {} WHERE {cond}", ch.read(table)),
-            )
-            .await?;
-        Ok::<_, Error>(n.first().copied().unwrap_or_default())
-    };
-    if count().await? == 0 {
-        return Ok(());
-    }
-    ch.exec(
-        "delete rollup rows",
-        &format!(
-            "ALTER TABLE {}.{table}{} DELETE WHERE {cond}",
-            ch.db(),
-            ch.on_cluster()
-        ),
-    )
-    .await?;
-    if ch.cluster().is_none() {
-        return wait_mutations(ch, table).await;
-    }
-    while count().await? > 0 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    for w in ch.writers().await? {
+        delete_local(&w, table, cond).await?;
     }
     Ok(())
+}
+
+/// [`delete_where`] on the server `ch` talks to.
+async fn delete_local(ch: &Ch, table: &str, cond: &str) -> Result<()> {
+    let n: Vec<u64> = ch
+        .fetch(
+            "count rows to delete",
+            &format!("SELECT count() FROM {}.{table} WHERE {cond}", ch.db()),
+        )
+        .await?;
+    if n.first().copied().unwrap_or_default() > 0 {
+        ch.exec(
+            "delete rollup rows",
+            &format!("ALTER TABLE {}.{table} DELETE WHERE {cond}", ch.db()),
+        )
+        .await?;
+    }
+    wait_mutations(ch, table).await
 }
 
 /// Step 3: fills the rollup with the events stored before the cutover and marks the
@@ -379,20 +399,23 @@ pub async fn delete_where(ch: &Ch, table: &str, cond: &str) -> Result<()> {
 pub async fn backfill(ch: &Ch, m: &CompiledMeter, mut rec: MeterRecord) -> Result<()> {
     let sql = RollupSql::new(m);
     let started = Instant::now();
-    for grain in Grain::ALL {
-        let table = grain.table(&sql.table);
-        delete_where(ch, &table, "origin = 1").await?;
-        let select = sql.select(
-            &ch.read("events"),
-            Derivation::Backfill,
-            &format!("inserted_at < toDateTime({})", rec.cutover),
-            grain,
-        );
-        ch.exec_aggregation(
-            "backfill a rollup",
-            &format!("INSERT INTO {} {select}", ch.read(&table)),
-        )
-        .await?;
+    // on a cluster, shard by shard on its writer: it holds every row the sink finished
+    for w in ch.writers().await? {
+        for grain in Grain::ALL {
+            let table = grain.table(&sql.table);
+            delete_local(&w, &table, "origin = 1").await?;
+            let select = sql.select(
+                &format!("{}.events", w.db()),
+                Derivation::Backfill,
+                &format!("inserted_at < toDateTime({})", rec.cutover),
+                grain,
+            );
+            w.exec_aggregation(
+                "backfill a rollup",
+                &format!("INSERT INTO {}.{table} {select}", w.db()),
+            )
+            .await?;
+        }
     }
     rec.backfilled = 1;
     write_record(ch, &rec).await?;

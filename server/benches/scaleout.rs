@@ -51,6 +51,7 @@ fn ch_config(url: &str, db: &str) -> ChConfig {
         user: String::new(),
         password: String::new(),
         cluster: None,
+        replica_urls: Vec::new(),
     }
 }
 

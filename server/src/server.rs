@@ -136,15 +136,6 @@ pub struct SinkArgs {
     /// Exit with an error after failing on one batch for this many seconds.
     #[arg(long, env = "TALLY_SINK_MAX_RETRY_SECS", default_value_t = 300)]
     pub max_retry_secs: u64,
-    /// With --clickhouse-cluster: the HTTP URL of every replica, comma-separated, shard
-    /// by shard in `system.clusters` order. Default: http://<host_name>:<the port of
-    /// --clickhouse> for each replica the cluster lists.
-    #[arg(
-        long = "clickhouse-replica-urls",
-        env = "TALLY_CLICKHOUSE_REPLICA_URLS",
-        value_delimiter = ','
-    )]
-    pub replica_urls: Vec<String>,
 }
 
 impl Args {
@@ -174,7 +165,6 @@ async fn run_sink(args: &Args, sink: &SinkArgs) -> anyhow::Result<()> {
     cfg.dedup_memory_bytes = sink.dedup_memory_mib << 20;
     cfg.grace_secs = args.cutover.grace_secs;
     cfg.max_retry = Duration::from_secs(sink.max_retry_secs);
-    cfg.replica_urls = sink.replica_urls.clone();
     let stop = Arc::new(AtomicBool::new(false));
     let stats = Arc::new(SinkStats::default());
     let encode = {
@@ -203,6 +193,26 @@ async fn run_sink(args: &Args, sink: &SinkArgs) -> anyhow::Result<()> {
         .map_err(|_| anyhow::anyhow!("the sink thread panicked"))??)
 }
 
+/// Creates tally's tables, retrying for up to a minute what ClickHouse says is
+/// transient (a server still starting, a dropped connection, a cluster's DDL queue
+/// catching up); a wrong set-up fails at once.
+async fn ensure_schema(ch: &Ch) -> tally_meter::Result<()> {
+    use tally_clickhouse::sink::retry;
+    let (start, mut backoff) = (std::time::Instant::now(), retry::Backoff::default());
+    loop {
+        let Err(e) = ch.ensure_schema().await else {
+            return Ok(());
+        };
+        let transient = retry::classify(&retry::chain(&e)) == retry::Class::Transient;
+        if !transient || start.elapsed() > Duration::from_secs(60) {
+            return Err(e);
+        }
+        let delay = backoff.delay();
+        tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "Failed to create tally's tables; retrying");
+        tokio::time::sleep(delay).await;
+    }
+}
+
 /// Runs the server (or the sink) until SIGINT/SIGTERM.
 pub async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(Command::Sink(sink)) = &args.command {
@@ -228,7 +238,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 }
             };
             if args.provision {
-                ch.ensure_schema()
+                ensure_schema(&ch)
                     .await
                     .with_context(|| format!("failed to set up ClickHouse at {url}"))?;
             }

@@ -88,6 +88,7 @@ impl Harness {
             user: String::new(),
             password: String::new(),
             cluster: None,
+            replica_urls: Vec::new(),
         };
         let ch = Ch::new(&chcfg).unwrap();
         let version = ch.server_version().await.unwrap();

@@ -52,6 +52,7 @@ async fn main() {
         user: String::new(),
         password: String::new(),
         cluster: None,
+        replica_urls: Vec::new(),
     })
     .unwrap();
     let compiled: Vec<_> = (0..n)

@@ -114,8 +114,9 @@ pub fn announced(log: &Path, what: &str, from: usize, mut alive: impl FnMut() ->
         );
         assert!(
             start.elapsed() < Duration::from_secs(60),
-            "{what} was not announced within 60 s in {}",
-            log.display()
+            "{what} was not announced within 60 s in {}:\n{}",
+            log.display(),
+            text.lines().rev().take(20).collect::<Vec<_>>().join("\n")
         );
         std::thread::sleep(Duration::from_millis(20));
     }

@@ -419,15 +419,15 @@ async fn helm_install_with_the_ci_values_wires_every_secret() {
             plain("TALLY_KAFKA_SSL_CA_LOCATION"),
             Some("/etc/tally/kafka-ca/ca.crt".into())
         );
-        // every component spreads tables over the same cluster; the sink writes replicas
+        // every component spreads tables over the same cluster and knows its replicas
         assert_eq!(
             plain("TALLY_CLICKHOUSE_CLUSTER"),
             Some("tally".into()),
             "{name}"
         );
         assert_eq!(
-            plain("TALLY_CLICKHOUSE_REPLICA_URLS").is_some(),
-            name == "tally-sink",
+            plain("TALLY_CLICKHOUSE_REPLICA_URLS"),
+            Some("http://chi-0-0.clickhouse:8123,http://chi-0-1.clickhouse:8123".into()),
             "{name}"
         );
         let mounts = c["volumeMounts"].to_string();

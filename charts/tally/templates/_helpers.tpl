@@ -78,6 +78,10 @@ seccompProfile:
 - name: TALLY_CLICKHOUSE_CLUSTER
   value: {{ .Values.clickhouse.cluster | quote }}
 {{- end }}
+{{- if .Values.clickhouse.replicaUrls }}
+- name: TALLY_CLICKHOUSE_REPLICA_URLS
+  value: {{ join "," .Values.clickhouse.replicaUrls | quote }}
+{{- end }}
 {{- if .Values.clickhouse.existingSecret }}
 - name: TALLY_CLICKHOUSE_USER
   valueFrom:

@@ -28,9 +28,6 @@ pub struct SinkConfig {
     pub grace_secs: i64,
     /// Give up (exit with an error) after failing this long on one batch.
     pub max_retry: Duration,
-    /// On a cluster: every replica's HTTP URL, shard by shard (empty: derived from
-    /// `system.clusters`, see [`crate::cluster::Topology::discover`]).
-    pub replica_urls: Vec<String>,
 }
 
 impl SinkConfig {
@@ -47,7 +44,6 @@ impl SinkConfig {
             dedup_memory_bytes: 64 << 20,
             grace_secs: 5,
             max_retry: Duration::from_secs(300),
-            replica_urls: Vec::new(),
         }
     }
 }

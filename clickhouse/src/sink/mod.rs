@@ -49,10 +49,12 @@
 //!   their offsets are at or below the partition's last `done`.
 //!
 //! When a partition is assigned, the sink seeks to the offset after its last `done` (or
-//! to the start of an open `begin`), whatever Kafka's committed offset says. Rebalances
-//! happen only inside `poll`, between batches (`max.poll.interval.ms` is 10 minutes and
-//! the sink exits after `max_retry` of failing to reach ClickHouse, well before that), so
-//! a partition never has two sinks writing at once.
+//! to the start of an open `begin`), whatever Kafka's committed offset says. Kafka is
+//! read on a thread of its own while a batch is applied (`fetch.rs`), but a rebalance
+//! completes only between two steps of the sink's thread: its callbacks wait for the
+//! lock that thread holds while it routes, repairs or applies (`max.poll.interval.ms` is
+//! 10 minutes and the sink exits after `max_retry` of failing to reach ClickHouse, well
+//! before that), so a partition never has two sinks writing at once.
 //!
 //! # Failures
 //! A failed step is classified by ClickHouse's error code (`retry.rs`): transient ones
@@ -70,7 +72,8 @@
 //! # Files
 //! `config.rs` settings, `stats.rs` counters, `batch.rs` decoding, `dedup.rs`,
 //! `log.rs` the begin/done log, `repair.rs`, `split.rs`, `prune.rs`, `retry.rs`,
-//! `error.rs`, `failpoint.rs`, `group.rs` (consumer-group membership); this file runs
+//! `error.rs`, `failpoint.rs`, `fetch.rs` (reading Kafka ahead), `group.rs`
+//! (consumer-group membership); this file runs
 //! the loop and applies batches.
 //!
 //! # Fail points
@@ -84,6 +87,7 @@ mod config;
 mod dedup;
 mod error;
 mod failpoint;
+mod fetch;
 mod group;
 mod log;
 mod prune;
@@ -93,54 +97,24 @@ mod split;
 mod stats;
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
-use rdkafka::message::Message;
-use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::{Offset, TopicPartitionList};
 
 use self::batch::{Msg, Prepared, dead_rows};
 pub use self::config::SinkConfig;
 use self::dedup::{RecentIds, hash128};
 pub use self::error::{SinkError, SinkResult};
 use self::failpoint::failpoint;
+use self::fetch::{Fetcher, RebalanceLog};
 use self::log::PartState;
 pub use self::stats::SinkStats;
-use crate::cluster::{PartitionShards, Topology};
+use crate::cluster::PartitionShards;
 use crate::{Ch, DeadLetterRow, EventRow};
 use tally_meter::{Error, Result};
-
-struct RebalanceLog {
-    rebalanced: Mutex<Vec<(bool, Vec<i32>)>>,
-}
-
-impl ClientContext for RebalanceLog {}
-
-impl RebalanceLog {
-    fn record(&self, assigned: bool, tpl: &TopicPartitionList) {
-        let parts = tpl.elements().iter().map(|e| e.partition()).collect();
-        self.rebalanced
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push((assigned, parts));
-    }
-}
-
-impl ConsumerContext for RebalanceLog {
-    fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Revoke(tpl) = rebalance {
-            self.record(false, tpl);
-        }
-    }
-
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Assign(tpl) = rebalance {
-            self.record(true, tpl);
-        }
-    }
-}
 
 struct Sink {
     cfg: SinkConfig,
@@ -152,7 +126,10 @@ struct Sink {
     /// On a cluster, each shard's writer replica ([`crate::cluster`]); empty on one server.
     shards: Vec<Ch>,
     shard_map: PartitionShards,
-    consumer: BaseConsumer<RebalanceLog>,
+    consumer: Arc<BaseConsumer<RebalanceLog>>,
+    /// Partitions assigned to this sink now (messages of others still in the fetch
+    /// channel after a rebalance are dropped).
+    owned: HashSet<i32>,
     rt: tokio::runtime::Runtime,
     recent: RecentIds,
     parts: HashMap<i32, PartState>,
@@ -184,10 +161,9 @@ pub fn run(cfg: SinkConfig, stats: Arc<SinkStats>, stop: Arc<AtomicBool>) -> Sin
     let consumer: BaseConsumer<RebalanceLog> = cfg
         .kafka
         .consumer_settings(&cfg.group)
-        .create_with_context(RebalanceLog {
-            rebalanced: Mutex::new(Vec::new()),
-        })
+        .create_with_context(RebalanceLog::default())
         .map_err(error::kafka("create the Kafka consumer"))?;
+    let consumer = Arc::new(consumer);
     consumer
         .subscribe(&[&cfg.kafka.topic])
         .map_err(error::kafka("subscribe to the topic"))?;
@@ -195,21 +171,16 @@ pub fn run(cfg: SinkConfig, stats: Arc<SinkStats>, stop: Arc<AtomicBool>) -> Sin
     let shards = match ch.cluster() {
         None => Vec::new(),
         Some(cluster) => {
-            let topology = retrying(
+            let writers = retrying(
                 "read the cluster's shards",
                 cfg.max_retry,
                 Duration::from_secs(1),
                 &stop,
-                || rt.block_on(Topology::discover(&ch, cluster, &cfg.replica_urls)),
+                || rt.block_on(ch.writers()),
             )?;
-            let writers: Vec<&str> = topology.shards.iter().map(|r| r[0].as_str()).collect();
-            tracing::info!(
-                cluster,
-                shards = topology.shards.len(),
-                ?writers,
-                "Writing each shard through its first replica"
-            );
-            writers.into_iter().map(|url| ch.replica(url)).collect()
+            let urls: Vec<&str> = writers.iter().map(Ch::url).collect();
+            tracing::info!(cluster, shards = writers.len(), writers = ?urls, "Writing each shard through its first replica");
+            writers
         }
     };
     tracing::info!(brokers = %cfg.kafka.brokers, topic = %cfg.kafka.topic, group = %cfg.group, clickhouse = %ch.url(), clickhouse_version = %version, database = %ch.db(), cluster = ch.cluster().unwrap_or(""), "tally sink started");
@@ -221,6 +192,7 @@ pub fn run(cfg: SinkConfig, stats: Arc<SinkStats>, stop: Arc<AtomicBool>) -> Sin
         shards,
         shard_map: PartitionShards::default(),
         consumer,
+        owned: HashSet::new(),
         rt,
         parts: HashMap::new(),
         stats,
@@ -275,6 +247,9 @@ impl Sink {
         let mut group = group::GroupWatch::new();
         // at start, then hourly
         let mut last_prune = Instant::now() - Duration::from_secs(3600);
+        // the next batch is read from Kafka while this one is applied (fetch.rs)
+        let fetcher = Fetcher::spawn(self.consumer.clone(), self.cfg.batch_rows);
+        let consumer = self.consumer.clone();
         loop {
             if let group::Membership::Rejoin(waited) =
                 group.tick(&self.consumer, &self.cfg, &self.stats)
@@ -287,12 +262,13 @@ impl Sink {
                     .map_err(error::kafka("rejoin the consumer group"))?;
             }
             if stop.load(Ordering::SeqCst) {
+                let _working = consumer.context().working();
+                self.handle_rebalances(&mut batch);
                 if !batch.is_empty() {
                     self.apply(std::mem::take(&mut batch))?;
                 }
                 return Ok(());
             }
-            self.handle_rebalances(&mut batch);
             if last_prune.elapsed() >= Duration::from_secs(3600) {
                 last_prune = Instant::now();
                 for shard in 0..self.shards.len().max(1) {
@@ -314,28 +290,36 @@ impl Sink {
                     .saturating_sub(first_at.elapsed())
                     .max(Duration::from_millis(1))
             };
-            if let Some(res) = self.consumer.poll(wait) {
-                match res {
-                    Ok(m) => {
-                        if self.stats.first_message_ms.load(Ordering::Relaxed) == 0 {
-                            let now = chrono::Utc::now().timestamp_millis() as u64;
-                            self.stats.first_message_ms.store(now, Ordering::Relaxed);
-                        }
-                        let msg = Msg {
-                            partition: m.partition(),
-                            offset: m.offset(),
-                            payload: m.payload().unwrap_or_default().to_vec(),
-                        };
-                        if let Some(msg) = self.route(msg)? {
-                            if batch.is_empty() {
-                                first_at = Instant::now();
-                            }
-                            bytes += msg.payload.len();
-                            batch.push(msg);
-                        }
-                    }
-                    Err(e) => tracing::warn!(error = %e, "Kafka consumer error"),
+            let fetched = match fetcher.rx.recv_timeout(wait) {
+                Ok(m) => Some(m),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => None,
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    return Err(SinkError::Invalid {
+                        step: "read from Kafka".into(),
+                        source: Error::Unavailable("the fetch thread ended".into()),
+                    });
                 }
+            };
+            // no rebalance completes while this step works on partitions
+            let _working = consumer.context().working();
+            self.handle_rebalances(&mut batch);
+            match fetched {
+                Some(Ok(msg)) if self.owned.contains(&msg.partition) => {
+                    if self.stats.first_message_ms.load(Ordering::Relaxed) == 0 {
+                        let now = chrono::Utc::now().timestamp_millis() as u64;
+                        self.stats.first_message_ms.store(now, Ordering::Relaxed);
+                    }
+                    if let Some(msg) = self.route(msg)? {
+                        if batch.is_empty() {
+                            first_at = Instant::now();
+                        }
+                        bytes += msg.payload.len();
+                        batch.push(msg);
+                    }
+                }
+                Some(Ok(_)) => {} // of a partition revoked meanwhile
+                Some(Err(e)) => tracing::warn!(error = %e, "Kafka consumer error"),
+                None => {}
             }
             let full = batch.len() >= self.cfg.batch_rows || bytes >= self.cfg.batch_bytes;
             if !batch.is_empty() && (full || first_at.elapsed() >= self.cfg.batch_wait) {
@@ -355,21 +339,18 @@ impl Sink {
     }
 
     fn handle_rebalances(&mut self, batch: &mut Vec<Msg>) {
-        let events = std::mem::take(
-            &mut *self
-                .consumer
-                .context()
-                .rebalanced
-                .lock()
-                .unwrap_or_else(|e| e.into_inner()),
-        );
-        for (assigned, parts) in events {
+        for (assigned, parts) in self.consumer.context().take() {
             tracing::info!(assigned, ?parts, "Partitions rebalanced");
             // Either way, forget what we knew: state is re-read from ClickHouse when the
             // partition's next message arrives, and unapplied messages are re-read.
             for p in parts {
                 self.parts.remove(&p);
                 batch.retain(|m| m.partition != p);
+                if assigned {
+                    self.owned.insert(p);
+                } else {
+                    self.owned.remove(&p);
+                }
             }
         }
     }

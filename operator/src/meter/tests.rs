@@ -37,6 +37,7 @@ fn context(client: Client, health: Health, others: &[Meter]) -> Arc<Context> {
             user: String::new(),
             password: String::new(),
             cluster: None,
+            replica_urls: Vec::new(),
         })
         .unwrap(),
         cutover: CutoverConfig::default(),
