@@ -43,6 +43,23 @@ fn clickhouse_ping(url: &str) -> bool {
     out.contains("Ok.")
 }
 
+/// The body of a successful `GET /?query=<query>` (already URL-encoded), or `None`.
+fn http_get(url: &str, query: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let host = url.trim_start_matches("http://");
+    let mut s = std::net::TcpStream::connect(host).ok()?;
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    s.write_all(format!("GET /?query={query} HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes())
+        .ok()?;
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    let (head, body) = out.split_once("\r\n\r\n")?;
+    head.lines()
+        .next()?
+        .contains(" 200 ")
+        .then(|| body.to_string())
+}
+
 /// The shared services, or `None` after printing why the test is skipped. Under `CI`
 /// a missing service fails the test instead: CI never passes by skipping.
 pub fn services(test: &str) -> Option<Services> {
@@ -210,6 +227,44 @@ impl PrivateClickHouse {
             &format!("answering on {url} (private ClickHouse)"),
             || clickhouse_ping(&url),
         );
+    }
+
+    /// Waits until this server has a ZooKeeper session (it answers a query of
+    /// `system.zookeeper`). ClickHouse 18.16's DDL worker dereferences a null session
+    /// when its first ZooKeeper connection fails (a segfault seen here about once in
+    /// ten cluster starts, `DDLWorker::run` → `zkutil::ZooKeeper::createImpl`); a server
+    /// that died so is started again, on the same data, before the test begins.
+    fn exited(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_none_or(|c| c.try_wait().ok().flatten().is_some())
+    }
+
+    fn until_zookeeper_session(&mut self) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            if self.exited() {
+                eprintln!(
+                    "ClickHouse at {} died at start (18.16's DDL worker without a ZooKeeper session); starting it again",
+                    self.url
+                );
+                self.spawn();
+            }
+            if http_get(
+                &self.url,
+                "SELECT%20count()%20FROM%20system.zookeeper%20WHERE%20path%20%3D%20'%2F'",
+            )
+            .is_some_and(|body| body.trim().parse::<u64>().is_ok())
+            {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "ClickHouse at {} has no ZooKeeper session after 60 s",
+                self.url
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// SIGKILL; returns once the process is gone.
@@ -522,6 +577,14 @@ pub struct ClickHouseCluster {
     pub servers: Vec<Vec<PrivateClickHouse>>,
 }
 
+impl Drop for ClickHouseCluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("ClickHouse cluster logs:\n{}", self.logs());
+        }
+    }
+}
+
 impl ClickHouseCluster {
     pub fn start(shards: usize, replicas: usize, zk_port: u16) -> ClickHouseCluster {
         let ports: Vec<Vec<(u16, u16, u16)>> = (0..shards)
@@ -566,7 +629,32 @@ impl ClickHouseCluster {
                     .collect()
             })
             .collect();
-        ClickHouseCluster { servers }
+        let mut cluster = ClickHouseCluster { servers };
+        // every server has a ZooKeeper session and is still alive 2 s later (see
+        // `until_zookeeper_session`: 18.16 can crash just after start)
+        loop {
+            for server in cluster.servers.iter_mut().flatten() {
+                server.until_zookeeper_session();
+            }
+            std::thread::sleep(Duration::from_secs(2));
+            if cluster.servers.iter_mut().flatten().all(|s| !s.exited()) {
+                return cluster;
+            }
+        }
+    }
+
+    /// The end of each server's error log and output (for a failing test's message).
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        for s in self.servers.iter().flatten() {
+            for f in ["log/error.log", "stdout.log"] {
+                let text = std::fs::read_to_string(s.dir.path().join(f)).unwrap_or_default();
+                let lines: Vec<&str> = text.lines().collect();
+                let tail = lines[lines.len().saturating_sub(15)..].join("\n");
+                out.push_str(&format!("--- {} {f}:\n{tail}\n", s.url));
+            }
+        }
+        out
     }
 
     /// Every replica's URL, shard by shard (the sink's `--clickhouse-replica-urls`).
