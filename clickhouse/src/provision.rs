@@ -148,16 +148,19 @@ fn definition(m: &CompiledMeter) -> String {
 pub async fn prepare(ch: &Ch, m: &CompiledMeter, cfg: &CutoverConfig) -> Result<MeterRecord> {
     let sql = RollupSql::new(m);
     let rec = record(ch, &sql.table).await?;
-    let mut view_ok = rec.is_some();
-    for grain in Grain::ALL {
-        let table = grain.table(&sql.table);
-        view_ok = view_ok && exists(ch, &view_name(&table)).await?;
-        if ch.cluster().is_some() {
-            view_ok = view_ok && exists(ch, &format!("{table}_all")).await?;
+    if let Some(rec) = rec {
+        let mut needed = Vec::new();
+        for grain in Grain::ALL {
+            let table = grain.table(&sql.table);
+            needed.push(view_name(&table));
+            if ch.cluster().is_some() {
+                needed.push(format!("{table}_all"));
+            }
         }
-    }
-    if let (true, Some(rec)) = (view_ok, rec) {
-        return Ok(rec);
+        let needed: Vec<&str> = needed.iter().map(String::as_str).collect();
+        if ch.all_exist(&needed).await? {
+            return Ok(rec);
+        }
     }
     // The views must exist before T: if creating them took longer than the margin (ON
     // CLUSTER DDL waits for every server), T is void and a later one is chosen; the

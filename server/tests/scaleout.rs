@@ -103,6 +103,39 @@ fn server_version(url: &str) -> String {
     .to_string()
 }
 
+/// The server's arguments for a stack on `topic` (4 partitions) and `database`; with
+/// `provision`, it creates the tables and rollups with a 1 s cutover margin and grace.
+fn server_args(
+    svc: &Services,
+    topic: &str,
+    clickhouse: &str,
+    database: &str,
+    provision: bool,
+) -> Vec<String> {
+    let mut args = vec![
+        "--kafka",
+        &svc.kafka,
+        "--topic",
+        topic,
+        "--topic-partitions",
+        "4",
+        "--clickhouse",
+        clickhouse,
+        "--clickhouse-database",
+        database,
+    ];
+    if provision {
+        args.extend([
+            "--provision",
+            "--cutover-margin-secs",
+            "1",
+            "--cutover-grace-secs",
+            "1",
+        ]);
+    }
+    args.into_iter().map(String::from).collect()
+}
+
 struct Stack {
     svc: Services,
     clickhouse: String,
@@ -117,23 +150,8 @@ impl Stack {
     fn start(svc: Services, clickhouse: &str, meters: &str, sink_extra: &[&str]) -> Stack {
         let database = unique("t");
         let topic = unique("t");
-        let args = [
-            "--kafka",
-            &svc.kafka,
-            "--topic",
-            &topic,
-            "--topic-partitions",
-            "4",
-            "--clickhouse",
-            clickhouse,
-            "--clickhouse-database",
-            &database,
-            "--provision",
-            "--cutover-margin-secs",
-            "1",
-            "--cutover-grace-secs",
-            "1",
-        ];
+        let args = server_args(&svc, &topic, clickhouse, &database, true);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         eprintln!(
             "scale-out stack on ClickHouse {} at {clickhouse}",
             server_version(clickhouse)
@@ -885,18 +903,8 @@ async fn a_database_from_before_the_quarter_tier_upgrades_without_counting_twice
         .unwrap();
 
     // the old release ingests (its server only produced to Kafka; the sink loads)
-    let ingest_only = [
-        "--kafka",
-        &svc.kafka,
-        "--topic",
-        &topic,
-        "--topic-partitions",
-        "4",
-        "--clickhouse",
-        &url,
-        "--clickhouse-database",
-        &database,
-    ];
+    let ingest_only = server_args(&svc, &topic, &url, &database, false);
+    let ingest_only: Vec<&str> = ingest_only.iter().map(String::as_str).collect();
     let server = Server::start(&[("meters.yaml", LATE_METER)], &ingest_only);
     // the old server did not provision, so the sink creates the topic: with the 4
     // partitions `drained` counts
@@ -931,23 +939,8 @@ async fn a_database_from_before_the_quarter_tier_upgrades_without_counting_twice
     );
 
     // upgrade: this release's server provisions the same meter
-    let args = [
-        "--kafka",
-        &svc.kafka,
-        "--topic",
-        &topic,
-        "--topic-partitions",
-        "4",
-        "--clickhouse",
-        &url,
-        "--clickhouse-database",
-        &database,
-        "--provision",
-        "--cutover-margin-secs",
-        "1",
-        "--cutover-grace-secs",
-        "1",
-    ];
+    let args = server_args(&svc, &topic, &url, &database, true);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     stack.server = Server::start(&[("meters.yaml", LATE_METER)], &args);
     stack.send(BEFORE..N, 500).await;
     stack.drained(Duration::from_secs(120)).await;

@@ -466,12 +466,16 @@ impl Sink {
         if self.shards.is_empty() {
             self.apply_on_shard(msgs)?;
         } else {
+            // every partition of the batch was routed, so its shard is known: once per
+            // partition, not per message
+            let mut shard_of = HashMap::new();
+            for &(p, _, _) in &ranges {
+                let shard = self.with_retry("read the partition's shard", |s| s.shard_of(p))?;
+                shard_of.insert(p, shard);
+            }
             let mut by_shard: std::collections::BTreeMap<usize, Vec<Msg>> = Default::default();
             for m in msgs {
-                // every partition of the batch was routed, so its shard is known
-                let shard =
-                    self.with_retry("read the partition's shard", |s| s.shard_of(m.partition))?;
-                by_shard.entry(shard).or_default().push(m);
+                by_shard.entry(shard_of[&m.partition]).or_default().push(m);
             }
             for (shard, msgs) in by_shard {
                 self.on_shard(shard, |sink| sink.apply_on_shard(msgs))?;

@@ -27,29 +27,17 @@ fn reachable_tcp(addr: &str) -> bool {
 }
 
 fn clickhouse_ping(url: &str) -> bool {
-    let host = url.trim_start_matches("http://");
-    let Ok(mut s) = std::net::TcpStream::connect(host) else {
-        return false;
-    };
-    use std::io::{Read, Write};
-    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-    if s.write_all(format!("GET /ping HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes())
-        .is_err()
-    {
-        return false;
-    }
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    out.contains("Ok.")
+    http_get(url, "/ping").is_some_and(|body| body.contains("Ok."))
 }
 
-/// The body of a successful `GET /?query=<query>` (already URL-encoded), or `None`.
-fn http_get(url: &str, query: &str) -> Option<String> {
+/// The body of a successful `GET <path>` (already URL-encoded) over plain HTTP/1.0, or
+/// `None` (no reqwest: the kit's waits are synchronous).
+fn http_get(url: &str, path: &str) -> Option<String> {
     use std::io::{Read, Write};
     let host = url.trim_start_matches("http://");
     let mut s = std::net::TcpStream::connect(host).ok()?;
-    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-    s.write_all(format!("GET /?query={query} HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes())
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes())
         .ok()?;
     let mut out = String::new();
     let _ = s.read_to_string(&mut out);
@@ -252,7 +240,7 @@ impl PrivateClickHouse {
             }
             if http_get(
                 &self.url,
-                "SELECT%20count()%20FROM%20system.zookeeper%20WHERE%20path%20%3D%20'%2F'",
+                "/?query=SELECT%20count()%20FROM%20system.zookeeper%20WHERE%20path%20%3D%20'%2F'",
             )
             .is_some_and(|body| body.trim().parse::<u64>().is_ok())
             {
