@@ -85,19 +85,25 @@ async fn one_cluster_agent_leads_and_a_standby_takes_over() {
     let limit = Duration::from_secs(20);
     let every = Duration::from_millis(100);
 
-    let first = eventually(limit, every, "a leader", async || holder(&leases).await).await;
+    // Read together: the Lease's holder runs the collector and the other replica runs
+    // nothing. (Read apart, a slow first renewal under load could move the Lease
+    // between the two reads and blame the replica that had just lost it.)
+    let first = eventually(
+        limit,
+        every,
+        "one leader running the collector and a standby running nothing",
+        async || {
+            let h = holder(&leases).await?;
+            let (l, s) = if h == "agent-a" { (&a, &b) } else { (&b, &a) };
+            (runs_collectors(l) && !runs_collectors(s)).then_some(h)
+        },
+    )
+    .await;
     let (leader, standby) = if first == "agent-a" {
         (&mut a, &mut b)
     } else {
         (&mut b, &mut a)
     };
-    eventually(
-        limit,
-        every,
-        "the leader to run the collector",
-        async || runs_collectors(leader).then_some(()),
-    )
-    .await;
     assert!(
         !runs_collectors(standby),
         "the standby runs nothing:\n{}",
