@@ -198,16 +198,27 @@ async fn meters_are_provisioned_backfilled_rebuilt_and_cleaned_up_by_the_operato
         seen.last().unwrap(),
         &("Provisioned".to_string(), Some("complete".to_string()))
     );
+    // Events are published beside the status write and can land a moment after it
     let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), "acme");
-    let reasons: Vec<String> = events
-        .list(&Default::default())
-        .await
-        .unwrap()
-        .items
-        .into_iter()
-        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("tokens"))
-        .filter_map(|e| e.reason)
-        .collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let reasons = loop {
+        let reasons: Vec<String> = events
+            .list(&Default::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("tokens"))
+            .filter_map(|e| e.reason)
+            .collect();
+        let both = ["Backfilling", "Provisioned"]
+            .iter()
+            .all(|r| reasons.iter().any(|x| x == r));
+        if both || Instant::now() >= deadline {
+            break reasons;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     assert!(
         reasons.contains(&"Backfilling".to_string())
             && reasons.contains(&"Provisioned".to_string()),
