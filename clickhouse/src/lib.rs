@@ -286,6 +286,7 @@ impl Ch {
             "dead_letters",
             "sink_log",
             "meters",
+            "portal_tokens",
         ];
         if self.cluster.is_some() {
             tables.extend([
@@ -331,6 +332,14 @@ impl Ch {
              ENGINE = {} ORDER BY rollup",
             self.shared_engine("meters", "ReplacingMergeTree", "version")
         );
+        // one copy on every server, like `meters`: a token invalidated through any
+        // server is refused by all of them
+        let portal_tokens = format!(
+            "(namespace String, id String, subject String, meters Array(String), \
+             expires_ms Int64, created_ms Int64, invalidated_ms Int64, version UInt64) \
+             ENGINE = {} ORDER BY (namespace, id)",
+            self.shared_engine("portal_tokens", "ReplacingMergeTree", "version")
+        );
         let mut ddl = vec![
             ("events", events),
             ("events_feed", feed),
@@ -338,6 +347,7 @@ impl Ch {
             ("dead_letters", dead_letters),
             ("sink_log", sink_log),
             ("meters", meters),
+            ("portal_tokens", portal_tokens),
         ];
         if self.cluster.is_some() {
             ddl.push((

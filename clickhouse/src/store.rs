@@ -27,7 +27,7 @@ use tally_meter::query::{
     Combiner, QueryAnswer, QuerySpec, RollupRead, plan_rollup_reads, split_minutes,
 };
 use tally_meter::store::{
-    DeadLetter, IngestOutcome, Pending, Store, StoredEvent, StoredMeter, Synced,
+    DeadLetter, IngestOutcome, Pending, PortalTokenRecord, Store, StoredEvent, StoredMeter, Synced,
 };
 use tally_meter::{Error, Result};
 
@@ -391,5 +391,120 @@ impl Store for ClickHouseStore {
             ),
         ))?;
         Ok(rows.into_iter().map(DeadLetter::from).collect())
+    }
+
+    fn save_portal_token(&self, t: &PortalTokenRecord) -> Result<()> {
+        let row = PortalTokenRow::from(t);
+        self.run(self.ch.insert::<PortalTokenRow>("portal_tokens", &[row]))
+    }
+
+    fn portal_token(&self, namespace: &str, id: &str) -> Result<Option<PortalTokenRecord>> {
+        let rows = self.portal_rows(
+            &format!("namespace = {} AND id = {}", lit(namespace), lit(id)),
+            1,
+        )?;
+        Ok(rows.into_iter().next())
+    }
+
+    fn portal_tokens(&self, namespace: &str, limit: usize) -> Result<Vec<PortalTokenRecord>> {
+        self.portal_rows(&format!("namespace = {}", lit(namespace)), limit)
+    }
+
+    fn invalidate_portal_tokens(
+        &self,
+        namespace: &str,
+        id: Option<&str>,
+        subject: Option<&str>,
+        at_ms: i64,
+    ) -> Result<usize> {
+        let mut cond = format!("namespace = {}", lit(namespace));
+        match (id, subject) {
+            (None, None) => return Ok(0),
+            (Some(id), _) => cond.push_str(&format!(" AND id = {}", lit(id))),
+            (None, Some(s)) => cond.push_str(&format!(" AND subject = {}", lit(s))),
+        }
+        if let (Some(_), Some(s)) = (id, subject) {
+            cond.push_str(&format!(" AND subject = {}", lit(s)));
+        }
+        let valid: Vec<PortalTokenRecord> = self
+            .portal_rows(&cond, usize::MAX)?
+            .into_iter()
+            .filter(|t| t.invalidated_ms.is_none())
+            .collect();
+        // a newer version of each row: invalidation is final, so version 2 wins
+        let rows: Vec<PortalTokenRow> = valid
+            .iter()
+            .map(|t| PortalTokenRow {
+                invalidated_ms: at_ms.max(1),
+                version: 2,
+                ..PortalTokenRow::from(t)
+            })
+            .collect();
+        self.run(self.ch.insert::<PortalTokenRow>("portal_tokens", &rows))?;
+        Ok(valid.len())
+    }
+}
+
+impl ClickHouseStore {
+    /// Portal tokens matching `cond`, newest first. The table is replicated to every
+    /// server of a cluster, so the local copy answers.
+    fn portal_rows(&self, cond: &str, limit: usize) -> Result<Vec<PortalTokenRecord>> {
+        let limit = if limit == usize::MAX {
+            String::new()
+        } else {
+            format!(" LIMIT {limit}")
+        };
+        let rows: Vec<PortalTokenRow> = self.run(self.ch.fetch(
+            "read portal tokens",
+            &format!(
+                "SELECT namespace, id, subject, meters, expires_ms, created_ms, invalidated_ms, version \
+                 FROM {}.portal_tokens FINAL WHERE {cond} ORDER BY created_ms DESC, id{limit}",
+                self.ch.db()
+            ),
+        ))?;
+        Ok(rows.into_iter().map(PortalTokenRecord::from).collect())
+    }
+}
+
+/// One row of `portal_tokens` (`invalidated_ms` 0: valid; `version` 1 as issued, 2
+/// invalidated).
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize, clickhouse::Row)]
+struct PortalTokenRow {
+    namespace: String,
+    id: String,
+    subject: String,
+    meters: Vec<String>,
+    expires_ms: i64,
+    created_ms: i64,
+    invalidated_ms: i64,
+    version: u64,
+}
+
+impl From<&PortalTokenRecord> for PortalTokenRow {
+    fn from(t: &PortalTokenRecord) -> PortalTokenRow {
+        PortalTokenRow {
+            namespace: t.namespace.clone(),
+            id: t.id.clone(),
+            subject: t.subject.clone(),
+            meters: t.allowed_meter_slugs.clone(),
+            expires_ms: t.expires_ms,
+            created_ms: t.created_ms,
+            invalidated_ms: t.invalidated_ms.unwrap_or(0),
+            version: if t.invalidated_ms.is_some() { 2 } else { 1 },
+        }
+    }
+}
+
+impl From<PortalTokenRow> for PortalTokenRecord {
+    fn from(r: PortalTokenRow) -> PortalTokenRecord {
+        PortalTokenRecord {
+            id: r.id,
+            namespace: r.namespace,
+            subject: r.subject,
+            allowed_meter_slugs: r.meters,
+            expires_ms: r.expires_ms,
+            created_ms: r.created_ms,
+            invalidated_ms: (r.invalidated_ms != 0).then_some(r.invalidated_ms),
+        }
     }
 }

@@ -48,7 +48,9 @@ use tally_crds::{Aggregation, UsageEvent};
 use tally_meter::engine::CompiledMeter;
 use tally_meter::engine::state::{Latest, State};
 use tally_meter::query::{Combiner, QueryAnswer, QuerySpec, plan_rollup_reads, split_minutes};
-use tally_meter::store::{IngestOutcome, Pending, Store, StoredEvent, StoredMeter, Synced};
+use tally_meter::store::{
+    IngestOutcome, Pending, PortalTokenRecord, Store, StoredEvent, StoredMeter, Synced,
+};
 use tally_meter::{Error, Result};
 
 /// Settings of the embedded store.
@@ -156,6 +158,17 @@ CREATE TABLE IF NOT EXISTS rollup_uniq (
     value TEXT NOT NULL,
     PRIMARY KEY (meter, subject, minute, groups, value)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS portal_tokens (
+    namespace TEXT NOT NULL,
+    id TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    meters TEXT NOT NULL,
+    expires_ms INTEGER NOT NULL,
+    created_ms INTEGER NOT NULL,
+    invalidated_ms INTEGER,
+    PRIMARY KEY (namespace, id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS portal_tokens_by_created ON portal_tokens(namespace, created_ms);
 CREATE TABLE IF NOT EXISTS meter_errors (
     seq INTEGER NOT NULL,
     meter INTEGER NOT NULL,
@@ -453,6 +466,83 @@ impl Store for EmbeddedStore {
             Ok(out)
         })
     }
+
+    // Portal tokens are few and written rarely: a pooled connection writes them
+    // (SQLite serializes it with the writer thread; `busy_timeout` waits).
+    fn save_portal_token(&self, t: &PortalTokenRecord) -> Result<()> {
+        let meters = serde_json::to_string(&t.allowed_meter_slugs).unwrap_or_default();
+        self.with_reader(|conn| {
+            conn.execute(
+                "INSERT INTO portal_tokens (namespace, id, subject, meters, expires_ms, created_ms, invalidated_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![t.namespace, t.id, t.subject, meters, t.expires_ms, t.created_ms, t.invalidated_ms],
+            )
+            .step("record a portal token")
+            .map(drop)
+        })
+    }
+
+    fn portal_token(&self, namespace: &str, id: &str) -> Result<Option<PortalTokenRecord>> {
+        self.with_reader(|conn| {
+            conn.query_row(
+                &format!("{PORTAL_SELECT} WHERE namespace = ?1 AND id = ?2"),
+                params![namespace, id],
+                portal_record,
+            )
+            .optional()
+            .step("read a portal token")
+        })
+    }
+
+    fn portal_tokens(&self, namespace: &str, limit: usize) -> Result<Vec<PortalTokenRecord>> {
+        self.with_reader(|conn| {
+            let mut stmt = conn
+                .prepare_cached(&format!(
+                    "{PORTAL_SELECT} WHERE namespace = ?1 ORDER BY created_ms DESC, id LIMIT ?2"
+                ))
+                .step("list portal tokens")?;
+            stmt.query_map(params![namespace, limit as i64], portal_record)
+                .step("list portal tokens")?
+                .collect::<rusqlite::Result<Vec<_>>>()
+                .step("list portal tokens")
+        })
+    }
+
+    fn invalidate_portal_tokens(
+        &self,
+        namespace: &str,
+        id: Option<&str>,
+        subject: Option<&str>,
+        at_ms: i64,
+    ) -> Result<usize> {
+        if id.is_none() && subject.is_none() {
+            return Ok(0);
+        }
+        self.with_reader(|conn| {
+            conn.execute(
+                "UPDATE portal_tokens SET invalidated_ms = ?4
+                 WHERE namespace = ?1 AND invalidated_ms IS NULL
+                   AND (?2 IS NULL OR id = ?2) AND (?3 IS NULL OR subject = ?3)",
+                params![namespace, id, subject, at_ms],
+            )
+            .step("invalidate portal tokens")
+        })
+    }
+}
+
+const PORTAL_SELECT: &str = "SELECT id, namespace, subject, meters, expires_ms, created_ms, invalidated_ms FROM portal_tokens";
+
+fn portal_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<PortalTokenRecord> {
+    let meters: String = r.get(3)?;
+    Ok(PortalTokenRecord {
+        id: r.get(0)?,
+        namespace: r.get(1)?,
+        subject: r.get(2)?,
+        allowed_meter_slugs: serde_json::from_str(&meters).unwrap_or_default(),
+        expires_ms: r.get(4)?,
+        created_ms: r.get(5)?,
+        invalidated_ms: r.get(6)?,
+    })
 }
 
 fn error_chain(e: &Error) -> String {

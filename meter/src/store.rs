@@ -67,6 +67,26 @@ pub struct DeadLetter {
     pub at: u32,
 }
 
+/// A customer-facing (portal) token as a store keeps it: what it grants and whether it
+/// was invalidated. The signed token itself is never stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PortalTokenRecord {
+    /// The token's id (its `jti`).
+    pub id: String,
+    /// The namespace it reads.
+    pub namespace: String,
+    /// The one subject it reads.
+    pub subject: String,
+    /// The meters it may query; empty: every meter of the namespace.
+    pub allowed_meter_slugs: Vec<String>,
+    /// When it expires (ms).
+    pub expires_ms: i64,
+    /// When it was issued (ms).
+    pub created_ms: i64,
+    /// When it was invalidated (ms), if it was.
+    pub invalidated_ms: Option<i64>,
+}
+
 /// Outcome of [`Store::sync_meters`].
 #[derive(Clone, Debug)]
 pub struct Synced {
@@ -108,4 +128,25 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         let _ = (namespace, limit);
         Ok(Vec::new())
     }
+
+    /// Records an issued portal token (before the token is handed out). Blocking.
+    fn save_portal_token(&self, token: &PortalTokenRecord) -> Result<()>;
+
+    /// One portal token of a namespace by id, as every replica of the store sees it
+    /// (invalidation included). Blocking.
+    fn portal_token(&self, namespace: &str, id: &str) -> Result<Option<PortalTokenRecord>>;
+
+    /// The portal tokens of a namespace, newest first. Blocking.
+    fn portal_tokens(&self, namespace: &str, limit: usize) -> Result<Vec<PortalTokenRecord>>;
+
+    /// Invalidates the namespace's portal token `id`, or every token of `subject`
+    /// issued so far, at `at_ms`; returns how many were valid before (0 when neither is
+    /// given). Blocking.
+    fn invalidate_portal_tokens(
+        &self,
+        namespace: &str,
+        id: Option<&str>,
+        subject: Option<&str>,
+        at_ms: i64,
+    ) -> Result<usize>;
 }

@@ -62,6 +62,14 @@ pub struct Args {
     /// --allow-unauthenticated).
     #[arg(long, env = "TALLY_TOKENS_FILE", value_delimiter = ',')]
     pub tokens_file: Vec<PathBuf>,
+    /// Keys of the customer-facing portal tokens (YAML: `keys: [{id, secret}]`; the
+    /// first signs, every one verifies; secrets of at least 32 characters). Without it
+    /// portal tokens are off (their routes answer 501).
+    #[arg(long, env = "TALLY_PORTAL_KEYS_FILE")]
+    pub portal_keys_file: Option<PathBuf>,
+    /// Browser origins allowed to call the portal route (CORS), comma-separated, or `*`.
+    #[arg(long, env = "TALLY_PORTAL_CORS_ORIGINS", value_delimiter = ',')]
+    pub portal_cors_origins: Vec<String>,
     /// Serve without tokens beyond loopback (something else must guard the port).
     #[arg(long, env = "TALLY_ALLOW_UNAUTHENTICATED")]
     pub allow_unauthenticated: bool,
@@ -273,8 +281,17 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         max_query_rows: args.max_query_rows,
     };
     let metrics = Arc::new(Metrics::default());
-    let state = AppState::new(store.clone(), limits, metrics.clone())
-        .with_auth(authentication(&args, &metrics)?);
+    let mut auth = authentication(&args, &metrics)?;
+    if let Some(path) = &args.portal_keys_file {
+        let keys = api::portal::PortalKeys::load(path).map_err(|e| anyhow::anyhow!(e))?;
+        tracing::info!(file = %path.display(), ?keys, "Portal tokens on");
+        auth = auth.with_portal(keys);
+    }
+    let mut state = AppState::new(store.clone(), limits, metrics.clone()).with_auth(auth);
+    if !args.portal_cors_origins.is_empty() {
+        let cors = api::portal::cors(&args.portal_cors_origins).map_err(|e| anyhow::anyhow!(e))?;
+        state = state.with_portal_cors(cors);
+    }
     if args.kubernetes {
         let Some(url) = &args.clickhouse.url else {
             anyhow::bail!(

@@ -283,14 +283,30 @@ async fn openapi_health_and_metrics_are_served() {
     assert_eq!(status, 200);
     assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
     assert!(doc["paths"]["/api/v1/meters/{slug}/query"]["get"].is_object());
-    // without tokens nothing asks for one: no requirement, no scheme, no 401
+    // without tokens nothing asks for one: no requirement, no API token scheme, no
+    // 401; the portal route alone keeps its own token
     assert!(doc.get("security").is_none(), "{}", doc["security"]);
-    assert!(
-        doc["components"]["securitySchemes"]
-            .as_object()
-            .is_none_or(|m| m.is_empty()),
+    let schemes: Vec<&String> = doc["components"]["securitySchemes"]
+        .as_object()
+        .map(|m| m.keys().collect())
+        .unwrap_or_default();
+    assert_eq!(
+        schemes,
+        ["portal"],
         "{}",
         doc["components"]["securitySchemes"]
+    );
+    let portal = &doc["paths"]["/api/v1/portal/meters/{slug}/query"]["get"];
+    assert_eq!(
+        portal["security"],
+        serde_json::json!([{"portal": []}]),
+        "{portal}"
+    );
+    assert!(
+        doc["paths"]
+            .get("/api/v1/namespaces/{namespace}/portal/meters/{slug}/query")
+            .is_none(),
+        "the portal route is served once, outside the namespaces"
     );
     let query = &doc["paths"]["/api/v1/meters/{slug}/query"]["get"]["responses"];
     assert!(query.get("401").is_none(), "{query}");

@@ -446,6 +446,18 @@ async fn helm_install_with_the_ci_values_wires_every_secret() {
         "{volumes}"
     );
     assert!(
+        volumes.contains("\"secretName\":\"tally-portal-keys\""),
+        "portal keys mounted from portal.keysSecret: {volumes}"
+    );
+    let args = server["spec"]["template"]["spec"]["containers"][0]["args"].to_string();
+    assert!(
+        args.contains("--portal-keys-file=/etc/tally/portal/keys.yaml")
+            && args.contains(
+                "--portal-cors-origins=https://portal.example.com,https://app.example.com"
+            ),
+        "{args}"
+    );
+    assert!(
         Api::<Secret>::namespaced(client.clone(), ns)
             .get_opt("tally-tokens")
             .await

@@ -30,6 +30,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use serde::Deserialize;
 
+use super::portal::PortalKeys;
 use super::problem::Problem;
 use crate::metrics::ReloadLabels;
 
@@ -244,10 +245,20 @@ impl Access {
     }
 }
 
-/// The API's authentication: disabled, or the tokens of a file.
+/// The API's authentication: disabled, or the tokens of a file; and the keys of the
+/// customer-facing tokens ([`super::portal`]), which are refused here (403).
 #[derive(Debug, Clone, Default)]
 pub struct Auth {
     tokens: Option<Arc<RwLock<Arc<Tokens>>>>,
+    portal: Option<Arc<PortalKeys>>,
+}
+
+/// The token of an `Authorization: Bearer <token>` header.
+pub(crate) fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
+    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    v.strip_prefix("Bearer ")
+        .or_else(|| v.strip_prefix("bearer "))
+        .map(str::trim)
 }
 
 impl Auth {
@@ -260,6 +271,32 @@ impl Auth {
     pub fn fixed(tokens: Tokens) -> Auth {
         Auth {
             tokens: Some(Arc::new(RwLock::new(Arc::new(tokens)))),
+            portal: None,
+        }
+    }
+
+    /// Also knows portal tokens signed with `keys` (to serve the portal route, and to
+    /// refuse them on every other route).
+    pub fn with_portal(mut self, keys: PortalKeys) -> Auth {
+        self.portal = Some(Arc::new(keys));
+        self
+    }
+
+    /// The portal keys, when portal tokens are on.
+    pub fn portal(&self) -> Option<&PortalKeys> {
+        self.portal.as_deref()
+    }
+
+    /// 403 when `headers` carry a portal token: it reads only the portal route.
+    fn refuse_portal(&self, headers: &axum::http::HeaderMap) -> Result<(), Problem> {
+        match (&self.portal, bearer(headers)) {
+            (Some(keys), Some(token)) if keys.recognizes(token) => Err(Problem::new(
+                StatusCode::FORBIDDEN,
+                "forbidden-portal",
+                "Not allowed for a portal token",
+                "a portal token reads only GET /api/v1/portal/meters/{slug}/query (its own subject and meters)",
+            )),
+            _ => Ok(()),
         }
     }
 
@@ -315,6 +352,7 @@ impl Auth {
 
     fn access(&self, headers: &axum::http::HeaderMap) -> Result<Access, Problem> {
         let Some(tokens) = &self.tokens else {
+            self.refuse_portal(headers)?;
             return Ok(Access::open());
         };
         let tokens = tokens.read().map(|t| t.clone()).unwrap_or_default();
@@ -326,23 +364,19 @@ impl Auth {
                 detail.to_string(),
             )
         };
-        let Some(value) = headers.get(header::AUTHORIZATION) else {
+        if !headers.contains_key(header::AUTHORIZATION) {
             return Err(unauthorized(
                 "send a token: `Authorization: Bearer <token>` (tokens are configured in the server's tokens file)",
             ));
-        };
-        let token = value
-            .to_str()
-            .ok()
-            .and_then(|v| {
-                v.strip_prefix("Bearer ")
-                    .or_else(|| v.strip_prefix("bearer "))
-            })
-            .map(str::trim)
+        }
+        let token = bearer(headers)
             .ok_or_else(|| unauthorized("the Authorization header must be `Bearer <token>`"))?;
-        let grant = tokens
-            .grant(token)
-            .ok_or_else(|| unauthorized("the token is not valid (unknown, or rotated away)"))?;
+        let Some(grant) = tokens.grant(token) else {
+            self.refuse_portal(headers)?;
+            return Err(unauthorized(
+                "the token is not valid (unknown, or rotated away)",
+            ));
+        };
         Ok(Access {
             default_ns: grant.default_namespace().to_string(),
             grant: Some(grant.clone()),

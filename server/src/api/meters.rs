@@ -171,10 +171,20 @@ pub(crate) async fn query_meter(
 ) -> Result<Response, Problem> {
     let (_, m) = meter_of(&state, &params, &access)?;
     let spec = parse_query(&m, query.as_deref().unwrap_or_default())?;
+    answer(&state, m, spec, &headers).await
+}
+
+/// Runs a parsed query and renders it as JSON, or CSV when `headers` accept it.
+pub(crate) async fn answer(
+    state: &AppState,
+    m: StoredMeter,
+    spec: QuerySpec,
+    headers: &HeaderMap,
+) -> Result<Response, Problem> {
     let store = state.store.clone();
     let max_rows = state.limits.max_query_rows;
     let (meter, spec2) = (m.clone(), spec.clone());
-    let answer = run_blocking(&state, move || store.query(&meter, &spec2, max_rows)).await?;
+    let answer = run_blocking(state, move || store.query(&meter, &spec2, max_rows)).await?;
     let csv = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())

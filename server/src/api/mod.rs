@@ -14,6 +14,7 @@ mod dead_letters;
 mod events;
 mod meters;
 pub mod openapi;
+pub mod portal;
 pub mod problem;
 
 pub use meters::parse_query;
@@ -72,6 +73,7 @@ pub struct AppState {
     ingest_budget: Arc<Semaphore>,
     queries: Arc<Semaphore>,
     auth: Auth,
+    portal_cors: Option<tower_http::cors::CorsLayer>,
 }
 
 impl AppState {
@@ -87,7 +89,14 @@ impl AppState {
             queries: Arc::new(Semaphore::new(limits.max_concurrent_queries.max(1))),
             limits,
             auth: Auth::disabled(),
+            portal_cors: None,
         }
+    }
+
+    /// Lets browsers of these origins call the portal route (CORS).
+    pub fn with_portal_cors(mut self, cors: tower_http::cors::CorsLayer) -> AppState {
+        self.portal_cors = Some(cors);
+        self
     }
 
     /// Requires tokens on the `/api/v1` routes ([`auth`]).
@@ -125,6 +134,11 @@ pub fn router(state: AppState) -> Router {
         .route("/meters/{slug}/subjects", get(meters::list_subjects))
         .route("/meters/{slug}/query", get(meters::query_meter))
         .route("/dead-letters", get(dead_letters::list_dead_letters))
+        .route(
+            "/portal/tokens",
+            post(portal::create_token).get(portal::list_tokens),
+        )
+        .route("/portal/tokens/invalidate", post(portal::invalidate_tokens))
         .route_layer(middleware::from_fn_with_state(
             state.auth.clone(),
             auth::authorize,
@@ -132,6 +146,13 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .nest("/api/v1", api.clone())
         .nest("/api/v1/namespaces/{namespace}", api)
+        .route(
+            "/api/v1/portal/meters/{slug}/query",
+            match state.portal_cors.clone() {
+                Some(cors) => get(portal::query_meter).layer(cors),
+                None => get(portal::query_meter),
+            },
+        )
         .route("/api/v1/openapi.json", get(openapi::openapi))
         .route("/healthz", get(openapi::healthz))
         .route("/readyz", get(openapi::readyz))
@@ -256,7 +277,11 @@ pub(crate) async fn run_blocking<T: Send + 'static>(
         meters::list_meters,
         meters::get_meter,
         meters::list_subjects,
-        meters::query_meter
+        meters::query_meter,
+        portal::create_token,
+        portal::list_tokens,
+        portal::invalidate_tokens,
+        portal::query_meter
     ),
     components(schemas(
         Problem,
@@ -268,7 +293,10 @@ pub(crate) async fn run_blocking<T: Send + 'static>(
         meters::MeterView,
         meters::WindowSizeDoc,
         meters::QueryResponse,
-        meters::QueryRowView
+        meters::QueryRowView,
+        portal::PortalTokenRequest,
+        portal::PortalTokenView,
+        portal::InvalidateRequest
     )),
     modifiers(&BearerAuth),
     security(("bearer" = []))
@@ -290,6 +318,18 @@ impl utoipa::Modify for BearerAuth {
                     .scheme(HttpAuthScheme::Bearer)
                     .description(Some(
                         "A token granted namespaces (the server's --tokens-file); the plain routes act on its first namespace. Missing or unknown: 401; a namespace it is not granted: 403.",
+                    ))
+                    .build(),
+            ),
+        );
+        components.add_security_scheme(
+            "portal",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("JWT")
+                    .description(Some(
+                        "A portal token (POST /api/v1/portal/tokens): reads one subject's usage of its meters on the portal route only.",
                     ))
                     .build(),
             ),

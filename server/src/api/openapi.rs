@@ -66,7 +66,12 @@ fn problem_response(description: &str) -> RefOr<Response> {
 /// The API's routes (behind the token check, and served again per namespace); the
 /// document itself and the operational routes are open.
 fn behind_auth(path: &str) -> bool {
-    path.starts_with("/api/v1/") && path != "/api/v1/openapi.json"
+    path.starts_with("/api/v1/") && path != "/api/v1/openapi.json" && !portal_route(path)
+}
+
+/// The customer-facing route: its own token ([`super::portal`]), served once.
+fn portal_route(path: &str) -> bool {
+    path.starts_with("/api/v1/portal/meters/")
 }
 
 /// The document for a server with tokens (`auth`) or without.
@@ -131,7 +136,7 @@ pub fn document(auth: bool) -> OpenApi {
                     problem_response("The token is not granted this namespace"),
                 );
             }
-            if !guarded {
+            if !guarded && !portal_route(path) {
                 // operational routes are open in every configuration
                 op.security = Some(Vec::new());
             }
@@ -139,9 +144,10 @@ pub fn document(auth: bool) -> OpenApi {
     }
     event_limits(&mut doc);
     if !auth {
+        // the portal route keeps its own scheme
         doc.security = None;
         if let Some(c) = doc.components.as_mut() {
-            c.security_schemes.clear();
+            c.security_schemes.remove("bearer");
         }
     }
     doc
