@@ -38,8 +38,9 @@ test: lint services tools ## Check formatting and clippy, start the services, in
 test-e2e: services tools ## Tests that need a Kubernetes API: against KUBECONFIG when set (a control plane without scheduler or kubelets, never a real cluster), else a real control plane from KUBEBUILDER_ASSETS
 	TALLY_KUBECONFIG=$(KUBECONFIG) KUBEBUILDER_ASSETS="$(KUBEBUILDER_ASSETS)" $(CARGO) test -p tally-tests --test kube_api --test control_plane --test rbac_e2e --test operator_meters --test operator_collectors --test operator_unreachable --test agent_pod_runtime --test agent_lease --test cluster_e2e --test helm_chart
 
-tools: ## Install what the tests use: the Helm Go library for Python (helm-sdkpy) and cargo-nextest (built once into TALLY_TOOLS, about 6 minutes)
+tools: ## Install what the tests use: the Helm Go library for Python (helm-sdkpy), schemathesis 4.32.5 (in TALLY_TOOLS/st-venv) and cargo-nextest (built once into TALLY_TOOLS, about 6 minutes)
 	@python3 -c 'import helm_sdkpy, yaml' 2>/dev/null || python3 -m pip install --quiet --ignore-requires-python helm-sdkpy cffi pyyaml
+	@$(TALLY_TOOLS)/st-venv/bin/st --version 2>/dev/null | grep -q 4.32.5 || { echo "installing schemathesis 4.32.5 into $(TALLY_TOOLS)/st-venv (once per machine)"; python3 -m venv $(TALLY_TOOLS)/st-venv && $(TALLY_TOOLS)/st-venv/bin/pip install --quiet schemathesis==4.32.5; }
 	@[ -x $(NEXTEST) ] || { echo "installing cargo-nextest into $(TALLY_TOOLS) (once per machine)"; CARGO_TARGET_DIR=$(TALLY_TOOLS)/nextest-build $(CARGO) install --locked --quiet cargo-nextest --root $(TALLY_TOOLS) && rm -rf $(TALLY_TOOLS)/nextest-build; }
 
 helm-lint: tools ## Lint the Helm chart with its default values and with charts/tally/ci/ci-values.yaml

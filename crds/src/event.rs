@@ -10,7 +10,8 @@
 //! - other attributes are CloudEvents extensions: lowercase ASCII letters and digits,
 //!   at most 20 characters, with string, number or boolean values; they are kept.
 //!
-//! Length limits (bytes of UTF-8) keep one event bounded; see the `MAX_*` constants.
+//! Length limits (in characters; `data` in bytes serialized) keep one event bounded;
+//! see the `MAX_*` constants.
 use std::collections::BTreeMap;
 use std::fmt;
 
@@ -137,8 +138,11 @@ impl UsageEvent {
         let subject = required_string(obj, "subject", MAX_SUBJECT_LEN, &mut errors);
         let time_ms = match obj.get("time") {
             None | Some(Value::Null) => Some(received_ms),
-            Some(Value::String(s)) if s.len() > MAX_TIME_LEN => {
-                errors.push(err("time", format!("must be at most {MAX_TIME_LEN} bytes")));
+            Some(Value::String(s)) if s.chars().count() > MAX_TIME_LEN => {
+                errors.push(err(
+                    "time",
+                    format!("must be at most {MAX_TIME_LEN} characters"),
+                ));
                 None
             }
             Some(Value::String(s)) => match parse_time_ms(s) {
@@ -208,10 +212,12 @@ impl UsageEvent {
                 continue;
             }
             match v {
-                Value::String(s) if s.len() > MAX_EXTENSION_VALUE_LEN => errors.push(err(
-                    name,
-                    format!("must be at most {MAX_EXTENSION_VALUE_LEN} bytes"),
-                )),
+                Value::String(s) if s.chars().count() > MAX_EXTENSION_VALUE_LEN => {
+                    errors.push(err(
+                        name,
+                        format!("must be at most {MAX_EXTENSION_VALUE_LEN} characters"),
+                    ))
+                }
                 Value::String(_) | Value::Number(_) | Value::Bool(_) => {
                     extensions.insert(name.clone(), v.clone());
                 }
@@ -315,10 +321,10 @@ fn required_string(
             errors.push(err(field, "must not be empty"));
             None
         }
-        Some(Value::String(s)) if s.len() > max => {
+        Some(Value::String(s)) if s.chars().count() > max => {
             errors.push(err(
                 field,
-                format!("is {} bytes; the limit is {max}", s.len()),
+                format!("is {} characters; the limit is {max}", s.chars().count()),
             ));
             None
         }
@@ -342,10 +348,10 @@ fn optional_string(
 ) -> Option<String> {
     match obj.get(field) {
         None | Some(Value::Null) => None,
-        Some(Value::String(s)) if s.len() > max => {
+        Some(Value::String(s)) if s.chars().count() > max => {
             errors.push(err(
                 field,
-                format!("is {} bytes; the limit is {max}", s.len()),
+                format!("is {} characters; the limit is {max}", s.chars().count()),
             ));
             None
         }

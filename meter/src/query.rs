@@ -71,7 +71,16 @@ impl QuerySpec {
             "windowTimeZone" => {
                 spec.tz = v.parse::<Tz>().map_err(|_| BadParameter::new("windowTimeZone", format!("{v:?} is not an IANA time zone name (e.g. UTC, America/New_York, Asia/Kolkata)")))?
             }
-            "subject" => spec.subjects.push(v.to_string()),
+            "subject" => {
+                let max = tally_crds::event::MAX_SUBJECT_LEN;
+                if v.is_empty() || v.chars().count() > max {
+                    return Err(BadParameter::new(
+                        "subject",
+                        format!("must be 1-{max} characters, as events name subjects"),
+                    ));
+                }
+                spec.subjects.push(v.to_string())
+            }
             "groupBy" => {
                 if v != "subject" && meter.group_index(&v).is_none() {
                     return Err(BadParameter::new("groupBy", format!("{v:?} is not a groupBy of meter {}; use subject or one of: {}", meter.slug, known())));

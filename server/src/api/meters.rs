@@ -161,7 +161,9 @@ pub(crate) enum WindowSizeDoc {
         ("subject" = Option<Vec<String>>, Query, description = "repeatable"),
         ("groupBy" = Option<Vec<String>>, Query, description = "repeatable; a groupBy name of the meter or subject"),
         ("filterGroupBy[key]" = Option<String>, Query, description = "only rows whose group-by key has this value (repeat for several values)")),
-    responses((status = 200, body = QueryResponse, description = "JSON, or CSV with Accept: text/csv"), (status = 400, body = Problem), (status = 404, body = Problem)))]
+    responses((status = 200, body = QueryResponse, description = "JSON, or CSV with Accept: text/csv"),
+        (status = 400, body = Problem, description = "A parameter is wrong, naming it: also schema-valid values that depend on the meter or on each other (`from` not before `to`, a `groupBy` or `filterGroupBy[name]` the meter does not have), and answers above --max-query-rows"),
+        (status = 404, body = Problem)))]
 pub(crate) async fn query_meter(
     State(state): State<AppState>,
     Path(params): Path<HashMap<String, String>>,

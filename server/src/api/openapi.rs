@@ -143,6 +143,7 @@ pub fn document(auth: bool) -> OpenApi {
         }
     }
     event_limits(&mut doc);
+    query_parameters(&mut doc);
     if !auth {
         // the portal route keeps its own scheme
         doc.security = None;
@@ -200,4 +201,44 @@ fn event_limits(doc: &mut OpenApi) {
         Schema::OneOf(scalar),
     ))));
     event.max_properties = Some(known + limits::MAX_EXTENSIONS);
+}
+
+/// What the query parameters accept, beyond their types: `windowTimeZone` one of the
+/// IANA names the server knows (chrono-tz's), `subject` and `groupBy` non-empty.
+/// (`groupBy` and `filterGroupBy[…]` must also name a groupBy of the meter in the path,
+/// which a schema cannot say: the 400 answer is documented for it.)
+fn query_parameters(doc: &mut OpenApi) {
+    let zones: Vec<serde_json::Value> = chrono_tz::TZ_VARIANTS
+        .iter()
+        .map(|z| serde_json::Value::from(z.name()))
+        .collect();
+    let non_empty = |max: Option<usize>| {
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .min_length(Some(1))
+            .max_length(max)
+            .build()
+    };
+    for item in doc.paths.paths.values_mut() {
+        for op in operations(item) {
+            for param in op.parameters.iter_mut().flatten() {
+                let schema: Schema = match param.name.as_str() {
+                    "windowTimeZone" => Schema::Object(
+                        ObjectBuilder::new()
+                            .schema_type(Type::String)
+                            .enum_values(Some(zones.clone()))
+                            .build(),
+                    ),
+                    "subject" => Schema::Array(utoipa::openapi::schema::Array::new(non_empty(
+                        Some(tally_crds::event::MAX_SUBJECT_LEN),
+                    ))),
+                    "groupBy" => {
+                        Schema::Array(utoipa::openapi::schema::Array::new(non_empty(None)))
+                    }
+                    _ => continue,
+                };
+                param.schema = Some(RefOr::T(schema));
+            }
+        }
+    }
 }

@@ -179,7 +179,8 @@ fn rfc3339(ms: i64) -> String {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub(crate) struct PortalTokenRequest {
-    /// The subject whose usage the token reads.
+    /// The subject whose usage the token reads (as events name it).
+    #[schema(min_length = 1, max_length = 256)]
     subject: String,
     /// Meters it may query (slugs); absent or empty: every meter of the namespace.
     #[serde(default)]
@@ -255,7 +256,7 @@ fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Problem> 
 fn keys(state: &AppState) -> Result<&PortalKeys, Problem> {
     state.auth.portal().ok_or_else(|| {
         Problem::new(
-            StatusCode::NOT_IMPLEMENTED,
+            StatusCode::NOT_FOUND,
             "portal-off",
             "Portal tokens are off",
             "this server has no portal keys: start tally-server with --portal-keys-file FILE (keys: [{id, secret}])",
@@ -275,7 +276,8 @@ fn random_id() -> Result<String, Problem> {
 /// Issue a portal token for one subject.
 #[utoipa::path(post, path = "/api/v1/portal/tokens", tag = "portal", request_body = PortalTokenRequest,
     responses((status = 200, body = PortalTokenView, description = "The token, with `token` set (shown only here)"),
-        (status = 400, body = Problem), (status = 501, body = Problem, description = "No --portal-keys-file")))]
+        (status = 400, body = Problem, description = "A field is wrong, or names a meter the namespace does not have"),
+        (status = 404, body = Problem, description = "Portal tokens are off (no --portal-keys-file)")))]
 pub(crate) async fn create_token(
     State(state): State<AppState>,
     UrlPath(params): UrlPath<HashMap<String, String>>,
@@ -285,7 +287,7 @@ pub(crate) async fn create_token(
     let ns = namespace(&params, &access)?;
     let keys = keys(&state)?;
     let req: PortalTokenRequest = json_body(&body)?;
-    let subject = req.subject.trim().to_string();
+    let subject = req.subject;
     if subject.is_empty() || subject.len() > tally_crds::event::MAX_SUBJECT_LEN {
         return Err(bad_body(
             "subject",
@@ -360,16 +362,23 @@ pub(crate) async fn list_tokens(
     Ok(Json(rows.iter().map(|r| view(r, None)).collect()))
 }
 
-/// Which portal tokens to invalidate.
+/// Which portal tokens to invalidate: one by `id`, or every token of a `subject`.
 #[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct InvalidateRequest {
-    /// One token, by id.
-    #[serde(default)]
-    id: Option<String>,
-    /// Every token of this subject issued so far.
-    #[serde(default)]
-    subject: Option<String>,
+#[serde(untagged, deny_unknown_fields)]
+pub(crate) enum InvalidateRequest {
+    /// One token.
+    #[serde(rename_all = "camelCase")]
+    Id {
+        /// The token's id.
+        #[schema(min_length = 1)]
+        id: String,
+    },
+    /// Every token of the subject issued so far.
+    Subject {
+        /// The subject.
+        #[schema(min_length = 1)]
+        subject: String,
+    },
 }
 
 /// Invalidate a portal token (`id`) or every token of a subject (`subject`).
@@ -383,15 +392,18 @@ pub(crate) async fn invalidate_tokens(
     body: Bytes,
 ) -> Result<StatusCode, Problem> {
     let ns = namespace(&params, &access)?;
-    let req: InvalidateRequest = json_body(&body)?;
-    let (id, subject) = match (req.id, req.subject) {
-        (Some(id), None) => (Some(id), None),
-        (None, Some(s)) => (None, Some(s)),
-        _ => {
-            return Err(bad_body(
-                "id",
-                "give either id (one token) or subject (all of its tokens)",
-            ));
+    let req: InvalidateRequest = serde_json::from_slice(&body).map_err(|_| {
+        bad_body(
+            "id",
+            "give either {\"id\": …} (one token) or {\"subject\": …} (all of its tokens)",
+        )
+    })?;
+    let (id, subject) = match req {
+        InvalidateRequest::Id { id } if !id.is_empty() => (Some(id), None),
+        InvalidateRequest::Subject { subject } if !subject.is_empty() => (None, Some(subject)),
+        InvalidateRequest::Id { .. } => return Err(bad_body("id", "must not be empty")),
+        InvalidateRequest::Subject { .. } => {
+            return Err(bad_body("subject", "must not be empty"));
         }
     };
     let store = state.store.clone();
@@ -492,7 +504,7 @@ async fn portal_access(state: &AppState, headers: &HeaderMap) -> Result<PortalAc
         ("groupBy" = Option<Vec<String>>, Query)),
     security(("portal" = [])),
     responses((status = 200, body = super::meters::QueryResponse),
-        (status = 400, body = Problem), (status = 401, body = Problem, description = "No, a bad, an expired or an invalidated portal token"),
+        (status = 400, body = Problem, description = "A parameter is wrong (as for /meters/{slug}/query)"), (status = 401, body = Problem, description = "No, a bad, an expired or an invalidated portal token"),
         (status = 403, body = Problem, description = "Another subject or a meter the token does not allow"),
         (status = 404, body = Problem)))]
 pub(crate) async fn query_meter(
