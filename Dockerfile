@@ -1,5 +1,5 @@
-# One image with tally's binaries: tally-server (API and sink), tally-operator and
-# tally-agent. Build it from the repository root:
+# One image with tally's binaries: tally-server (API and sink), tally-operator,
+# tally-agent and the kubectl plugin kubectl-tally. Build it from the repository root:
 #   docker build -t tally:0.1.0 .
 # The operator is told the image with --agent-image (the chart does this), and runs the
 # agents from it too.
@@ -12,10 +12,10 @@ WORKDIR /src
 COPY . .
 # kafka-tls: librdkafka with a vendored OpenSSL, for TLS and SCRAM to a secured Kafka.
 RUN cargo build --release --locked -p tally-server --bin tally-server \
-      -p tally-operator --features tally-kafka/kafka-tls \
+      -p tally-operator -p tally-kubectl --features tally-kafka/kafka-tls \
  && cargo build --profile agent --locked -p tally-agent \
  && mkdir -p /out \
- && cp target/release/tally-server target/release/tally-operator target/agent/tally-agent /out/
+ && cp target/release/tally-server target/release/tally-operator target/release/kubectl-tally target/agent/tally-agent /out/
 
 FROM debian:bookworm-slim
 RUN apt-get update \

@@ -1,4 +1,4 @@
-//! Replays the README walkthrough (its `$ curl` commands, between the `walkthrough`
+//! Replays the README walkthrough (its `$ curl` and `$ kubectl tally` commands, between the `walkthrough`
 //! markers) against a fresh quickstart server and compares the output the README shows.
 mod common;
 
@@ -38,12 +38,19 @@ fn readme_walkthrough_output_is_real() {
         );
     }
     let server = common::Server::quickstart();
+    // `kubectl tally` is the plugin binary kubectl would run from the PATH
+    let kubectl_tally = tally_tests::bin("kubectl-tally");
     for (cmd, expected) in steps {
-        let cmd_here = cmd.replace("localhost:8080", &server.addr);
+        let cmd_here = cmd
+            .replace("localhost:8080", &server.addr)
+            .replace("kubectl tally ", &format!("{} ", kubectl_tally.display()));
         let out = Command::new("sh")
             .arg("-c")
             .arg(&cmd_here)
             .current_dir(&root)
+            .env("KUBECONFIG", root.join("no-kubeconfig-here"))
+            .env_remove("TALLY_SERVER")
+            .env_remove("TALLY_TOKEN")
             .output()
             .unwrap();
         let got = String::from_utf8_lossy(&out.stdout);

@@ -151,6 +151,19 @@ fn the_agent_links_sqlite_only_for_its_spool_and_no_store() {
 }
 
 #[test]
+fn the_kubectl_plugin_is_a_client_of_the_api_only() {
+    let t = Tree::of("tally-kubectl", &[]);
+    assert_none(t.violations(&[
+        "rusqlite",
+        "clickhouse",
+        "rdkafka",
+        "axum",
+        "utoipa",
+        "tally-server",
+    ]));
+}
+
+#[test]
 fn tally_crates_depend_only_downwards() {
     // Each crate and the tally crates it may depend on (ARCHITECTURE.md's layers).
     let allowed: &[(&str, &[&str])] = &[
@@ -194,6 +207,8 @@ fn tally_crates_depend_only_downwards() {
                 "tally-runtime",
             ],
         ),
+        // a client of the HTTP API only
+        ("tally-kubectl", &[]),
     ];
     let mut wrong = Vec::new();
     for (package, may) in allowed {
