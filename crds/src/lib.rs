@@ -5,6 +5,8 @@
 //!   `crdgen` binary (`make generate`) and committed as `crds/*.yaml`.
 //! - [`Collector`] (`collectors.tally.dev/v1alpha1`): where usage comes from; its
 //!   source types are also the agent's configuration file ([`collector::AgentConfig`]).
+//! - [`UsageBudget`] (`usagebudgets.tally.dev/v1alpha1`): a limit on a meter's usage
+//!   per period, with thresholds that act.
 //! - [`event`]: the usage event, CloudEvents 1.0 in JSON, with validation that reports
 //!   every problem by field name.
 //! - [`envelope`]: the Kafka message (key and versioned payload) producers write and the
@@ -13,11 +15,13 @@
 //! This crate does no I/O and depends on no other tally crate.
 #![forbid(unsafe_code)]
 
+pub mod budget;
 pub mod collector;
 pub mod envelope;
 pub mod event;
 pub mod meter;
 
+pub use budget::{UsageBudget, UsageBudgetSpec, UsageBudgetStatus};
 pub use collector::{Collector, CollectorSpec, CollectorStatus};
 pub use envelope::Envelope;
 pub use event::{CloudEvent, EventError, UsageEvent};
@@ -57,7 +61,7 @@ pub fn crds()
 -> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>
 {
     use kube::CustomResourceExt;
-    [Meter::crd(), Collector::crd()]
+    [Meter::crd(), Collector::crd(), UsageBudget::crd()]
         .into_iter()
         .map(|crd| {
             let mut v = serde_json::to_value(&crd).expect("a CRD serializes");
@@ -79,6 +83,12 @@ pub fn collector_crd()
     crds().swap_remove(1)
 }
 
+/// The UsageBudget CRD as [`crds`] renders it.
+pub fn budget_crd()
+-> k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition {
+    crds().swap_remove(2)
+}
+
 /// Replaces the sized-integer formats Kubernetes does not know by the bounds they
 /// stand for (kept when the schema already narrows them).
 fn integer_formats_to_bounds(v: &mut serde_json::Value) {
@@ -93,6 +103,13 @@ fn integer_formats_to_bounds(v: &mut serde_json::Value) {
                 Some("int16") => Some((i16::MIN as f64, Some(i16::MAX as f64))),
                 _ => None,
             };
+            // `number` needs no format, and apply warns about `double`
+            if matches!(
+                map.get("format").and_then(|f| f.as_str()),
+                Some("double" | "float")
+            ) {
+                map.remove("format");
+            }
             if let Some((min, max)) = bounds {
                 map.remove("format");
                 map.entry("minimum").or_insert(serde_json::json!(min));
@@ -112,7 +129,11 @@ fn integer_formats_to_bounds(v: &mut serde_json::Value) {
 pub fn render_crds() -> Vec<(String, String)> {
     crds()
         .into_iter()
-        .zip(["crds/src/meter.rs", "crds/src/collector/"])
+        .zip([
+            "crds/src/meter.rs",
+            "crds/src/collector/",
+            "crds/src/budget.rs",
+        ])
         .map(|(crd, from)| {
             let name = crd.metadata.name.clone().unwrap_or_default();
             let yaml = serde_yaml::to_string(&crd).expect("a CRD always serializes to YAML");

@@ -45,6 +45,7 @@ use futures_channel::oneshot;
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use tally_crds::{Aggregation, UsageEvent};
 
+use tally_meter::budget::Crossing;
 use tally_meter::engine::CompiledMeter;
 use tally_meter::engine::state::{Latest, State};
 use tally_meter::query::{Combiner, QueryAnswer, QuerySpec, plan_rollup_reads, split_minutes};
@@ -169,6 +170,23 @@ CREATE TABLE IF NOT EXISTS portal_tokens (
     PRIMARY KEY (namespace, id)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS portal_tokens_by_created ON portal_tokens(namespace, created_ms);
+CREATE TABLE IF NOT EXISTS budget_crossings (
+    id TEXT PRIMARY KEY,
+    namespace TEXT NOT NULL,
+    budget TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    period_start_ms INTEGER NOT NULL,
+    threshold TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    usage REAL NOT NULL,
+    crossed_ms INTEGER NOT NULL,
+    body TEXT NOT NULL,
+    delivered_ms INTEGER,
+    attempts INTEGER NOT NULL,
+    failed INTEGER NOT NULL,
+    rearmed INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS budget_crossings_by_period ON budget_crossings(namespace, budget, period_start_ms);
 CREATE TABLE IF NOT EXISTS meter_errors (
     seq INTEGER NOT NULL,
     meter INTEGER NOT NULL,
@@ -528,6 +546,74 @@ impl Store for EmbeddedStore {
             .step("invalidate portal tokens")
         })
     }
+}
+
+impl tally_meter::budget::BudgetLedger for EmbeddedStore {
+    fn latest_crossings(
+        &self,
+        namespace: &str,
+        budget: &str,
+        period_start_ms: i64,
+    ) -> Result<Vec<Crossing>> {
+        self.with_reader(|conn| {
+            let mut stmt = conn
+                .prepare_cached(&format!(
+                    "{CROSSING_SELECT} WHERE namespace = ?1 AND budget = ?2 AND period_start_ms = ?3 ORDER BY subject, threshold, seq"
+                ))
+                .step("read budget crossings")?;
+            stmt.query_map(params![namespace, budget, period_start_ms], crossing_row)
+                .step("read budget crossings")?
+                .collect::<rusqlite::Result<Vec<_>>>()
+                .step("read budget crossings")
+        })
+    }
+
+    fn put_crossing(&self, c: &Crossing) -> Result<()> {
+        self.with_reader(|conn| {
+            conn.execute(
+                "INSERT OR REPLACE INTO budget_crossings (id, namespace, budget, subject, period_start_ms, threshold, seq, usage, crossed_ms, body, delivered_ms, attempts, failed, rearmed)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+                params![c.id, c.namespace, c.budget, c.subject, c.period_start_ms, c.threshold, c.seq, c.usage, c.crossed_ms, c.body, c.delivered_ms, c.attempts, c.failed, c.rearmed],
+            )
+            .step("record a budget crossing")
+            .map(drop)
+        })
+    }
+
+    fn undelivered_crossings(&self) -> Result<Vec<Crossing>> {
+        self.with_reader(|conn| {
+            let mut stmt = conn
+                .prepare_cached(&format!(
+                    "{CROSSING_SELECT} WHERE delivered_ms IS NULL AND failed = 0 AND body != '' ORDER BY crossed_ms, id"
+                ))
+                .step("read undelivered budget crossings")?;
+            stmt.query_map([], crossing_row)
+                .step("read undelivered budget crossings")?
+                .collect::<rusqlite::Result<Vec<_>>>()
+                .step("read undelivered budget crossings")
+        })
+    }
+}
+
+const CROSSING_SELECT: &str = "SELECT id, namespace, budget, subject, period_start_ms, threshold, seq, usage, crossed_ms, body, delivered_ms, attempts, failed, rearmed FROM budget_crossings";
+
+fn crossing_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Crossing> {
+    Ok(Crossing {
+        id: r.get(0)?,
+        namespace: r.get(1)?,
+        budget: r.get(2)?,
+        subject: r.get(3)?,
+        period_start_ms: r.get(4)?,
+        threshold: r.get(5)?,
+        seq: r.get(6)?,
+        usage: r.get(7)?,
+        crossed_ms: r.get(8)?,
+        body: r.get(9)?,
+        delivered_ms: r.get(10)?,
+        attempts: r.get(11)?,
+        failed: r.get(12)?,
+        rearmed: r.get(13)?,
+    })
 }
 
 const PORTAL_SELECT: &str = "SELECT id, namespace, subject, meters, expires_ms, created_ms, invalidated_ms FROM portal_tokens";

@@ -10,6 +10,7 @@
 //! checks it), so the operator, the stores and the API share one definition of a meter.
 #![forbid(unsafe_code)]
 
+pub mod budget;
 pub mod conformance;
 pub mod engine;
 pub mod error;

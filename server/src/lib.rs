@@ -2,6 +2,8 @@
 //!
 //! - [`api`]: the HTTP API (OpenMeter v1 compatible), one module per route group,
 //!   problems, authentication.
+//! - [`budgets`]: UsageBudgets of the manifests folder, evaluated by the standalone
+//!   server.
 //! - [`catalog`]: the meters served, from manifests in a folder (standalone, with
 //!   reload rules) or from the cluster's Ready Meters (`--kubernetes`).
 //! - [`metrics`]: the server's Prometheus metrics.
@@ -13,6 +15,7 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod budgets;
 pub mod catalog;
 pub mod metrics;
 pub mod server;

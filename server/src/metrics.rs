@@ -53,6 +53,14 @@ pub struct Metrics {
     pub http_request_duration: Family<HttpLabels, Histogram>,
     /// Re-reads of changed manifests or tokens files, by outcome.
     pub reloads: Family<ReloadLabels, Counter>,
+    /// Budget thresholds crossed (recorded once each).
+    pub budget_crossings: Counter,
+    /// Budget webhooks accepted (2xx) by their receiver.
+    pub budget_webhooks_delivered: Counter,
+    /// Budget webhook attempts that failed (each is retried).
+    pub budget_webhook_failures: Counter,
+    /// Budget webhooks given up after the last attempt.
+    pub budget_webhooks_given_up: Counter,
 }
 
 impl Default for Metrics {
@@ -96,8 +104,40 @@ impl Default for Metrics {
             "HTTP request latency",
             http_request_duration.clone(),
         );
+        let budget_crossings = Counter::default();
+        let budget_webhooks_delivered = Counter::default();
+        let budget_webhook_failures = Counter::default();
+        let budget_webhooks_given_up = Counter::default();
+        for (name, help, c) in [
+            (
+                "budget_crossings",
+                "UsageBudget thresholds crossed (each recorded once per budget, subject, period and threshold)",
+                &budget_crossings,
+            ),
+            (
+                "budget_webhooks_delivered",
+                "UsageBudget webhooks accepted (2xx) by their receiver",
+                &budget_webhooks_delivered,
+            ),
+            (
+                "budget_webhook_failures",
+                "UsageBudget webhook attempts that failed (retried with backoff)",
+                &budget_webhook_failures,
+            ),
+            (
+                "budget_webhooks_given_up",
+                "UsageBudget webhooks given up after the last attempt",
+                &budget_webhooks_given_up,
+            ),
+        ] {
+            registry.register(name, help, c.clone());
+        }
         Metrics {
             registry,
+            budget_crossings,
+            budget_webhooks_delivered,
+            budget_webhook_failures,
+            budget_webhooks_given_up,
             events_accepted,
             events_rejected,
             events_deduplicated,

@@ -70,6 +70,21 @@ pub struct Args {
     /// Browser origins allowed to call the portal route (CORS), comma-separated, or `*`.
     #[arg(long, env = "TALLY_PORTAL_CORS_ORIGINS", value_delimiter = ',')]
     pub portal_cors_origins: Vec<String>,
+    /// How often the UsageBudgets of `--manifests` are evaluated, in milliseconds
+    /// (standalone server).
+    #[arg(long, env = "TALLY_BUDGET_INTERVAL_MS", default_value_t = 10_000)]
+    pub budget_interval_ms: u64,
+    /// Where budgets' webhook Secrets are, as mounted Secrets would be:
+    /// DIR/<namespace>/<secret name>/url and …/secret.
+    #[arg(long, env = "TALLY_BUDGET_SECRETS_DIR")]
+    pub budget_secrets_dir: Option<PathBuf>,
+    /// Let budget webhooks go to any URL (default: https, or http to in-cluster
+    /// Services only).
+    #[arg(long, env = "TALLY_BUDGET_WEBHOOK_ANY_URL")]
+    pub budget_webhook_any_url: bool,
+    /// Tests only: the budgets' clock reads Unix milliseconds from this file.
+    #[arg(long, env = "TALLY_BUDGET_CLOCK_FILE", hide = true)]
+    pub budget_clock_file: Option<PathBuf>,
     /// Serve without tokens beyond loopback (something else must guard the port).
     #[arg(long, env = "TALLY_ALLOW_UNAUTHENTICATED")]
     pub allow_unauthenticated: bool,
@@ -226,6 +241,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(Command::Sink(sink)) = &args.command {
         return run_sink(&args, sink).await;
     }
+    // the embedded store also keeps the budgets' crossing records
+    let mut ledger: Option<Arc<dyn tally_meter::budget::BudgetLedger>> = None;
     let store: Arc<dyn Store> = match &args.clickhouse.url {
         Some(url) => {
             let ch = Ch::new(&args.clickhouse.config(url))?;
@@ -266,12 +283,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             let mut config = EmbeddedConfig::new(&args.data);
             config.queue_capacity = args.ingest_queue;
             config.sync_full = args.sqlite_sync == "full";
-            Arc::new(EmbeddedStore::open(config).with_context(|| {
+            let embedded = Arc::new(EmbeddedStore::open(config).with_context(|| {
                 format!(
                     "failed to open the embedded store in {}",
                     args.data.display()
                 )
-            })?)
+            })?);
+            ledger = Some(embedded.clone());
+            embedded
         }
     };
     let limits = Limits {
@@ -311,6 +330,29 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     } else if let Some(dir) = args.manifests.clone() {
         let (served, _) = reload(&dir, &store, &state, Vec::new()).await?;
         tracing::info!(dir = %dir.display(), meters = served.len(), "Loaded meter manifests");
+        let budgets = crate::budgets::load(&dir);
+        match &ledger {
+            Some(ledger) => crate::budgets::spawn(
+                state.clone(),
+                store.clone(),
+                ledger.clone(),
+                crate::budgets::BudgetConfig {
+                    dir: dir.clone(),
+                    interval: Duration::from_millis(args.budget_interval_ms.max(50)),
+                    secrets_dir: args.budget_secrets_dir.clone(),
+                    any_url: args.budget_webhook_any_url,
+                    clock_file: args.budget_clock_file.clone(),
+                },
+            ),
+            None if !budgets.is_empty() => tracing::warn!(
+                budgets = budgets.len(),
+                "UsageBudgets in --manifests are evaluated only by the standalone server (embedded store) in this release; with --clickhouse they are not evaluated"
+            ),
+            None => {}
+        }
+        if !budgets.is_empty() {
+            tracing::info!(budgets = budgets.len(), "Loaded UsageBudget manifests");
+        }
         tokio::spawn(watch(
             dir,
             store.clone(),

@@ -151,6 +151,12 @@ fn the_agent_links_sqlite_only_for_its_spool_and_no_store() {
 }
 
 #[test]
+fn the_budget_evaluator_links_no_store_of_its_own() {
+    let t = Tree::of("tally-budgets", &[]);
+    assert_none(t.violations(&["rusqlite", "clickhouse", "rdkafka", "axum", "kube-client"]));
+}
+
+#[test]
 fn the_kubectl_plugin_is_a_client_of_the_api_only() {
     let t = Tree::of("tally-kubectl", &[]);
     assert_none(t.violations(&[
@@ -176,10 +182,12 @@ fn tally_crates_depend_only_downwards() {
             &["tally-crds", "tally-kafka", "tally-meter"],
         ),
         ("tally-collectors", &["tally-crds"]),
+        ("tally-budgets", &["tally-crds", "tally-meter"]),
         ("tally-runtime", &[]),
         (
             "tally-server",
             &[
+                "tally-budgets",
                 "tally-clickhouse",
                 "tally-crds",
                 "tally-embedded",

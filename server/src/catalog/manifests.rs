@@ -80,7 +80,8 @@ pub fn fingerprint(dir: &Path) -> Fingerprint {
     out
 }
 
-fn manifest_files(dir: &Path) -> Vec<PathBuf> {
+/// Every `*.yaml`/`*.yml` file below `dir` (hidden ones skipped), in path order.
+pub(crate) fn manifest_files(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {

@@ -13,6 +13,8 @@ pub struct Server {
     pub data: PathBuf,
     pub manifests: PathBuf,
     extra: Vec<String>,
+    /// Environment of the next start.
+    pub env: Vec<(String, String)>,
     starts: u32,
     _tmp: Option<tempfile::TempDir>,
 }
@@ -52,6 +54,7 @@ impl Server {
             data: tmp.path().join("data"),
             manifests,
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            env: Vec::new(),
             starts: 0,
             _tmp: Some(tmp),
         };
@@ -72,6 +75,7 @@ impl Server {
             .args(["--reload-interval-ms", "100"])
             .args(&self.extra)
             .env("RUST_LOG", tally_tests::TEST_LOG)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::from(log.try_clone().unwrap()))
             .stderr(Stdio::from(log))
             .spawn()
@@ -83,6 +87,64 @@ impl Server {
                 .is_some_and(|c| c.try_wait().ok().flatten().is_none())
         });
         self.child = child;
+    }
+
+    /// A server like [`Server::start`] with `env` set for its first start.
+    pub fn start_with_env(
+        manifests: &[(&str, &str)],
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Server {
+        let tmp = tempfile::tempdir().unwrap();
+        let mdir = tmp.path().join("manifests");
+        std::fs::create_dir_all(&mdir).unwrap();
+        for (name, text) in manifests {
+            std::fs::write(mdir.join(name), text).unwrap();
+        }
+        let mut s = Server {
+            child: None,
+            addr: String::new(),
+            data: tmp.path().join("data"),
+            manifests: mdir,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            starts: 0,
+            _tmp: Some(tmp),
+        };
+        s.spawn();
+        s
+    }
+
+    /// Waits up to `limit` for the process to exit by itself; whether it did.
+    pub fn exited_within(&mut self, limit: Duration) -> bool {
+        let deadline = std::time::Instant::now() + limit;
+        while std::time::Instant::now() < deadline {
+            if let Some(c) = self.child.as_mut()
+                && c.try_wait().ok().flatten().is_some()
+            {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+
+    /// Starts it again (after it exited) on the same data, with the current `env`.
+    pub fn respawn(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.spawn();
+    }
+
+    /// The log of its latest start.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.data.with_extension(format!("{}.log", self.starts)))
+            .unwrap_or_default()
     }
 
     pub fn pid(&self) -> u32 {
