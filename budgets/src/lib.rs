@@ -224,9 +224,10 @@ impl Evaluator {
             Err(e) => return not_ready("QueryFailed", format!("reading usage failed: {e}")),
         };
         let thresholds = budget.thresholds();
+        let (ns, name) = (budget.namespace.clone(), budget.name.clone());
         let latest = match self
-            .ledger
-            .latest_crossings(&budget.namespace, &budget.name, start)
+            .ledger(move |l| l.latest_crossings(&ns, &name, start))
+            .await
         {
             Ok(l) => l,
             Err(e) => return not_ready("LedgerFailed", format!("reading crossings failed: {e}")),
@@ -291,7 +292,8 @@ impl Evaluator {
                         failed: false,
                         rearmed: false,
                     };
-                    if let Err(e) = self.ledger.put_crossing(&c) {
+                    let put = c.clone();
+                    if let Err(e) = self.ledger(move |l| l.put_crossing(&put)).await {
                         return not_ready(
                             "LedgerFailed",
                             format!("recording a crossing failed: {e}"),
@@ -310,7 +312,8 @@ impl Evaluator {
                 Decision::Rearm(mut c) => {
                     c.rearmed = true;
                     failed &= !c.failed;
-                    if let Err(e) = self.ledger.put_crossing(&c) {
+                    let put = c.clone();
+                    if let Err(e) = self.ledger(move |l| l.put_crossing(&put)).await {
                         return not_ready(
                             "LedgerFailed",
                             format!("re-arming a threshold failed: {e}"),
@@ -381,6 +384,17 @@ impl Evaluator {
         }
     }
 
+    /// Runs a (blocking) ledger call off the async threads.
+    async fn ledger<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&dyn BudgetLedger) -> tally_meter::Result<T> + Send + 'static,
+    ) -> tally_meter::Result<T> {
+        let ledger = self.ledger.clone();
+        tokio::task::spawn_blocking(move || f(ledger.as_ref()))
+            .await
+            .map_err(|e| tally_meter::Error::Unavailable(format!("the ledger task failed: {e}")))?
+    }
+
     /// `(subject, usage)` in `[start, end)`: per subject, or `("", total)`.
     async fn usage(
         &self,
@@ -425,7 +439,7 @@ impl Evaluator {
     /// webhook now, is given up). Backoff and `webhook-timestamp` follow the wall clock
     /// (the evaluation's clock may be a test's).
     pub async fn deliver(&self, budgets: &[Budget], secrets: &dyn Secrets) {
-        let pending = match self.ledger.undelivered_crossings() {
+        let pending = match self.ledger(|l| l.undelivered_crossings()).await {
             Ok(p) => p,
             Err(e) => {
                 tracing::warn!(error = %e, "Cannot read the crossings to deliver");
@@ -485,7 +499,8 @@ impl Evaluator {
                     }
                 }
             }
-            if let Err(e) = self.ledger.put_crossing(&c) {
+            let put = c.clone();
+            if let Err(e) = self.ledger(move |l| l.put_crossing(&put)).await {
                 tracing::warn!(id = %c.id, error = %e, "Cannot record a webhook attempt");
             }
         }

@@ -287,6 +287,7 @@ impl Ch {
             "sink_log",
             "meters",
             "portal_tokens",
+            "budget_crossings",
         ];
         if self.cluster.is_some() {
             tables.extend([
@@ -340,6 +341,14 @@ impl Ch {
              ENGINE = {} ORDER BY (namespace, id)",
             self.shared_engine("portal_tokens", "ReplacingMergeTree", "version")
         );
+        // the budget evaluator's records (one evaluator: the operator's leader)
+        let budget_crossings = format!(
+            "(id String, namespace String, budget String, subject String, period_start_ms Int64, \
+             threshold String, seq UInt32, usage Float64, crossed_ms Int64, body String, \
+             delivered_ms Int64, attempts UInt32, failed UInt8, rearmed UInt8, version UInt64) \
+             ENGINE = {} ORDER BY (namespace, budget, period_start_ms, id)",
+            self.shared_engine("budget_crossings", "ReplacingMergeTree", "version")
+        );
         let mut ddl = vec![
             ("events", events),
             ("events_feed", feed),
@@ -348,6 +357,7 @@ impl Ch {
             ("sink_log", sink_log),
             ("meters", meters),
             ("portal_tokens", portal_tokens),
+            ("budget_crossings", budget_crossings),
         ];
         if self.cluster.is_some() {
             ddl.push((

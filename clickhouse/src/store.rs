@@ -20,6 +20,7 @@ use super::provision::{self, CutoverConfig};
 use super::rollup::{BucketRow, Grain, RollupSql};
 use super::{Ch, DeadLetterRow, EventRow, kafka_error, lit};
 use tally_kafka::Producer;
+use tally_meter::budget::Crossing;
 use tally_meter::engine::CompiledMeter;
 use tally_meter::engine::state::{Latest, State};
 use tally_meter::engine::window::WindowSize;
@@ -464,6 +465,101 @@ impl ClickHouseStore {
         ))?;
         Ok(rows.into_iter().map(PortalTokenRecord::from).collect())
     }
+}
+
+impl tally_meter::budget::BudgetLedger for ClickHouseStore {
+    fn latest_crossings(
+        &self,
+        namespace: &str,
+        budget: &str,
+        period_start_ms: i64,
+    ) -> Result<Vec<Crossing>> {
+        self.crossing_rows(&format!(
+            "namespace = {} AND budget = {} AND period_start_ms = {period_start_ms}",
+            lit(namespace),
+            lit(budget)
+        ))
+    }
+
+    fn put_crossing(&self, c: &Crossing) -> Result<()> {
+        // one evaluator writes (the Lease holder): the wall clock orders its versions
+        let version = chrono::Utc::now().timestamp_micros().max(0) as u64;
+        let row = CrossingRow {
+            id: c.id.clone(),
+            namespace: c.namespace.clone(),
+            budget: c.budget.clone(),
+            subject: c.subject.clone(),
+            period_start_ms: c.period_start_ms,
+            threshold: c.threshold.clone(),
+            seq: c.seq,
+            usage: c.usage,
+            crossed_ms: c.crossed_ms,
+            body: c.body.clone(),
+            delivered_ms: c.delivered_ms.unwrap_or(0),
+            attempts: c.attempts,
+            failed: c.failed as u8,
+            rearmed: c.rearmed as u8,
+            version,
+        };
+        self.run(self.ch.insert::<CrossingRow>("budget_crossings", &[row]))
+    }
+
+    fn undelivered_crossings(&self) -> Result<Vec<Crossing>> {
+        self.crossing_rows("delivered_ms = 0 AND failed = 0 AND body != ''")
+    }
+}
+
+impl ClickHouseStore {
+    fn crossing_rows(&self, cond: &str) -> Result<Vec<Crossing>> {
+        let rows: Vec<CrossingRow> = self.run(self.ch.fetch(
+            "read budget crossings",
+            &format!(
+                "SELECT id, namespace, budget, subject, period_start_ms, threshold, seq, usage, crossed_ms, body, \
+                 delivered_ms, attempts, failed, rearmed, version FROM {}.budget_crossings FINAL \
+                 WHERE {cond} ORDER BY crossed_ms, id",
+                self.ch.db()
+            ),
+        ))?;
+        Ok(rows
+            .into_iter()
+            .map(|r| Crossing {
+                id: r.id,
+                namespace: r.namespace,
+                budget: r.budget,
+                subject: r.subject,
+                period_start_ms: r.period_start_ms,
+                threshold: r.threshold,
+                seq: r.seq,
+                usage: r.usage,
+                crossed_ms: r.crossed_ms,
+                body: r.body,
+                delivered_ms: (r.delivered_ms != 0).then_some(r.delivered_ms),
+                attempts: r.attempts,
+                failed: r.failed != 0,
+                rearmed: r.rearmed != 0,
+            })
+            .collect())
+    }
+}
+
+/// One row of `budget_crossings`.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize, clickhouse::Row)]
+struct CrossingRow {
+    id: String,
+    namespace: String,
+    budget: String,
+    subject: String,
+    period_start_ms: i64,
+    threshold: String,
+    seq: u32,
+    usage: f64,
+    crossed_ms: i64,
+    body: String,
+    delivered_ms: i64,
+    attempts: u32,
+    failed: u8,
+    rearmed: u8,
+    version: u64,
 }
 
 /// One row of `portal_tokens` (`invalidated_ms` 0: valid; `version` 1 as issued, 2

@@ -6,12 +6,15 @@
 //! - Pipeline provisioning ([`pipeline`]): the Kafka topic and ClickHouse's tables,
 //!   idempotent, retried with backoff; problems show on every Meter's conditions.
 //! - The Meter controller ([`meter`]): rollups with exact backfill, status, finalizer.
+//! - UsageBudgets ([`budget`]): evaluated by the leader, statuses, Events, the
+//!   ResourceQuota of `enforce`, webhooks.
 //! - The Collector controller ([`collector`]): the agents' ConfigMaps, DaemonSet,
 //!   Deployment and RBAC ([`agents`]), and each Collector's status.
 //! - `/metrics` and `/healthz` on `--metrics-listen`; SIGTERM/SIGINT stop it, releasing
 //!   the Lease so a standby takes over at once.
 #![forbid(unsafe_code)]
 pub mod agents;
+pub mod budget;
 pub mod collector;
 pub mod error;
 pub mod meter;
@@ -69,6 +72,9 @@ pub struct Args {
     /// time from ClickHouse, referenced Secrets re-read), seconds.
     #[arg(long, env = "TALLY_COLLECTOR_STATUS_SECS", default_value_t = 30)]
     pub collector_status_secs: u64,
+    /// How often UsageBudgets are evaluated, seconds.
+    #[arg(long, env = "TALLY_BUDGET_INTERVAL_SECS", default_value_t = 15)]
+    pub budget_interval_secs: u64,
     /// Meters reconciled at once.
     #[arg(long, env = "TALLY_CONCURRENCY", default_value_t = 16)]
     pub concurrency: u16,
@@ -202,6 +208,19 @@ async fn lead(
     };
     let client_for_agents = client.clone();
     let ch_for_collectors = ch.clone();
+    let budgets = budget::run(
+        client.clone(),
+        ch.clone(),
+        args.cutover.config(),
+        Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "tally-operator".into(),
+                instance: Some(format!("{me}-budgets")),
+            },
+        ),
+        Duration::from_secs(args.budget_interval_secs.max(1)),
+    );
     let meters: Api<DeserializeGuard<Meter>> = Api::all(client.clone());
     let controller = Controller::new(meters, watcher::Config::default().any_semantic())
         .with_config(controller::Config::default().concurrency(args.concurrency));
@@ -244,6 +263,7 @@ async fn lead(
         () = provisioning => {}
         () = controllers => {}
         () = collectors => {}
+        () = budgets => {}
     }
     Ok(())
 }
