@@ -218,7 +218,25 @@ impl Evaluator {
                 format!("period.timeZone {zone:?} is not an IANA zone (e.g. UTC, Asia/Kolkata)"),
             );
         };
-        let (start, end) = period_bounds(budget.spec.period.calendar, tz, now_ms);
+        // the ledger's period key: the calendar period's start; 0 for a rolling window,
+        // whose thresholds re-arm when usage falls back below them
+        let (key, start, end) = match (
+            &budget.spec.period.calendar,
+            budget.spec.period.rolling_ms(),
+        ) {
+            (Some(calendar), _) => {
+                let (s, e) = period_bounds(*calendar, tz, now_ms);
+                (s, s, e)
+            }
+            (None, Some(len)) => (0, now_ms - len, now_ms),
+            (None, None) => {
+                return not_ready(
+                    "InvalidPeriod",
+                    "give period.calendar (DAY, WEEK, MONTH) or period.rolling (e.g. 90m, 24h, 7d)"
+                        .into(),
+                );
+            }
+        };
         let usage = match self.usage(budget, &meter, start, end).await {
             Ok(u) => u,
             Err(e) => return not_ready("QueryFailed", format!("reading usage failed: {e}")),
@@ -226,7 +244,7 @@ impl Evaluator {
         let thresholds = budget.thresholds();
         let (ns, name) = (budget.namespace.clone(), budget.name.clone());
         let latest = match self
-            .ledger(move |l| l.latest_crossings(&ns, &name, start))
+            .ledger(move |l| l.latest_crossings(&ns, &name, key))
             .await
         {
             Ok(l) => l,
@@ -250,7 +268,7 @@ impl Evaluator {
                         &budget.namespace,
                         &budget.name,
                         &subject,
-                        start,
+                        key,
                         &threshold,
                         seq,
                     );
@@ -267,6 +285,7 @@ impl Evaluator {
                                     "start": render(start, tz),
                                     "end": render(end, tz),
                                     "timeZone": zone,
+                                    "rolling": budget.spec.period.rolling,
                                 },
                                 "usage": usage,
                                 "limit": budget.spec.limit,
@@ -281,7 +300,7 @@ impl Evaluator {
                         namespace: budget.namespace.clone(),
                         budget: budget.name.clone(),
                         subject,
-                        period_start_ms: start,
+                        period_start_ms: key,
                         threshold,
                         seq,
                         usage,

@@ -4,7 +4,7 @@
 //! A budget reads one SUM or COUNT meter of its own namespace (other aggregations are
 //! refused with the reason: their value can fall, so "crossed" would not be final),
 //! optionally one subject and a groupBy filter, over a calendar period (`DAY`, `WEEK`
-//! from Monday, `MONTH`, in an IANA zone). Each threshold fires once per (budget,
+//! from Monday, `MONTH`, in an IANA zone) or a rolling window (`rolling: 24h`). Each threshold fires once per (budget,
 //! subject, period, threshold). What CEL checks here: thresholds name a percent or a
 //! value, not both; at most 16 thresholds; `limit` is positive; `perSubject` and
 //! `enforce` do not meet (a ResourceQuota is namespace-wide).
@@ -79,12 +79,21 @@ pub struct UsageBudgetSpec {
     pub enforce: Option<BudgetEnforce>,
 }
 
-/// A calendar period.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+/// A calendar period, or a rolling window.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[x_kube(validation = Rule::new("has(self.calendar) != has(self.rolling)").message("give period.calendar (DAY, WEEK, MONTH) or period.rolling (e.g. 24h), not both"))]
 pub struct BudgetPeriod {
     /// `DAY`, `WEEK` (from Monday 00:00) or `MONTH`.
-    pub calendar: Calendar,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calendar: Option<Calendar>,
+    /// A rolling window up to now: minutes, hours or days (`90m`, `24h`, `7d`). A
+    /// threshold fires when usage over the window crosses it, and re-arms once usage
+    /// has fallen back below it (as old usage leaves the window): "once per period" is
+    /// once per stretch above the threshold.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[1-9][0-9]{0,4}(m|h|d)$"))]
+    pub rolling: Option<String>,
     /// The IANA zone the period starts in (default UTC).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 64))]
@@ -115,6 +124,23 @@ pub struct Threshold {
     /// A usage value.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub value: Option<f64>,
+}
+
+impl BudgetPeriod {
+    /// The rolling window's length in ms (`None` for a calendar period or a malformed
+    /// value).
+    pub fn rolling_ms(&self) -> Option<i64> {
+        let r = self.rolling.as_deref()?;
+        let (n, unit) = r.split_at(r.len().checked_sub(1)?);
+        let n: i64 = n.parse().ok().filter(|n| *n > 0)?;
+        let unit_ms = match unit {
+            "m" => 60_000,
+            "h" => 3_600_000,
+            "d" => 86_400_000,
+            _ => return None,
+        };
+        Some(n * unit_ms)
+    }
 }
 
 impl Threshold {

@@ -73,7 +73,7 @@ pub struct Args {
     #[arg(long, env = "TALLY_COLLECTOR_STATUS_SECS", default_value_t = 30)]
     pub collector_status_secs: u64,
     /// How often UsageBudgets are evaluated, seconds.
-    #[arg(long, env = "TALLY_BUDGET_INTERVAL_SECS", default_value_t = 15)]
+    #[arg(long, env = "TALLY_BUDGET_INTERVAL_SECS", default_value_t = 3)]
     pub budget_interval_secs: u64,
     /// Meters reconciled at once.
     #[arg(long, env = "TALLY_CONCURRENCY", default_value_t = 16)]

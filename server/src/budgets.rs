@@ -112,6 +112,14 @@ fn check(b: &UsageBudget) -> Result<(), String> {
     if s.per_subject && s.enforce.is_some() {
         return Err("spec.enforce: a namespace-wide ResourceQuota cannot be per subject".into());
     }
+    if s.period.calendar.is_some() == s.period.rolling.is_some() {
+        return Err(
+            "spec.period: give calendar (DAY, WEEK, MONTH) or rolling (e.g. 24h), not both".into(),
+        );
+    }
+    if s.period.rolling.is_some() && s.period.rolling_ms().is_none() {
+        return Err("spec.period.rolling: minutes, hours or days, like 90m, 24h or 7d".into());
+    }
     if s.thresholds.len() > 16 {
         return Err("spec.thresholds: at most 16".into());
     }

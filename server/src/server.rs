@@ -72,7 +72,7 @@ pub struct Args {
     pub portal_cors_origins: Vec<String>,
     /// How often the UsageBudgets of `--manifests` are evaluated, in milliseconds
     /// (standalone server).
-    #[arg(long, env = "TALLY_BUDGET_INTERVAL_MS", default_value_t = 10_000)]
+    #[arg(long, env = "TALLY_BUDGET_INTERVAL_MS", default_value_t = 2_000)]
     pub budget_interval_ms: u64,
     /// Where budgets' webhook Secrets are, as mounted Secrets would be:
     /// DIR/<namespace>/<secret name>/url and …/secret.

@@ -401,3 +401,55 @@ async fn a_crash_between_recording_and_sending_still_delivers_exactly_once() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(hooks.attempts.lock().unwrap().len(), 1);
 }
+
+/// A rolling window: a threshold fires once per stretch above it, and re-arms when the
+/// usage that crossed it has left the window.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rolling_budget_fires_once_per_stretch_above_a_threshold() {
+    let (hooks, hook_addr) = receiver(0).await;
+    let dir = tempfile::tempdir().unwrap();
+    secrets(dir.path(), hook_addr);
+    let clock = dir.path().join("clock");
+    set_clock(&clock, "2026-12-10T10:30:00Z");
+    let rolling = "apiVersion: tally.dev/v1alpha1
+kind: UsageBudget
+metadata: {name: hourly}
+spec:
+  meter: tokens
+  period: {rolling: 1h}
+  limit: 100
+  webhook: {secretRef: {name: hooks}}
+";
+    let s = Server::start(
+        &[("meters.yaml", METER), ("budget.yaml", rolling)],
+        &[
+            "--budget-interval-ms",
+            "200",
+            "--budget-secrets-dir",
+            dir.path().to_str().unwrap(),
+            "--budget-webhook-any-url",
+            "--budget-clock-file",
+            clock.to_str().unwrap(),
+        ],
+    );
+    send(&s, vec![llm("r1", "acme", "2026-12-10T10:00:00Z", 120.0)]).await;
+    let all = accepted(&hooks, 1, &s).await;
+    assert_eq!(all.len(), 1, "{all:#?}");
+    assert_eq!(all[0].body["data"]["period"]["rolling"], "1h");
+    assert_eq!(
+        all[0].body["data"]["period"]["start"],
+        "2026-12-10T09:30:00Z"
+    );
+    // still above: nothing more, even with more usage
+    send(&s, vec![llm("r2", "acme", "2026-12-10T10:10:00Z", 10.0)]).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(hooks.attempts.lock().unwrap().len(), 1);
+    // an hour later the window holds none of it: re-armed; crossing again fires again
+    set_clock(&clock, "2026-12-10T11:30:00Z");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    send(&s, vec![llm("r3", "acme", "2026-12-10T11:20:00Z", 150.0)]).await;
+    let all = accepted(&hooks, 2, &s).await;
+    assert_eq!(all.len(), 2, "{all:#?}");
+    assert_ne!(all[0].id, all[1].id, "a new stretch, a new crossing");
+    assert_eq!(all[1].body["data"]["usage"], 150.0);
+}
