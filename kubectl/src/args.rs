@@ -37,6 +37,8 @@ pub enum Command {
     Top(TopArgs),
     /// The meters this token can read.
     Meters,
+    /// The UsageBudgets of the cluster (kubeconfig), with usage / limit this period.
+    Budgets,
 }
 
 /// `usage`.

@@ -6,7 +6,9 @@
 //!
 //! - `kubectl tally usage METER` — values per window, subject and group-by value;
 //! - `kubectl tally top METER` — the subjects with the most usage;
-//! - `kubectl tally meters` — the meters it can read.
+//! - `kubectl tally meters` — the meters it can read;
+//! - `kubectl tally budgets` — the cluster's UsageBudgets (through the kubeconfig, not
+//!   the tally API), with usage / limit this period.
 //!
 //! The server is `--server URL`, else `TALLY_SERVER`, else the `tally.dev` extension
 //! of the current kubeconfig context (`{server, tokenFile}`); the token is
@@ -56,9 +58,13 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<String, Failure> {
+    if let Command::Budgets = cli.command {
+        return budgets(cli.namespace(), cli.output).await;
+    }
     let target = Target::resolve(&cli.connection).map_err(Failure::usage)?;
     let api = Api::new(target)?;
     match &cli.command {
+        Command::Budgets => unreachable!("answered above"),
         Command::Meters => {
             let meters = api
                 .get_json(&api.path(cli.namespace(), "/meters"), &[])
@@ -103,6 +109,26 @@ async fn run(cli: Cli) -> Result<String, Failure> {
             Ok(render::top(&answer, q.limit, cli.output))
         }
     }
+}
+
+/// `kubectl tally budgets`: the UsageBudgets of the kubeconfig's cluster.
+async fn budgets(namespace: Option<&str>, output: Output) -> Result<String, Failure> {
+    use kube::api::{Api, ListParams};
+    let client = kube::Client::try_default().await.map_err(|e| Failure {
+        code: 3,
+        message: format!("cannot reach the cluster of your kubeconfig: {e}"),
+    })?;
+    let api: Api<tally_crds::UsageBudget> = match namespace {
+        Some(ns) => Api::namespaced(client, ns),
+        None => Api::all(client),
+    };
+    let list = api.list(&ListParams::default()).await.map_err(|e| Failure {
+        code: 1,
+        message: format!(
+            "cannot list UsageBudgets: {e} (is tally's CRD installed, and may you list usagebudgets.tally.dev?)"
+        ),
+    })?;
+    Ok(render::budgets(&list.items, output))
 }
 
 /// The tally API at one server.

@@ -209,6 +209,73 @@ pub fn top(answer: &Value, limit: usize, output: Output) -> String {
     }
 }
 
+/// `budgets`.
+pub fn budgets(list: &[tally_crds::UsageBudget], output: Output) -> String {
+    let header = [
+        "NAMESPACE",
+        "NAME",
+        "METER",
+        "PERIOD",
+        "USAGE",
+        "PERCENT",
+        "EXCEEDED",
+        "READY",
+    ]
+    .map(String::from);
+    let row = |b: &tally_crds::UsageBudget| {
+        let status = b.status.clone().unwrap_or_default();
+        let cond = |t: &str| {
+            status
+                .conditions
+                .iter()
+                .find(|c| c.type_ == t)
+                .map_or("-".to_string(), |c| c.status.clone())
+        };
+        let p = &b.spec.period;
+        let period = match (&p.calendar, &p.rolling) {
+            (Some(c), _) => format!(
+                "{} {}",
+                serde_json::to_value(c)
+                    .ok()
+                    .and_then(|v| v.as_str().map(String::from))
+                    .unwrap_or_default(),
+                p.time_zone.as_deref().unwrap_or("UTC")
+            ),
+            (None, Some(r)) => format!("rolling {r}"),
+            (None, None) => "-".into(),
+        };
+        vec![
+            b.metadata.namespace.clone().unwrap_or_default(),
+            b.metadata.name.clone().unwrap_or_default(),
+            b.spec.meter.clone(),
+            period,
+            status.display.clone().unwrap_or_else(|| "-".into()),
+            status.percent.clone().unwrap_or_else(|| "-".into()),
+            cond("Exceeded"),
+            cond("Ready"),
+        ]
+    };
+    match output {
+        Output::Json => json(&serde_json::to_value(list).unwrap_or_default()),
+        Output::Csv => {
+            let mut out = csv_line(&header.clone().map(|h| h.to_lowercase()));
+            for b in list {
+                out.push_str(&csv_line(&row(b)));
+            }
+            out
+        }
+        Output::Table if list.is_empty() => "No UsageBudgets found.\n".to_string(),
+        Output::Table => {
+            let cells: Vec<Vec<String>> = list.iter().map(row).collect();
+            table(
+                &header,
+                &cells,
+                &[false, false, false, false, true, true, false, false],
+            )
+        }
+    }
+}
+
 /// `meters`.
 pub fn meters(list: &Value, output: Output) -> String {
     let items = list.as_array().cloned().unwrap_or_default();

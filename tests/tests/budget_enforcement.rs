@@ -207,6 +207,26 @@ async fn an_exceeded_budget_refuses_gpu_pods_until_its_limit_is_raised() {
             .any(|c| c.type_ == "Exceeded" && c.status == "True"),
         "{status:?}"
     );
+    // kubectl tally budgets reads the same from the cluster
+    let out = std::process::Command::new(tally_tests::bin("kubectl-tally"))
+        .args(["budgets", "-n", "ml"])
+        .env("KUBECONFIG", &cluster.kubeconfig)
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = table
+        .lines()
+        .find(|l| l.contains("gpu-month"))
+        .unwrap_or_default();
+    assert!(
+        line.contains("150 / 100") && line.contains("150.0%") && line.contains("MONTH UTC"),
+        "{table}"
+    );
     let pods: Api<Pod> = Api::namespaced(client.clone(), "ml");
     let refusal = wait(
         Duration::from_secs(30),
