@@ -13,7 +13,7 @@
 //! [`Evaluator::deliver`] sends every recorded, undelivered crossing (also those of
 //! before a restart) with the same `webhook-id` and body each time, backing off 1, 2,
 //! 4 … 60 s between attempts; after [`MAX_ATTEMPTS`] it gives up and the crossing is
-//! `failed` (the budget's `WebhookFailed` condition). A crossing whose receiver
+//! `failed` (the budget's `Failed` condition, reason `WebhookGaveUp`). A crossing whose receiver
 //! answered 2xx is never sent again: the one window for a repeat is a crash between the
 //! receiver's 2xx and the record of it (receivers deduplicate on `webhook-id`).
 //!
@@ -38,6 +38,8 @@ pub use webhook::{WebhookTarget, url_allowed};
 
 /// Attempts before a webhook is given up (about 7 minutes of backoff).
 pub const MAX_ATTEMPTS: u32 = 12;
+/// How long after a calendar period ends its late events still cross thresholds.
+pub const LATE_GRACE_MS: i64 = 3_600_000;
 /// Subjects kept in a per-subject budget's status.
 pub const TOP_SUBJECTS: usize = 10;
 
@@ -237,9 +239,107 @@ impl Evaluator {
                 );
             }
         };
-        let usage = match self.usage(budget, &meter, start, end).await {
+        let (usage, mut crossed, mut failed) = match self
+            .settle(budget, &meter, (tz, zone), (key, start, end), now)
+            .await
+        {
+            Ok(v) => v,
+            Err((reason, message)) => return not_ready(reason, message),
+        };
+        // a late event counts in the period of its time: the previous calendar period
+        // is still settled for LATE_GRACE after it ended
+        if let Some(calendar) = budget.spec.period.calendar
+            && now_ms - start < LATE_GRACE_MS
+        {
+            let (ps, pe) = period_bounds(calendar, tz, start - 1);
+            match self
+                .settle(budget, &meter, (tz, zone), (ps, ps, pe), now)
+                .await
+            {
+                Ok((_, mut late, late_failed)) => {
+                    crossed.append(&mut late);
+                    failed |= late_failed;
+                }
+                Err((reason, message)) => return not_ready(reason, message),
+            }
+        }
+        let limit = budget.spec.limit;
+        let mut by_usage = usage.clone();
+        by_usage.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        let top = by_usage.first().map_or(0.0, |(_, v)| *v);
+        let over = by_usage.iter().filter(|(_, v)| *v >= limit).count() as u64;
+        let exceeded = over > 0;
+        let percent = format!("{:.1}%", top / limit * 100.0);
+        let mut conditions = vec![
+            condition(
+                "Ready",
+                true,
+                "Evaluated",
+                format!("usage from {} to {}", render(start, tz), render(end, tz)),
+                now,
+            ),
+            condition(
+                "Exceeded",
+                exceeded,
+                if exceeded { "OverLimit" } else { "UnderLimit" },
+                format!("{} of {}", grouped(top), grouped(limit)),
+                now,
+            ),
+        ];
+        if failed {
+            conditions.push(condition(
+                "Failed",
+                true,
+                "WebhookGaveUp",
+                format!("a webhook was not accepted after {MAX_ATTEMPTS} attempts; see the evaluator's log"),
+                now,
+            ));
+        }
+        let status = UsageBudgetStatus {
+            observed_generation: None,
+            period_start: DateTime::from_timestamp_millis(start),
+            period_end: DateTime::from_timestamp_millis(end),
+            usage: Some(top),
+            percent: Some(percent),
+            display: Some(format!("{} / {}", grouped(top), grouped(limit))),
+            top_subjects: if budget.spec.per_subject {
+                by_usage
+                    .iter()
+                    .take(TOP_SUBJECTS)
+                    .map(|(s, v)| SubjectUsage {
+                        subject: s.clone(),
+                        usage: *v,
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            },
+            subjects_over_limit: budget.spec.per_subject.then_some(over),
+            conditions,
+        };
+        Outcome {
+            status,
+            crossed,
+            exceeded,
+        }
+    }
+
+    /// Usage in `[start, end)` and the decisions against the records of period `key`:
+    /// new crossings recorded (returned), re-arms written; and whether a crossing of
+    /// the period gave up its webhook.
+    #[allow(clippy::too_many_arguments)]
+    async fn settle(
+        &self,
+        budget: &Budget,
+        meter: &StoredMeter,
+        (tz, zone): (Tz, &str),
+        (key, start, end): (i64, i64, i64),
+        now: DateTime<Utc>,
+    ) -> Result<(Vec<(String, f64)>, Vec<Crossing>, bool), (&'static str, String)> {
+        let now_ms = now.timestamp_millis();
+        let usage = match self.usage(budget, meter, start, end).await {
             Ok(u) => u,
-            Err(e) => return not_ready("QueryFailed", format!("reading usage failed: {e}")),
+            Err(e) => return Err(("QueryFailed", format!("reading usage failed: {e}"))),
         };
         let thresholds = budget.thresholds();
         let (ns, name) = (budget.namespace.clone(), budget.name.clone());
@@ -248,7 +348,7 @@ impl Evaluator {
             .await
         {
             Ok(l) => l,
-            Err(e) => return not_ready("LedgerFailed", format!("reading crossings failed: {e}")),
+            Err(e) => return Err(("LedgerFailed", format!("reading crossings failed: {e}"))),
         };
         let mut crossed = Vec::new();
         let mut failed = latest.iter().any(|c| c.failed && !c.rearmed);
@@ -313,10 +413,7 @@ impl Evaluator {
                     };
                     let put = c.clone();
                     if let Err(e) = self.ledger(move |l| l.put_crossing(&put)).await {
-                        return not_ready(
-                            "LedgerFailed",
-                            format!("recording a crossing failed: {e}"),
-                        );
+                        return Err(("LedgerFailed", format!("recording a crossing failed: {e}")));
                     }
                     self.counts
                         .crossings
@@ -333,74 +430,13 @@ impl Evaluator {
                     failed &= !c.failed;
                     let put = c.clone();
                     if let Err(e) = self.ledger(move |l| l.put_crossing(&put)).await {
-                        return not_ready(
-                            "LedgerFailed",
-                            format!("re-arming a threshold failed: {e}"),
-                        );
+                        return Err(("LedgerFailed", format!("re-arming a threshold failed: {e}")));
                     }
                     tracing::info!(namespace = %c.namespace, budget = %c.budget, subject = %c.subject, threshold = %c.threshold, "Budget threshold re-armed (no longer crossed)");
                 }
             }
         }
-        let limit = budget.spec.limit;
-        let mut by_usage = usage.clone();
-        by_usage.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-        let top = by_usage.first().map_or(0.0, |(_, v)| *v);
-        let over = by_usage.iter().filter(|(_, v)| *v >= limit).count() as u64;
-        let exceeded = over > 0;
-        let percent = format!("{:.1}%", top / limit * 100.0);
-        let mut conditions = vec![
-            condition(
-                "Ready",
-                true,
-                "Evaluated",
-                format!("usage from {} to {}", render(start, tz), render(end, tz)),
-                now,
-            ),
-            condition(
-                "Exceeded",
-                exceeded,
-                if exceeded { "OverLimit" } else { "UnderLimit" },
-                format!("{} of {}", grouped(top), grouped(limit)),
-                now,
-            ),
-        ];
-        if failed {
-            conditions.push(condition(
-                "WebhookFailed",
-                true,
-                "GaveUp",
-                format!("a webhook was not accepted after {MAX_ATTEMPTS} attempts; see the evaluator's log"),
-                now,
-            ));
-        }
-        let status = UsageBudgetStatus {
-            observed_generation: None,
-            period_start: DateTime::from_timestamp_millis(start),
-            period_end: DateTime::from_timestamp_millis(end),
-            usage: Some(top),
-            percent: Some(percent),
-            display: Some(format!("{} / {}", grouped(top), grouped(limit))),
-            top_subjects: if budget.spec.per_subject {
-                by_usage
-                    .iter()
-                    .take(TOP_SUBJECTS)
-                    .map(|(s, v)| SubjectUsage {
-                        subject: s.clone(),
-                        usage: *v,
-                    })
-                    .collect()
-            } else {
-                Vec::new()
-            },
-            subjects_over_limit: budget.spec.per_subject.then_some(over),
-            conditions,
-        };
-        Outcome {
-            status,
-            crossed,
-            exceeded,
-        }
+        Ok((usage, crossed, failed))
     }
 
     /// Runs a (blocking) ledger call off the async threads.

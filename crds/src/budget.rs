@@ -227,7 +227,7 @@ pub struct UsageBudgetStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subjects_over_limit: Option<u64>,
     /// `Ready` (evaluated; `MeterNotFound`, `MeterNotSummable`), `Exceeded`,
-    /// `WebhookFailed`.
+    /// `Failed` (a webhook given up).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
 }

@@ -78,7 +78,7 @@ pub struct Crossing {
     pub delivered_ms: Option<i64>,
     /// Delivery attempts so far.
     pub attempts: u32,
-    /// Whether delivery gave up (the budget's `WebhookFailed` condition).
+    /// Whether delivery gave up (the budget's `Failed` condition).
     pub failed: bool,
     /// Whether the threshold was re-armed (no longer crossed) after this.
     pub rearmed: bool,

@@ -4,7 +4,8 @@
 //! signature (checked here with ring's HMAC, not tally's code), also when the receiver
 //! fails twice first and when a fail point kills the evaluator between recording a
 //! crossing and sending it; raising the limit re-arms; the month rolls over at a
-//! test-set clock's midnight in Asia/Kolkata; a DST day in America/New_York is 23 hours.
+//! test-set clock's midnight in Asia/Kolkata, and a late event still counts in the
+//! period of its time; a DST day in America/New_York is 23 hours.
 mod common;
 
 use std::collections::HashMap;
@@ -314,6 +315,11 @@ async fn each_crossing_is_delivered_once_signed_through_failures_rearms_and_peri
         january.body["data"]["usage"], 1700.0,
         "only January's event"
     );
+    // a late December event, sent after midnight, still counts in December and crosses
+    // its 100 % (re-armed when the limit was raised)
+    send(&s, vec![llm("a4", "acme", "2026-12-31T17:30:00Z", 400.0)]).await;
+    let all = accepted(&hooks, 6, &s).await;
+    assert_eq!(deliveries(&all)[&key("acme", "100%", dec)], 2, "{all:#?}");
 
     // a DST day in New York: 8 March 2026 is 23 hours, from 05:00 to 04:00 UTC
     set_clock(&clock, "2026-03-08T12:00:00Z");
@@ -328,7 +334,7 @@ async fn each_crossing_is_delivered_once_signed_through_failures_rearms_and_peri
         ],
     )
     .await;
-    let all = accepted(&hooks, 6, &s).await;
+    let all = accepted(&hooks, 7, &s).await;
     let ny = all
         .iter()
         .find(|a| a.accepted && a.body["data"]["budget"] == "gpu-daily")
@@ -352,7 +358,7 @@ async fn each_crossing_is_delivered_once_signed_through_failures_rearms_and_peri
     );
     let metrics = get_text(&client(), &s.url("/metrics")).await;
     assert!(
-        metrics.contains("tally_budget_webhooks_delivered_total 6"),
+        metrics.contains("tally_budget_webhooks_delivered_total 7"),
         "{metrics}"
     );
 }
