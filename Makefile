@@ -69,9 +69,10 @@ fmt: ## Format the code
 generate: ## Regenerate the CRD YAML (crds/*.yaml and charts/tally/crds/*.yaml) from the Rust types
 	$(CARGO) run -q -p tally-crds --bin crdgen -- crds charts/tally/crds
 
-bench: services ## Benchmarks (release build): standalone vs bare SQLite; Kafka ingest, sink and ClickHouse queries vs their raw limits; agent RSS and CPU; operator time to 200 Ready Meters
+bench: services ## Benchmarks (release build): standalone vs bare SQLite; Kafka ingest, sink and ClickHouse queries vs their raw limits; budget webhook latency; agent RSS and CPU; operator time to 200 Ready Meters
 	$(CARGO) bench -p tally-server --bench standalone
 	$(CARGO) bench -p tally-server --bench scaleout
+	$(CARGO) bench -p tally-server --bench budgets
 	$(CARGO) build -q --profile agent -p tally-agent
 	KUBEBUILDER_ASSETS="$(KUBEBUILDER_ASSETS)" TALLY_BENCH_AGENT_BIN=$(CARGO_TARGET_DIR)/agent/tally-agent $(CARGO) bench -p tally-tests --bench agent
 	KUBEBUILDER_ASSETS="$(KUBEBUILDER_ASSETS)" $(CARGO) bench -p tally-tests --bench operator
