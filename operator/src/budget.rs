@@ -179,7 +179,10 @@ pub async fn run(
     cutover: CutoverConfig,
     recorder: Recorder,
     interval: Duration,
+    metrics: Arc<crate::metrics::Metrics>,
 ) {
+    use std::sync::atomic::Ordering;
+    let mut reported = [0u64; 4];
     let store = Arc::new(ClickHouseStore::new(ch.clone(), None, false, cutover));
     let evaluator = Evaluator::new(store.clone(), store);
     let api: Api<UsageBudget> = Api::all(client.clone());
@@ -198,11 +201,13 @@ pub async fn run(
         let meters = ready_meters(&client, &ch).await;
         let now = chrono::Utc::now().timestamp_millis();
         let budgets: Vec<Budget> = list.iter().map(Budget::of).collect();
+        let mut exceeded = 0i64;
         for (cr, b) in list.iter().zip(&budgets) {
             let meter = meters
                 .get(&(b.namespace.clone(), b.spec.meter.clone()))
                 .cloned();
             let mut out = evaluator.evaluate(b, meter, now).await;
+            exceeded += out.exceeded as i64;
             for c in &out.crossed {
                 let who = if c.subject.is_empty() {
                     "usage".to_string()
@@ -276,5 +281,25 @@ pub async fn run(
         }
         let secrets = fetch_secrets(&client, &budgets).await;
         evaluator.deliver(&budgets, &secrets).await;
+        metrics.budgets_exceeded.set(exceeded);
+        let c = &evaluator.counts;
+        let now_counts = [
+            c.crossings.load(Ordering::Relaxed),
+            c.delivered.load(Ordering::Relaxed),
+            c.attempts_failed.load(Ordering::Relaxed),
+            c.given_up.load(Ordering::Relaxed),
+        ];
+        for (i, counter) in [
+            &metrics.budget_crossings,
+            &metrics.budget_webhooks_delivered,
+            &metrics.budget_webhook_failures,
+            &metrics.budget_webhooks_given_up,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            counter.inc_by(now_counts[i] - reported[i]);
+        }
+        reported = now_counts;
     }
 }

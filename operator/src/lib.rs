@@ -220,6 +220,7 @@ async fn lead(
             },
         ),
         Duration::from_secs(args.budget_interval_secs.max(1)),
+        metrics.clone(),
     );
     let meters: Api<DeserializeGuard<Meter>> = Api::all(client.clone());
     let controller = Controller::new(meters, watcher::Config::default().any_semantic())

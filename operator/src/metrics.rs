@@ -36,6 +36,16 @@ pub struct Metrics {
     pub duration: Family<ControllerLabel, Histogram>,
     /// 1 while this replica holds the leader Lease.
     pub leader: Gauge,
+    /// UsageBudget thresholds crossed (recorded once each).
+    pub budget_crossings: Counter,
+    /// UsageBudget webhooks accepted (2xx).
+    pub budget_webhooks_delivered: Counter,
+    /// UsageBudget webhook attempts that failed (retried).
+    pub budget_webhook_failures: Counter,
+    /// UsageBudget webhooks given up.
+    pub budget_webhooks_given_up: Counter,
+    /// UsageBudgets exceeded at the last evaluation.
+    pub budgets_exceeded: Gauge,
     registry: Registry,
 }
 
@@ -48,6 +58,11 @@ impl Default for Metrics {
                 Histogram::new([0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0])
             }),
             leader: Gauge::default(),
+            budget_crossings: Counter::default(),
+            budget_webhooks_delivered: Counter::default(),
+            budget_webhook_failures: Counter::default(),
+            budget_webhooks_given_up: Counter::default(),
+            budgets_exceeded: Gauge::default(),
             registry: Registry::default(),
         };
         let r = m.registry.sub_registry_with_prefix("tally_operator");
@@ -66,6 +81,35 @@ impl Default for Metrics {
             "leader",
             "Whether this replica holds the leader Lease",
             m.leader.clone(),
+        );
+        for (name, help, c) in [
+            (
+                "budget_crossings",
+                "UsageBudget thresholds crossed (each recorded once per budget, subject, period and threshold)",
+                &m.budget_crossings,
+            ),
+            (
+                "budget_webhooks_delivered",
+                "UsageBudget webhooks accepted (2xx) by their receiver",
+                &m.budget_webhooks_delivered,
+            ),
+            (
+                "budget_webhook_failures",
+                "UsageBudget webhook attempts that failed (retried with backoff)",
+                &m.budget_webhook_failures,
+            ),
+            (
+                "budget_webhooks_given_up",
+                "UsageBudget webhooks given up after the last attempt",
+                &m.budget_webhooks_given_up,
+            ),
+        ] {
+            r.register(name, help, c.clone());
+        }
+        r.register(
+            "budgets_exceeded",
+            "UsageBudgets at or over their limit at the last evaluation",
+            m.budgets_exceeded.clone(),
         );
         m
     }

@@ -318,5 +318,18 @@ async fn an_exceeded_budget_refuses_gpu_pods_until_its_limit_is_raised() {
     let b = budgets.get("gpu-month").await.unwrap();
     assert_eq!(b.status.unwrap().display.as_deref(), Some("150 / 1,000"));
     assert_eq!(got.lock().unwrap().len(), 1, "one crossing, one delivery");
+    let metrics = http
+        .get(format!("http://{}/metrics", stack.operators[0].1))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("tally_operator_budget_crossings_total 1")
+            && metrics.contains("tally_operator_budget_webhooks_delivered_total 1"),
+        "{metrics}"
+    );
     drop(stack);
 }
