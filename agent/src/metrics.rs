@@ -17,6 +17,9 @@ pub struct CollectorLabel {
 pub struct Metrics {
     /// Events committed to the spool, per collector.
     pub events_spooled: Family<CollectorLabel, Counter>,
+    /// Pod windows with an accelerator whose share of a GPU is unknown (reported in
+    /// the event's `gpu_unknown`, not billed), per collector.
+    pub gpu_share_unknown: Family<CollectorLabel, Counter>,
     /// Collector steps that failed (scrape, poll), per collector.
     pub collector_errors: Family<CollectorLabel, Counter>,
     /// Events the sink acknowledged.
@@ -41,6 +44,11 @@ impl Metrics {
             "events_spooled",
             "Events committed to the disk spool",
             self.events_spooled.clone(),
+        );
+        r.register(
+            "gpu_share_unknown",
+            "Pod windows with an accelerator whose share of a GPU is unknown (not billed)",
+            self.gpu_share_unknown.clone(),
         );
         r.register(
             "collector_errors",

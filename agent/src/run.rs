@@ -7,6 +7,7 @@ use std::time::Duration;
 use tally_collectors::http_api::HttpPoller;
 use tally_collectors::logs::LogTailer;
 use tally_collectors::pod_runtime::PodRuntime;
+use tally_collectors::pod_runtime::accelerators::NodeInfo;
 use tally_collectors::pods::subject_of;
 use tally_collectors::prometheus::PrometheusScrape;
 use tally_collectors::{Origin, Output};
@@ -163,22 +164,48 @@ pub fn start(
 
 async fn pod_runtime(key: String, ns: String, mut c: PodRuntime, ctx: Shared) -> Result<()> {
     let mut synced = false;
+    let mut unknown = 0;
     loop {
         let now = now_secs();
-        let pods = ctx.pods.pods();
-        let present: HashSet<String> = pods.iter().filter_map(|p| p.metadata.uid.clone()).collect();
-        for p in &pods {
+        // Deleted pods too: a pod created, finished and deleted since the last look
+        // is measured from its last state.
+        let pods = ctx.pods.with_deleted();
+        let present: HashSet<String> = pods
+            .iter()
+            .filter(|(_, deleted)| !deleted)
+            .filter_map(|(p, _)| p.metadata.uid.clone())
+            .collect();
+        for (p, _) in &pods {
             c.observe(p);
         }
+        if let Some(node) = ctx.pods.node() {
+            c.set_node(NodeInfo::of(&node));
+        }
+        for (uid, pod) in c.unresolved_claims() {
+            let resolved = ctx.pods.resolve_claims(&pod).await;
+            if let Err(e) = &resolved {
+                tracing::debug!(collector = key, pod = %uid, error = %e, "DRA claims not resolved yet");
+            }
+            c.claims_resolved(&uid, resolved);
+        }
         let mut out = Output::default();
+        // Windows close only once the Node was read (or could not be), so the
+        // accelerators' sharing is known before any is emitted.
         if ctx.pods.is_synced() {
             c.retain_present(&present, now);
             if !synced {
                 synced = true;
                 out.extend(c.synced());
             }
+            out.extend(c.tick(now));
         }
-        out.extend(c.tick(now));
+        if c.unknown_shares() > unknown {
+            ctx.metrics
+                .gpu_share_unknown
+                .get_or_create(&Metrics::label(&key))
+                .inc_by(c.unknown_shares() - unknown);
+            unknown = c.unknown_shares();
+        }
         if !ctx.commit(&key, &ns, &out).await? || !ctx.pause(Duration::from_secs(1)).await {
             return Ok(());
         }

@@ -433,10 +433,26 @@ pub fn rbac(settings: &AgentSettings) -> Rbac {
             "metadata": {"name": name, "namespace": ns, "labels": labels(name)}}))
         .expect("a valid ServiceAccount")
     };
+    // Node agents also get their Node (GPU sharing labels), the DRA claims of their
+    // pods and list their node's ResourceSlices; RBAC cannot narrow that to each
+    // agent's own node.
+    let rules = |name: &str| {
+        let pods =
+            json!({"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]});
+        if name == NODE_AGENT {
+            json!([pods, {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get"]},
+                {"apiGroups": ["resource.k8s.io"], "resources": ["resourceclaims"], "verbs": ["get"]},
+                {"apiGroups": ["resource.k8s.io"], "resources": ["resourceslices"], "verbs": ["list"]}])
+        } else {
+            json!([pods])
+        }
+    };
     let read_pods = |name: &str| -> ClusterRole {
-        serde_json::from_value(json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+        serde_json::from_value(
+            json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
             "metadata": {"name": name, "labels": labels(name)},
-            "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}]}))
+            "rules": rules(name)}),
+        )
         .expect("a valid ClusterRole")
     };
     let bind = |name: &str| -> ClusterRoleBinding {

@@ -268,11 +268,17 @@ async fn helm_install_creates_least_privilege_restricted_objects() {
             .get(&format!("{agent}-{ns}"))
             .await
             .unwrap_or_else(|e| panic!("{agent}'s ClusterRole: {e}"));
-        assert_eq!(
-            rules(&r),
-            serde_json::json!([{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}]),
-            "{agent} only reads pods"
-        );
+        let pods = serde_json::json!({"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]});
+        // The node agent also gets Nodes (its own: GPU sharing labels) and DRA claims,
+        // lists ResourceSlices (its node's), and watches neither.
+        let want = if agent == "tally-agent" {
+            serde_json::json!([pods, {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get"]},
+                {"apiGroups": ["resource.k8s.io"], "resources": ["resourceclaims"], "verbs": ["get"]},
+                {"apiGroups": ["resource.k8s.io"], "resources": ["resourceslices"], "verbs": ["list"]}])
+        } else {
+            serde_json::json!([pods])
+        };
+        assert_eq!(rules(&r), want, "{agent} only reads pods (and its Node)");
         let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), ns);
         assert!(
             sas.get_opt(agent).await.unwrap().is_some(),

@@ -35,17 +35,25 @@ use tally_crds::collector::PodRuntimeSource;
 use crate::pods::{annotation_data, data_key, selects, subject_of};
 use crate::{Origin, Output, event_id};
 
+pub mod accelerators;
 pub mod cgroup;
+pub mod dra;
 pub mod resources;
 pub mod runs;
 
+use accelerators::{NodeInfo, Sharing, Use};
 use cgroup::CgroupSample;
+use dra::ClaimDevices;
 use runs::Runs;
 
 /// Most events one tick emits over all pods, so a long backlog (a new Collector over
 /// long-running pods, or an agent that was down for hours) is spooled in bounded
 /// batches; the rest follows on the next ticks.
 const MAX_EVENTS_PER_TICK: usize = 500;
+
+/// How long a pod whose last window was emitted is remembered, so that the agent's
+/// cache of recently deleted pods (kept 5 minutes) does not start it over.
+const REMEMBER_ENDED_SECS: i64 = 900;
 
 /// The durable state of one pod.
 #[derive(Debug, Default, Clone, Serialize, Deserialize, PartialEq)]
@@ -54,7 +62,14 @@ struct Checkpoint {
     until: i64,
     /// Runs seen: (container, start, end).
     runs: Vec<(String, i64, Option<i64>)>,
+    /// The pod's DRA claims, once resolved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    claims: Option<Vec<ClaimDevices>>,
 }
+
+/// How long after a window ends its events wait for the pod's DRA claims to be
+/// resolved before they are sent with the claims' share unknown.
+const CLAIM_WAIT_SECS: i64 = 120;
 
 #[derive(Debug)]
 struct Tracked {
@@ -66,6 +81,18 @@ struct Tracked {
     gone_at: Option<i64>,
     /// cgroup readings at window boundaries.
     samples: BTreeMap<i64, CgroupSample>,
+    /// DRA claims: `Some` once resolved (empty for a pod without claims).
+    claims: Option<Vec<ClaimDevices>>,
+    /// Why the claims are not resolved (last attempt).
+    claim_error: Option<String>,
+}
+
+/// Whether a pod names DRA claims.
+fn has_claims(pod: &Pod) -> bool {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.resource_claims.as_ref())
+        .is_some_and(|c| !c.is_empty())
 }
 
 /// The pod-runtime collector for one Collector on one node.
@@ -78,6 +105,18 @@ pub struct PodRuntime {
     /// Checkpoints loaded at start for pods not yet seen again.
     restored: HashMap<String, Checkpoint>,
     last_tick: Option<i64>,
+    /// This node's labels and annotations (accelerator sharing).
+    node_info: NodeInfo,
+    /// Other vendors' whole-device resources.
+    whole_devices: Vec<String>,
+    /// Pods whose last window was emitted, and when: their deleted objects, still in
+    /// the agent's cache, are not measured again.
+    ended: HashMap<String, i64>,
+    /// Windows emitted with an accelerator whose share is unknown (not billed).
+    unknown_shares: u64,
+    /// Runs and claims of ended pods that held DRA claims, kept as long as `ended`
+    /// so a pod sharing a claim with them is still split right.
+    ended_claims: HashMap<String, (Vec<String>, Runs)>,
 }
 
 impl PodRuntime {
@@ -97,11 +136,16 @@ impl PodRuntime {
             .collect();
         PodRuntime {
             origin,
+            whole_devices: accelerators::whole_devices(&cfg.whole_device_resources),
             cfg,
             node: node.to_string(),
             pods: HashMap::new(),
             restored,
             last_tick: None,
+            node_info: NodeInfo::default(),
+            ended: HashMap::new(),
+            unknown_shares: 0,
+            ended_claims: HashMap::new(),
         }
     }
 
@@ -111,24 +155,70 @@ impl PodRuntime {
             && selects(&self.cfg.pods, &self.origin.namespace, pod)
     }
 
-    /// Takes a pod's latest state (from a watch or list); shared, not copied.
+    /// Takes this node's labels and annotations (read from its Node object), which
+    /// say how its accelerators are shared ([`accelerators`]).
+    pub fn set_node(&mut self, info: NodeInfo) {
+        if info != self.node_info {
+            if info.known && !info.labels.keys().any(|k| k.starts_with("nvidia.com/")) {
+                tracing::info!(
+                    node = %self.node,
+                    "Node has no GPU Feature Discovery labels: NVIDIA GPUs are counted as exclusive whole devices"
+                );
+            }
+            self.node_info = info;
+        }
+    }
+
+    /// Windows emitted so far with an accelerator whose share is unknown (reported in
+    /// the event's `gpu_unknown`, not billed).
+    pub fn unknown_shares(&self) -> u64 {
+        self.unknown_shares
+    }
+
+    /// Pods whose DRA claims are to be resolved now (running, claims not yet
+    /// resolved): (uid, namespace, pod). The agent reads the claims and its node's
+    /// ResourceSlices and answers with [`PodRuntime::claims_resolved`].
+    pub fn unresolved_claims(&self) -> Vec<(String, Arc<Pod>)> {
+        self.pods
+            .iter()
+            .filter(|(_, t)| t.claims.is_none() && t.gone_at.is_none() && !t.runs.is_empty())
+            .map(|(uid, t)| (uid.clone(), Arc::clone(&t.pod)))
+            .collect()
+    }
+
+    /// The claims of pod `uid`, resolved (or why they are not, to retry).
+    pub fn claims_resolved(&mut self, uid: &str, claims: Result<Vec<ClaimDevices>, String>) {
+        if let Some(t) = self.pods.get_mut(uid) {
+            match claims {
+                Ok(c) => {
+                    t.claims = Some(c);
+                    t.claim_error = None;
+                }
+                Err(e) => t.claim_error = Some(e),
+            }
+        }
+    }
+
+    /// Takes a pod's latest state (from a watch or list, or the last state of a
+    /// deleted pod); shared, not copied.
     pub fn observe(&mut self, pod: &Arc<Pod>) {
         let Some(uid) = pod.metadata.uid.clone() else {
             return;
         };
-        if !self.wants(pod) {
+        if !self.wants(pod) || self.ended.contains_key(&uid) {
             return;
         }
         let restored = self.restored.remove(&uid);
         let mut fresh = false;
         let t = self.pods.entry(uid).or_insert_with(|| {
             fresh = true;
-            let (until, runs) = match restored {
+            let (until, runs, claims) = match restored {
                 Some(c) => (
                     Some(c.until),
                     c.runs.into_iter().map(|(n, s, e)| ((n, s), e)).collect(),
+                    c.claims,
                 ),
-                None => (None, Runs::new()),
+                None => (None, Runs::new(), None),
             };
             Tracked {
                 pod: Arc::clone(pod),
@@ -136,6 +226,8 @@ impl PodRuntime {
                 until,
                 gone_at: None,
                 samples: BTreeMap::new(),
+                claims: claims.or_else(|| (!has_claims(pod)).then(Vec::new)),
+                claim_error: None,
             }
         });
         // Unchanged pods (same resourceVersion) need no work.
@@ -209,6 +301,26 @@ impl PodRuntime {
         let closed_end = (now - i64::from(self.cfg.settle_secs)).div_euclid(w) * w;
         let mut out = Output::default();
         let mut finished = Vec::new();
+        // Runs of every pod holding a DRA claim, by claim uid, to split shared claims.
+        let mut claim_runs: HashMap<String, Vec<(String, Runs, i64)>> = HashMap::new();
+        for (uid, t) in &self.pods {
+            for c in t.claims.iter().flatten() {
+                claim_runs.entry(c.uid.clone()).or_default().push((
+                    uid.clone(),
+                    t.runs.clone(),
+                    t.gone_at.unwrap_or(i64::MAX),
+                ));
+            }
+        }
+        for (uid, (claims, runs)) in &self.ended_claims {
+            for c in claims {
+                claim_runs.entry(c.clone()).or_default().push((
+                    uid.clone(),
+                    runs.clone(),
+                    i64::MAX,
+                ));
+            }
+        }
         for (uid, t) in &mut self.pods {
             let Some(first) = runs::first_start(&t.runs) else {
                 if t.gone_at.is_some() {
@@ -220,18 +332,37 @@ impl PodRuntime {
             let open_until = t.gone_at.unwrap_or(i64::MAX);
             let mut a = start;
             while a < closed_end && out.events.len() < MAX_EVENTS_PER_TICK {
+                // A running pod's claims are resolved within seconds; wait for them.
+                if t.claims.is_none() && t.gone_at.is_none() && now - (a + w) < CLAIM_WAIT_SECS {
+                    break;
+                }
                 let secs = runs::running_seconds(&t.runs, a, a + w, open_until);
                 if secs > 0 {
-                    out.events.push(window_event(
+                    let claim_uses = claim_uses(uid, t, &claim_runs, a, a + w, open_until);
+                    let events = window_events(
                         &self.origin,
                         &self.cfg,
-                        &self.node,
+                        &Site {
+                            node: &self.node,
+                            info: &self.node_info,
+                            whole: &self.whole_devices,
+                        },
                         uid,
                         t,
                         a,
                         w,
                         secs,
-                    ));
+                        claim_uses,
+                    );
+                    self.unknown_shares += events
+                        .iter()
+                        .filter(|e| {
+                            e.data
+                                .as_ref()
+                                .is_some_and(|d| d.get("gpu_unknown").is_some())
+                        })
+                        .count() as u64;
+                    out.events.extend(events);
                 }
                 a += w;
             }
@@ -245,6 +376,7 @@ impl PodRuntime {
                     finished.push(uid.clone());
                 } else {
                     let c = Checkpoint {
+                        claims: t.claims.clone(),
                         until: end,
                         runs: t
                             .runs
@@ -259,9 +391,20 @@ impl PodRuntime {
                 }
             }
         }
+        self.ended.retain(|_, at| now - *at < REMEMBER_ENDED_SECS);
+        let ended = &self.ended;
+        self.ended_claims.retain(|uid, _| ended.contains_key(uid));
         for uid in finished {
+            if let Some(t) = self.pods.get(&uid)
+                && let Some(claims) = t.claims.as_ref().filter(|c| !c.is_empty())
+            {
+                let uids = claims.iter().map(|c| c.uid.clone()).collect();
+                self.ended_claims
+                    .insert(uid.clone(), (uids, t.runs.clone()));
+            }
             self.pods.remove(&uid);
             out.checkpoints.insert(format!("pod/{uid}"), None);
+            self.ended.insert(uid, now);
         }
         out
     }
@@ -272,18 +415,74 @@ impl PodRuntime {
     }
 }
 
+/// Where a pod runs: the node, what its Node says, the whole-device resources.
+struct Site<'a> {
+    node: &'a str,
+    info: &'a NodeInfo,
+    whole: &'a [String],
+}
+
+/// The accelerator fields of one [`Use`] over `dur` seconds.
+fn accelerator_data(data: &mut Map<String, Value>, u: &Use, dur: f64) {
+    let dur = u.seconds.unwrap_or(dur);
+    if let Some(n) = u.sharers {
+        data.insert("gpu_claim_pods".into(), json!(n));
+        data.insert("gpu_claim_seconds".into(), json!(dur));
+    }
+    data.insert("gpu_resource".into(), json!(u.resource));
+    data.insert("gpu_sharing".into(), json!(u.sharing.as_str()));
+    data.insert(
+        "gpu_product".into(),
+        json!(u.product.as_deref().unwrap_or("unknown")),
+    );
+    if let Some(p) = &u.profile {
+        data.insert("gpu_profile".into(), json!(p));
+    }
+    data.insert("gpu_devices".into(), json!(u.devices));
+    if let Some(r) = u.replicas {
+        data.insert("gpu_replicas".into(), json!(r));
+    }
+    if !u.labels_known {
+        data.insert("gpu_labels".into(), json!("absent"));
+    }
+    match (u.gpus, &u.unknown) {
+        (Some(g), _) => {
+            data.insert("gpus".into(), json!(g));
+            data.insert("gpu_seconds".into(), json!(g * dur));
+        }
+        (None, why) => {
+            data.remove("gpu_seconds");
+            data.insert(
+                "gpu_unknown".into(),
+                json!(why.as_deref().unwrap_or("the share is unknown")),
+            );
+        }
+    }
+    if let Some(m) = u.memory_mib {
+        data.insert("gpu_memory_mib".into(), json!(m));
+        data.insert("gpu_memory_gib_seconds".into(), json!(m / 1024.0 * dur));
+    }
+}
+
+/// The events of one pod and window: the pod's event (id of pod, window and type),
+/// carrying its first accelerator, and one more per further kind of accelerator
+/// (id of pod, window, type and resource) with the pod's identity and that
+/// accelerator only, no running time or requests, so SUMs over `duration_seconds`
+/// or requests count the pod once.
 #[allow(clippy::too_many_arguments)]
-fn window_event(
+fn window_events(
     origin: &Origin,
     cfg: &PodRuntimeSource,
-    node: &str,
+    site: &Site<'_>,
     uid: &str,
     t: &Tracked,
     start: i64,
     w: i64,
     secs: i64,
-) -> tally_crds::event::CloudEvent {
+    claim_uses: Vec<Use>,
+) -> Vec<tally_crds::event::CloudEvent> {
     let pod = &t.pod;
+    let node = site.node;
     let mut data = Map::new();
     annotation_data(pod, &mut data);
     for l in &cfg.labels {
@@ -306,7 +505,10 @@ fn window_event(
     );
     data.insert("node".into(), json!(node));
     data.insert("window_seconds".into(), json!(w));
+    // The identity every event of this pod and window shares.
+    let identity = data.clone();
     data.insert("duration_seconds".into(), json!(secs));
+    let mut uses = Vec::new();
     if let Some(spec) = &pod.spec {
         let r = resources::effective(spec);
         let dur = secs as f64;
@@ -336,11 +538,12 @@ fn window_event(
             };
             data.insert(key, json!(v));
         }
-        let gpus = r.gpus();
-        if gpus > 0.0 {
-            data.insert("gpus".into(), json!(gpus));
+        data.insert("gpu_seconds".into(), json!(0.0));
+        uses = accelerators::uses(&r, site.info, site.whole);
+        uses.extend(claim_uses);
+        if let Some(first) = uses.first() {
+            accelerator_data(&mut data, first, dur);
         }
-        data.insert("gpu_seconds".into(), json!(gpus * dur));
     }
     if let Some(end) = t.samples.get(&(start + w)) {
         if let Some(begin) = t.samples.get(&start) {
@@ -353,13 +556,109 @@ fn window_event(
         }
     }
     let start_s = start.to_string();
-    origin.event(
+    let subject = subject_of(pod, cfg.subject_label.as_deref());
+    let mut events = vec![origin.event(
         event_id(&[uid, &start_s, &origin.event_type]),
-        subject_of(pod, cfg.subject_label.as_deref()),
+        subject.clone(),
         start * 1000,
         data,
-    )
+    )];
+    for u in uses.iter().skip(1) {
+        let mut data = identity.clone();
+        accelerator_data(&mut data, u, secs as f64);
+        events.push(origin.event(
+            event_id(&[uid, &start_s, &origin.event_type, &u.resource]),
+            subject.clone(),
+            start * 1000,
+            data,
+        ));
+    }
+    events
 }
 
 #[cfg(test)]
 mod tests;
+
+/// The DRA claims of pod `uid` in window `[a, b)` as accelerator uses: each claim's
+/// devices, billed for the pod's part of the time when the claim is shared
+/// ([`dra::shared_seconds`]). Unresolved claims of a pod already gone are reported
+/// unknown.
+fn claim_uses(
+    uid: &str,
+    t: &Tracked,
+    claim_runs: &HashMap<String, Vec<(String, Runs, i64)>>,
+    a: i64,
+    b: i64,
+    open_until: i64,
+) -> Vec<Use> {
+    let base = |resource: String| Use {
+        resource,
+        sharing: Sharing::Dra,
+        product: None,
+        profile: None,
+        devices: 0.0,
+        replicas: None,
+        gpus: None,
+        memory_mib: None,
+        unknown: None,
+        labels_known: true,
+        seconds: None,
+        sharers: None,
+    };
+    let Some(claims) = &t.claims else {
+        let mut u = base("resource.k8s.io/claims".into());
+        u.unknown = Some(format!(
+            "the pod's DRA claims were not resolved while it ran: {}",
+            t.claim_error.as_deref().unwrap_or("no attempt succeeded")
+        ));
+        return if has_claims(&t.pod) {
+            vec![u]
+        } else {
+            Vec::new()
+        };
+    };
+    let own = runs::running_spans(&t.runs, a, b, open_until);
+    claims
+        .iter()
+        .filter(|c| !c.devices.is_empty())
+        .map(|c| {
+            let mut u = base(format!("resource.k8s.io/claim/{}", c.claim));
+            u.devices = c.devices.len() as f64;
+            u.gpus = c.gpus();
+            u.unknown = c.devices.iter().find_map(|d| d.unknown.clone());
+            u.memory_mib = c.memory_mib();
+            u.product = c.devices.first().and_then(|d| d.product.clone());
+            let mut profiles: Vec<&str> = c
+                .devices
+                .iter()
+                .filter_map(|d| d.profile.as_deref())
+                .collect();
+            profiles.dedup();
+            if profiles.len() == 1 {
+                u.profile = Some(profiles[0].to_string());
+            }
+            if c.sharers.len() > 1 {
+                let known = claim_runs.get(&c.uid);
+                let others: Vec<Vec<(i64, i64)>> = known
+                    .into_iter()
+                    .flatten()
+                    .filter(|(other, _, _)| other != uid)
+                    .map(|(_, r, open)| runs::running_spans(r, a, b, *open))
+                    .collect();
+                let seen: std::collections::HashSet<&str> = known
+                    .into_iter()
+                    .flatten()
+                    .map(|(u, _, _)| u.as_str())
+                    .collect();
+                let unseen = c
+                    .sharers
+                    .iter()
+                    .filter(|s| !seen.contains(s.as_str()))
+                    .count();
+                u.seconds = Some(dra::shared_seconds(&own, &others, unseen));
+                u.sharers = Some(c.sharers.len());
+            }
+            u
+        })
+        .collect()
+}

@@ -114,14 +114,3 @@ pub fn effective(spec: &PodSpec) -> Resources {
         }),
     }
 }
-
-impl Resources {
-    /// GPUs requested (`nvidia.com/gpu` + `amd.com/gpu`); a GPU request without limit
-    /// is not allowed, so the request is the count.
-    pub fn gpus(&self) -> f64 {
-        ["nvidia.com/gpu", "amd.com/gpu"]
-            .iter()
-            .filter_map(|k| self.requests.get(*k).or_else(|| self.limits.get(*k)))
-            .sum()
-    }
-}

@@ -56,24 +56,28 @@ pub fn close_open(runs: &mut Runs, at: i64) {
 /// Seconds within `[from, to)` during which at least one app container ran; open runs
 /// count as running up to `open_until`.
 pub fn running_seconds(runs: &Runs, from: i64, to: i64, open_until: i64) -> i64 {
+    running_spans(runs, from, to, open_until)
+        .iter()
+        .map(|(s, e)| e - s)
+        .sum()
+}
+
+/// The union of the runs within `[from, to)`, as disjoint sorted spans.
+pub fn running_spans(runs: &Runs, from: i64, to: i64, open_until: i64) -> Vec<(i64, i64)> {
     let mut spans: Vec<(i64, i64)> = runs
         .iter()
         .map(|((_, s), e)| ((*s).max(from), e.unwrap_or(open_until).min(to)))
         .filter(|(s, e)| s < e)
         .collect();
     spans.sort_unstable();
-    let (mut total, mut cur): (i64, Option<(i64, i64)>) = (0, None);
+    let mut out: Vec<(i64, i64)> = Vec::new();
     for (s, e) in spans {
-        cur = match cur {
-            Some((cs, ce)) if s <= ce => Some((cs, ce.max(e))),
-            Some((cs, ce)) => {
-                total += ce - cs;
-                Some((s, e))
-            }
-            None => Some((s, e)),
-        };
+        match out.last_mut() {
+            Some((_, ce)) if s <= *ce => *ce = (*ce).max(e),
+            _ => out.push((s, e)),
+        }
     }
-    total + cur.map_or(0, |(s, e)| e - s)
+    out
 }
 
 /// The earliest start among the runs.

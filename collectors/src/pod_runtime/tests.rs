@@ -80,7 +80,7 @@ fn effective_requests_follow_the_scheduler() {
         r.requests["memory"],
         (1024.0 + 128.0 + 64.0) * 1024.0 * 1024.0
     );
-    assert_eq!(r.gpus(), 2.0);
+    assert_eq!(r.requests["nvidia.com/gpu"], 2.0);
     assert_eq!(r.limits["memory"], 2.0 * 1024f64.powi(3));
 }
 
@@ -384,4 +384,488 @@ fn a_restored_pod_with_the_same_resource_version_is_still_read() {
     c.observe(&pod);
     c.observe(&pod);
     assert_eq!(durations(&c.tick(T0 + 400)), vec![(60, 60), (120, 45)]);
+}
+
+fn node_fixture(name: &str) -> accelerators::NodeInfo {
+    let path = format!(
+        "{}/tests/fixtures/nodes/{name}.json",
+        std::env::var("CARGO_MANIFEST_DIR").unwrap()
+    );
+    let node: k8s_openapi::api::core::v1::Node =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    accelerators::NodeInfo::of(&node)
+}
+
+/// A pod on `node` running `[start, end)` whose one container requests `requests`.
+fn gpu_pod(uid: &str, node: &str, requests: Value, start: i64, end: i64) -> std::sync::Arc<Pod> {
+    let t = |s: i64| {
+        chrono::DateTime::from_timestamp(s, 0)
+            .unwrap()
+            .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    };
+    std::sync::Arc::new(
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": uid, "namespace": "team-a", "uid": uid, "resourceVersion": "1",
+                         "annotations": {"tally.dev/subject": "acme"}},
+            "spec": {"nodeName": node, "containers": [{"name": "main", "image": "x",
+                     "resources": {"requests": requests.clone(), "limits": requests}}]},
+            "status": {"containerStatuses": [{"name": "main", "image": "x", "imageID": "", "ready": false,
+                "restartCount": 0,
+                "state": {"terminated": {"exitCode": 0, "startedAt": t(start), "finishedAt": t(end)}}}]}
+        }))
+        .unwrap(),
+    )
+}
+
+/// Every sharing mode, on nodes labelled as GFD and HAMi label them: the share of a
+/// GPU each unit is worth, computed here from the rule (not from the code's tables).
+#[test]
+fn accelerator_shares_follow_each_sharing_mode() {
+    use accelerators::{Sharing, uses};
+    let whole = accelerators::whole_devices(&[]);
+    let q = |pairs: &[(&str, &str)]| -> resources::Resources {
+        let spec: k8s_openapi::api::core::v1::PodSpec = serde_json::from_value(serde_json::json!({
+            "containers": [{"name": "c", "resources": {
+                "requests": pairs.iter().map(|(k, v)| (k.to_string(), Value::from(*v))).collect::<serde_json::Map<_, _>>()}}]
+        }))
+        .unwrap();
+        effective(&spec)
+    };
+    // (node, requests, resource, sharing, GPUs, memory MiB, product)
+    type Case<'a> = (
+        &'a str,
+        Vec<(&'a str, &'a str)>,
+        &'a str,
+        Sharing,
+        Option<f64>,
+        Option<f64>,
+        &'a str,
+    );
+    let cases: Vec<Case> = vec![
+        (
+            "mig-mixed-a100",
+            vec![("nvidia.com/mig-1g.5gb", "2")],
+            "nvidia.com/mig-1g.5gb",
+            Sharing::Mig,
+            Some(2.0 / 7.0),
+            Some(2.0 * 4864.0),
+            "NVIDIA-A100-SXM4-40GB",
+        ),
+        (
+            "mig-mixed-a100",
+            vec![("nvidia.com/mig-2g.10gb", "1")],
+            "nvidia.com/mig-2g.10gb",
+            Sharing::Mig,
+            Some(2.0 / 7.0),
+            Some(9856.0),
+            "NVIDIA-A100-SXM4-40GB",
+        ),
+        // a MIG device shared by 2 replicas
+        (
+            "mig-mixed-a100",
+            vec![("nvidia.com/mig-3g.20gb", "1")],
+            "nvidia.com/mig-3g.20gb",
+            Sharing::Mig,
+            Some(3.0 / 7.0 / 2.0),
+            Some(19968.0 / 2.0),
+            "NVIDIA-A100-SXM4-40GB",
+        ),
+        (
+            "mig-mixed-a30",
+            vec![("nvidia.com/mig-1g.6gb", "3")],
+            "nvidia.com/mig-1g.6gb",
+            Sharing::Mig,
+            Some(3.0 / 4.0),
+            Some(3.0 * 5952.0),
+            "NVIDIA-A30",
+        ),
+        (
+            "mig-single-h100",
+            vec![("nvidia.com/gpu", "2")],
+            "nvidia.com/gpu",
+            Sharing::Mig,
+            Some(2.0 / 7.0),
+            Some(2.0 * 9984.0),
+            "NVIDIA-H100-80GB-HBM3",
+        ),
+        (
+            "time-slicing-t4",
+            vec![("nvidia.com/gpu", "1")],
+            "nvidia.com/gpu",
+            Sharing::TimeSlicing,
+            Some(1.0 / 4.0),
+            Some(15360.0 / 4.0),
+            "Tesla-T4",
+        ),
+        (
+            "mps-l4",
+            vec![("nvidia.com/gpu", "2")],
+            "nvidia.com/gpu",
+            Sharing::Mps,
+            Some(2.0 / 3.0),
+            Some(2.0 * 23034.0 / 3.0),
+            "NVIDIA-L4",
+        ),
+        (
+            "renamed-shared-a10g",
+            vec![("nvidia.com/gpu.shared", "1")],
+            "nvidia.com/gpu.shared",
+            Sharing::TimeSlicing,
+            Some(1.0 / 5.0),
+            Some(23028.0 / 5.0),
+            "NVIDIA-A10G",
+        ),
+        (
+            "hami-a100",
+            vec![
+                ("nvidia.com/gpu", "2"),
+                ("nvidia.com/gpucores", "30"),
+                ("nvidia.com/gpumem", "4000"),
+            ],
+            "nvidia.com/gpu",
+            Sharing::Hami,
+            Some(2.0 * 0.30),
+            Some(2.0 * 4000.0),
+            "NVIDIA-A100-PCIE-40GB",
+        ),
+        // HAMi without gpucores: the whole GPU
+        (
+            "hami-a100",
+            vec![("nvidia.com/gpu", "1")],
+            "nvidia.com/gpu",
+            Sharing::Hami,
+            Some(1.0),
+            None,
+            "NVIDIA-A100-PCIE-40GB",
+        ),
+        (
+            "no-gfd",
+            vec![("nvidia.com/gpu", "3")],
+            "nvidia.com/gpu",
+            Sharing::Exclusive,
+            Some(3.0),
+            None,
+            "unknown",
+        ),
+        (
+            "no-gfd",
+            vec![("amd.com/gpu", "2"), ("gpu.intel.com/millicores", "500")],
+            "amd.com/gpu",
+            Sharing::Exclusive,
+            Some(2.0),
+            None,
+            "unknown",
+        ),
+        // unknown parent product: reported, not billed
+        (
+            "mig-unknown-product",
+            vec![("nvidia.com/mig-1g.24gb", "1")],
+            "nvidia.com/mig-1g.24gb",
+            Sharing::Mig,
+            None,
+            Some(24064.0),
+            "NVIDIA-RTX-PRO-6000-Blackwell-Server-Edition",
+        ),
+    ];
+    for (node, requests, resource, sharing, gpus, memory, product) in cases {
+        let info = node_fixture(node);
+        let got = uses(&q(&requests), &info, &whole);
+        assert_eq!(got.len(), 1, "{node} {requests:?}: {got:?}");
+        let u = &got[0];
+        let what = format!("{node} {requests:?}: {u:?}");
+        assert_eq!(u.resource, resource, "{what}");
+        assert_eq!(u.sharing, sharing, "{what}");
+        assert_eq!(u.product.as_deref().unwrap_or("unknown"), product, "{what}");
+        match (u.gpus, gpus) {
+            (Some(a), Some(b)) => assert!((a - b).abs() < 1e-12, "{what}"),
+            (None, None) => assert!(
+                u.unknown.as_deref().is_some_and(|w| w.contains("1g.24gb")),
+                "{what}"
+            ),
+            _ => panic!("{what}: expected {gpus:?}"),
+        }
+        match (u.memory_mib, memory) {
+            (Some(a), Some(b)) => assert!((a - b).abs() < 1e-9, "{what}"),
+            (None, None) => {}
+            _ => panic!("{what}: expected memory {memory:?}"),
+        }
+        // GFD labels matter to NVIDIA resources only
+        let nvidia = resource.starts_with("nvidia.com/");
+        assert_eq!(u.labels_known, node != "no-gfd" || !nvidia, "{what}");
+    }
+    // Profiles that do not parse are reported too.
+    let info = node_fixture("mig-mixed-a100");
+    let got = uses(&q(&[("nvidia.com/mig-big", "1")]), &info, &whole);
+    assert!(got[0].gpus.is_none() && got[0].unknown.is_some(), "{got:?}");
+    // compute-instance profiles bill their compute slices
+    let got = uses(&q(&[("nvidia.com/mig-1c.3g.20gb", "1")]), &info, &whole);
+    assert!((got[0].gpus.unwrap() - 1.0 / 7.0).abs() < 1e-12, "{got:?}");
+    assert_eq!(accelerators::mig_slices("NVIDIA-H200"), Some(7));
+    assert_eq!(accelerators::mig_slices("NVIDIA-B200"), Some(7));
+    assert_eq!(accelerators::mig_slices("Tesla-T4"), None);
+}
+
+/// GPU-seconds of each kind over windows whose running times are not multiples of 7
+/// or of the replica counts, within 1e-9 of the hand computation; a pod with two MIG
+/// profiles yields a second event (own id) carrying only the second accelerator.
+#[test]
+fn gpu_seconds_are_weighted_per_window_and_kind() {
+    let state = BTreeMap::new();
+    let mut c = collector("{settleSecs: 0}", &state);
+    c.set_node(node_fixture("mig-mixed-a100"));
+    // 01:13–02:06 in the windows [60,120) and [120,180): 47 s and 6 s
+    c.observe(&gpu_pod(
+        "p1",
+        "gpu-node-1",
+        serde_json::json!({"nvidia.com/mig-3g.20gb": "1", "nvidia.com/mig-1g.5gb": "2", "cpu": "1"}),
+        T0 + 73,
+        T0 + 126,
+    ));
+    let out = c.tick(T0 + 400);
+    let rows: Vec<(i64, String, f64, Option<i64>)> = out
+        .events
+        .iter()
+        .map(|e| {
+            let d = e.data.as_ref().unwrap();
+            (
+                tally_crds::event::parse_time_ms(&e.time).unwrap() / 1000 - T0,
+                d["gpu_resource"].as_str().unwrap().to_string(),
+                d["gpu_seconds"].as_f64().unwrap(),
+                d.get("duration_seconds").and_then(Value::as_i64),
+            )
+        })
+        .collect();
+    let want = [
+        (60, "nvidia.com/mig-1g.5gb", 47.0 * 2.0 / 7.0, Some(47)),
+        (60, "nvidia.com/mig-3g.20gb", 47.0 * 3.0 / 7.0 / 2.0, None),
+        (120, "nvidia.com/mig-1g.5gb", 6.0 * 2.0 / 7.0, Some(6)),
+        (120, "nvidia.com/mig-3g.20gb", 6.0 * 3.0 / 7.0 / 2.0, None),
+    ];
+    assert_eq!(rows.len(), want.len(), "{rows:?}");
+    for (got, want) in rows.iter().zip(want) {
+        assert_eq!(
+            (got.0, got.1.as_str(), got.3),
+            (want.0, want.1, want.3),
+            "{rows:?}"
+        );
+        assert!((got.2 - want.2).abs() < 1e-9, "{rows:?}");
+    }
+    let d = out.events[0].data.as_ref().unwrap();
+    assert_eq!(d["gpu_sharing"], "mig");
+    assert_eq!(d["gpu_profile"], "1g.5gb");
+    assert_eq!(d["gpu_product"], "NVIDIA-A100-SXM4-40GB");
+    assert!(
+        (d["gpu_memory_gib_seconds"].as_f64().unwrap() - 2.0 * 4864.0 / 1024.0 * 47.0).abs() < 1e-9
+    );
+    // the extra kind's event has its own id; the pod's event keeps the old id rule
+    assert_ne!(out.events[0].id, out.events[1].id);
+    assert_eq!(
+        out.events[0].id,
+        crate::event_id(&["p1", &(T0 + 60).to_string(), "pod-runtime"])
+    );
+    assert!(
+        out.events[1]
+            .data
+            .as_ref()
+            .unwrap()
+            .get("cpu_request_cores")
+            .is_none()
+    );
+}
+
+/// A pod whose share is unknown is reported (event field + counter), never billed.
+#[test]
+fn an_unknown_share_is_reported_not_billed() {
+    let state = BTreeMap::new();
+    let mut c = collector("{settleSecs: 0}", &state);
+    c.set_node(node_fixture("mig-unknown-product"));
+    c.observe(&gpu_pod(
+        "p2",
+        "gpu-node-1",
+        serde_json::json!({"nvidia.com/mig-1g.24gb": "1"}),
+        T0 + 5,
+        T0 + 50,
+    ));
+    let out = c.tick(T0 + 400);
+    let d = out.events[0].data.as_ref().unwrap();
+    assert!(d.get("gpu_seconds").is_none(), "{d:?}");
+    assert!(
+        d["gpu_unknown"]
+            .as_str()
+            .unwrap()
+            .contains("not in tally's table"),
+        "{d:?}"
+    );
+    assert_eq!(c.unknown_shares(), 1);
+}
+
+/// A pod the agent only ever saw deleted (created, finished and deleted between two
+/// looks) is measured from its last state, once: seeing its deleted object again does
+/// not start it over.
+#[test]
+fn a_pod_seen_only_deleted_counts_once() {
+    let mut state = BTreeMap::new();
+    let mut c = collector("{settleSecs: 0}", &state);
+    let p = gpu_pod(
+        "short",
+        "gpu-node-1",
+        serde_json::json!({"nvidia.com/gpu": "1"}),
+        T0 + 61,
+        T0 + 63,
+    );
+    c.observe(&p);
+    c.retain_present(&Default::default(), T0 + 64);
+    let out = c.tick(T0 + 200);
+    applied(&mut state, &out);
+    assert_eq!(durations(&out), vec![(60, 2)]);
+    c.observe(&p);
+    c.retain_present(&Default::default(), T0 + 201);
+    assert!(c.tick(T0 + 300).events.is_empty());
+    assert_eq!(c.tracked(), 0);
+}
+
+fn dra_fixture<T: serde::de::DeserializeOwned>(name: &str) -> T {
+    let path = format!(
+        "{}/tests/fixtures/dra/{name}.json",
+        std::env::var("CARGO_MANIFEST_DIR").unwrap()
+    );
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// A pod using ResourceClaim `claim` (by name) through pod claim `gpu`.
+fn claim_pod(uid: &str, claim: &str, start: i64, end: i64) -> std::sync::Arc<Pod> {
+    let mut p: Value = serde_json::to_value(&*gpu_pod(
+        uid,
+        "gpu-node-1",
+        serde_json::json!({}),
+        start,
+        end,
+    ))
+    .unwrap();
+    p["spec"]["resourceClaims"] = serde_json::json!([{"name": "gpu", "resourceClaimName": claim}]);
+    p["spec"]["containers"][0]["resources"] = serde_json::json!({"claims": [{"name": "gpu"}]});
+    std::sync::Arc::new(serde_json::from_value(p).unwrap())
+}
+
+/// DRA, from objects shaped as NVIDIA's DRA driver publishes them: a whole GPU claimed
+/// by two pods is split per second among the pods running (13 s alone + 30 s halved
+/// for one, 30 s halved + 9 s alone for the other); a MIG device (3g.20gb on an A100)
+/// is 3/7 of a GPU. The windows wait while a running pod's claims are unresolved.
+#[test]
+fn dra_claims_are_priced_from_resource_slices_and_shared_claims_split() {
+    use k8s_openapi::api::resource::v1::{ResourceClaim, ResourceSlice};
+    let slice: ResourceSlice = dra_fixture("resourceslice");
+    let reserve = |name: &str, uid: &str, pods: &[&str]| {
+        let mut c: Value = dra_fixture(name);
+        c["metadata"]["uid"] = Value::from(uid);
+        c["status"]["reservedFor"] = pods
+            .iter()
+            .map(|p| serde_json::json!({"resource": "pods", "name": p, "uid": p}))
+            .collect();
+        serde_json::from_value::<ResourceClaim>(c).unwrap()
+    };
+    let shared = reserve("claim-shared-gpu", "claim-1", &["pa", "pb"]);
+    let mig = reserve("claim-mig", "claim-2", &["pc"]);
+    let state = BTreeMap::new();
+    let mut c = collector("{settleSecs: 0}", &state);
+    c.observe(&claim_pod("pa", "shared-gpu", T0 + 67, T0 + 110));
+    c.observe(&claim_pod("pb", "shared-gpu", T0 + 80, T0 + 119));
+    c.observe(&claim_pod("pc", "mig-3g", T0 + 61, T0 + 98));
+    // not resolved yet: nothing is sent
+    assert!(c.tick(T0 + 130).events.is_empty());
+    let mut wanted: Vec<String> = c.unresolved_claims().into_iter().map(|(u, _)| u).collect();
+    wanted.sort();
+    assert_eq!(wanted, ["pa", "pb", "pc"]);
+    for (uid, claim) in [("pa", &shared), ("pb", &shared), ("pc", &mig)] {
+        c.claims_resolved(
+            uid,
+            dra::resolve(claim, std::slice::from_ref(&slice)).map(|d| vec![d]),
+        );
+    }
+    let out = c.tick(T0 + 131);
+    let mut got: Vec<(String, f64, String)> = out
+        .events
+        .iter()
+        .map(|e| {
+            let d = e.data.as_ref().unwrap();
+            (
+                d["pod"].as_str().unwrap().to_string(),
+                d["gpu_seconds"].as_f64().unwrap(),
+                d["gpu_sharing"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    got.sort_by(|a, b| a.0.cmp(&b.0));
+    let want = [
+        ("pa", 13.0 + 15.0),
+        ("pb", 15.0 + 9.0),
+        ("pc", 37.0 * 3.0 / 7.0),
+    ];
+    assert_eq!(got.len(), 3, "{got:?}");
+    for ((pod, secs, sharing), (wpod, wsecs)) in got.iter().zip(want) {
+        assert_eq!(pod, wpod);
+        assert_eq!(sharing, "dra");
+        assert!((secs - wsecs).abs() < 1e-9, "{got:?}");
+    }
+    let pc = out
+        .events
+        .iter()
+        .find(|e| e.data.as_ref().unwrap()["pod"] == "pc")
+        .unwrap();
+    let d = pc.data.as_ref().unwrap();
+    assert_eq!(d["gpu_profile"], "3g.20gb");
+    assert_eq!(d["gpu_product"], "NVIDIA A100-SXM4-40GB");
+    assert_eq!(d["gpu_resource"], "resource.k8s.io/claim/mig-3g");
+    assert!((d["gpu_memory_gib_seconds"].as_f64().unwrap() - 19968.0 / 1024.0 * 37.0).abs() < 1e-9);
+    let pa = out
+        .events
+        .iter()
+        .find(|e| e.data.as_ref().unwrap()["pod"] == "pa")
+        .unwrap();
+    assert_eq!(pa.data.as_ref().unwrap()["gpu_claim_pods"], 2);
+    // A claim not yet allocated says so.
+    let mut unallocated: Value = dra_fixture("claim-mig");
+    unallocated.as_object_mut().unwrap().remove("status");
+    let e = dra::resolve(&serde_json::from_value(unallocated).unwrap(), &[slice]).unwrap_err();
+    assert!(e.contains("not allocated"), "{e}");
+}
+
+/// The README's "Billing GPUs" example is what the collector produces.
+#[test]
+fn the_readme_gpu_event_is_what_the_collector_sends() {
+    let readme = std::fs::read_to_string(format!(
+        "{}/../README.md",
+        std::env::var("CARGO_MANIFEST_DIR").unwrap()
+    ))
+    .unwrap();
+    let block = readme
+        .split("<!-- gpu-event -->\n```json\n")
+        .nth(1)
+        .and_then(|r| r.split("```\n<!-- /gpu-event -->").next())
+        .expect("README has the gpu-event block");
+    let state = BTreeMap::new();
+    let mut c = collector("{settleSecs: 0}", &state);
+    c.set_node(node_fixture("mig-mixed-a100"));
+    c.observe(&gpu_pod(
+        "train-7",
+        "gpu-node-1",
+        serde_json::json!({"nvidia.com/mig-3g.20gb": "1", "cpu": "4", "memory": "16Gi"}),
+        T0 + 73,
+        T0 + 120,
+    ));
+    let out = c.tick(T0 + 200);
+    assert_eq!(out.events.len(), 1);
+    let got = serde_json::to_value(&out.events[0]).unwrap();
+    let shown: Value = serde_json::from_str(block).unwrap_or_else(|e| {
+        panic!(
+            "README's gpu-event block is not JSON ({e}); the collector sends:\n{}",
+            serde_json::to_string_pretty(&got).unwrap()
+        )
+    });
+    assert_eq!(
+        shown,
+        got,
+        "README's gpu-event differs; the collector sends:\n{}",
+        serde_json::to_string_pretty(&got).unwrap()
+    );
 }

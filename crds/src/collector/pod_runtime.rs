@@ -41,7 +41,24 @@ pub struct PodRuntimeSource {
     /// Actual usage from cgroup v2.
     #[serde(default)]
     pub cgroup: CgroupOptions,
+
+    /// Extended resources counted as one whole accelerator per unit, besides NVIDIA's
+    /// (read with their sharing: MIG, time-slicing, MPS, HAMi; see the README's
+    /// "Billing GPUs"). Default: `amd.com/gpu`, `gpu.intel.com/i915`,
+    /// `gpu.intel.com/xe`, `google.com/tpu`, `aws.amazon.com/neuron`. Shares of a
+    /// device (e.g. `gpu.intel.com/millicores`) are refused.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("maxItems" = 32))]
+    pub whole_device_resources: Vec<String>,
 }
+
+/// Extended resources that are shares of a device, never whole devices.
+const DEVICE_SHARES: &[&str] = &[
+    "gpu.intel.com/millicores",
+    "gpu.intel.com/memory.max",
+    "gpu.intel.com/tiles",
+    "aws.amazon.com/neuroncore",
+];
 
 /// Reading actual usage from the node's cgroup v2 tree.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
@@ -88,6 +105,31 @@ impl PodRuntimeSource {
                 "spec.podRuntime.windowSecs",
                 "must divide a day evenly (e.g. 60, 300, 3600) so windows align across days",
             ));
+        }
+        for (i, name) in self.whole_device_resources.iter().enumerate() {
+            let field = format!("spec.podRuntime.wholeDeviceResources[{i}]");
+            if !name.contains('/') {
+                return Err(spec_error(
+                    &field,
+                    format!(
+                        "{name:?} is not an extended resource name (vendor/name, e.g. amd.com/gpu)"
+                    ),
+                ));
+            }
+            if name.starts_with("nvidia.com/") {
+                return Err(spec_error(
+                    &field,
+                    format!(
+                        "{name:?}: NVIDIA resources are read with their sharing (MIG, time-slicing, MPS, HAMi); leave them out"
+                    ),
+                ));
+            }
+            if DEVICE_SHARES.contains(&name.as_str()) {
+                return Err(spec_error(
+                    &field,
+                    format!("{name:?} is a share of a device, not a whole device"),
+                ));
+            }
         }
         Ok(())
     }

@@ -229,12 +229,32 @@ fn rbac_grants_the_least_the_agents_need() {
     let r = rbac(&settings());
     for role in &r.cluster_roles {
         let rules = role.rules.as_ref().unwrap();
-        assert_eq!(rules.len(), 1);
+        let node_agent = role.metadata.name.as_deref() == Some(NODE_AGENT);
+        assert_eq!(rules.len(), if node_agent { 4 } else { 1 });
         assert_eq!(
             rules[0].resources.as_deref(),
             Some(&["pods".to_string()][..])
         );
         assert_eq!(rules[0].verbs, ["get", "list", "watch"]);
+        if node_agent {
+            // its Node's GPU labels: get only, never list or watch
+            assert_eq!(
+                rules[1].resources.as_deref(),
+                Some(&["nodes".to_string()][..])
+            );
+            assert_eq!(rules[1].verbs, ["get"]);
+            // DRA: claims by name, slices listed (by spec.nodeName), never watched
+            assert_eq!(
+                rules[2].resources.as_deref(),
+                Some(&["resourceclaims".to_string()][..])
+            );
+            assert_eq!(rules[2].verbs, ["get"]);
+            assert_eq!(
+                rules[3].resources.as_deref(),
+                Some(&["resourceslices".to_string()][..])
+            );
+            assert_eq!(rules[3].verbs, ["list"]);
+        }
     }
     let lease = &r.roles[0].rules.as_ref().unwrap()[1];
     assert_eq!(

@@ -36,36 +36,55 @@ fn now() -> String {
     crate::rfc3339(crate::unix_now())
 }
 
-fn ready_status(since: &str) -> Value {
+fn ready_status(since: &str, capacity: &Value) -> Value {
     json!({"status": {"conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
         "message": "kubelet is posting ready status", "lastHeartbeatTime": now(), "lastTransitionTime": since}],
         "addresses": [{"type": "InternalIP", "address": "127.0.0.1"}],
-        "capacity": {"cpu": "8", "memory": "64Gi", "nvidia.com/gpu": "8", "pods": "110"},
-        "allocatable": {"cpu": "8", "memory": "62Gi", "nvidia.com/gpu": "8", "pods": "110"}}})
+        "capacity": capacity, "allocatable": capacity}})
 }
 
 impl Node {
     /// Registers node `name` as a kubelet does, reports it Ready and keeps the
     /// heartbeat fresh until dropped. A Node left from an earlier run is taken over.
     pub async fn register(client: &kube::Client, name: &str) -> Node {
+        Node::register_as(
+            client,
+            json!({
+                "apiVersion": "v1", "kind": "Node",
+                "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name,
+                             "kubernetes.io/os": "linux", "nvidia.com/gpu.present": "true"}},
+                "status": {"capacity": {"cpu": "8", "memory": "64Gi", "nvidia.com/gpu": "8", "pods": "110"}},
+            }),
+        )
+        .await
+    }
+
+    /// Registers the Node `object` (metadata as its labellers write it, e.g. GPU
+    /// Feature Discovery; `status.capacity` as its kubelet and device plugins report)
+    /// and keeps it Ready until dropped.
+    pub async fn register_as(client: &kube::Client, object: Value) -> Node {
         let nodes: Api<NodeObject> = Api::all(client.clone());
-        let node: NodeObject = serde_json::from_value(json!({
-            "apiVersion": "v1", "kind": "Node",
-            "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name,
-                         "kubernetes.io/os": "linux", "nvidia.com/gpu.present": "true"}},
-        }))
-        .expect("a valid Node");
+        let name = object["metadata"]["name"]
+            .as_str()
+            .expect("the Node's name")
+            .to_string();
+        let capacity = object["status"]["capacity"].clone();
+        let mut spec = object.clone();
+        if let Some(o) = spec.as_object_mut() {
+            o.remove("status");
+        }
+        let node: NodeObject = serde_json::from_value(spec).expect("a valid Node");
         super::create_or_keep(&nodes, &node, &format!("node {name}")).await;
         let since = now();
         nodes
             .patch_status(
-                name,
+                &name,
                 &PatchParams::default(),
-                &Patch::Merge(ready_status(&since)),
+                &Patch::Merge(ready_status(&since, &capacity)),
             )
             .await
             .expect("the node reported Ready");
-        let (nodes2, name2) = (nodes.clone(), name.to_string());
+        let (nodes2, name2) = (nodes.clone(), name.clone());
         let heartbeat = tokio::spawn(async move {
             loop {
                 tokio::time::sleep(HEARTBEAT).await;
@@ -73,15 +92,12 @@ impl Node {
                     .patch_status(
                         &name2,
                         &PatchParams::default(),
-                        &Patch::Merge(ready_status(&since)),
+                        &Patch::Merge(ready_status(&since, &capacity)),
                     )
                     .await;
             }
         });
-        Node {
-            name: name.to_string(),
-            heartbeat,
-        }
+        Node { name, heartbeat }
     }
 
     /// Stops the heartbeat and deletes the Node (so a later test on the same control
