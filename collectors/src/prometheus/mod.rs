@@ -10,6 +10,12 @@
 //!   those counters started at zero, so their whole value counts. Zero increases emit
 //!   nothing.
 //! - `gauge`: the sampled value.
+//! - `gaugeIntegral`: value × seconds per aligned window and series ([`integral`] has
+//!   the rule, gaps included); one event per series and window, `value` the integral,
+//!   `sampled_seconds` how much of the window was sampled. DCGM's
+//!   `DCGM_FI_PROF_GR_ENGINE_ACTIVE` (a ratio) so becomes busy-GPU-seconds and
+//!   `DCGM_FI_DEV_FB_USED` (MiB) MiB-seconds, per pod through its `pod`/`namespace`
+//!   labels. Its state is the checkpoint `i/<target url>`.
 //!
 //! The last values are the checkpoint `t/<target url>` and are committed with the
 //! events, so a restart resumes from exactly what was shipped. Ids hash (target,
@@ -31,8 +37,11 @@ use tally_crds::collector::{MetricKind, PrometheusSource};
 use crate::pods::{pod_key, selects, subject_of};
 use crate::{Error, Origin, Output, Result, config_error, event_id};
 
+pub mod integral;
 #[cfg(test)]
 mod tests;
+
+use integral::Integral;
 
 /// A target to scrape.
 #[derive(Debug, Clone)]
@@ -49,6 +58,7 @@ struct Rule {
     regex: Option<Regex>,
     labels: BTreeMap<String, String>,
     kind: MetricKind,
+    window_ms: i64,
 }
 
 impl Rule {
@@ -72,6 +82,8 @@ pub struct PrometheusScrape {
     last: HashMap<String, HashMap<String, f64>>,
     /// When this collector started (Unix seconds): pods started later are counted from 0.
     started: i64,
+    /// `gaugeIntegral` state per target and series.
+    integrals: HashMap<String, BTreeMap<String, Integral>>,
 }
 
 impl PrometheusScrape {
@@ -105,6 +117,7 @@ impl PrometheusScrape {
                     regex,
                     labels: m.match_labels.clone(),
                     kind: m.kind,
+                    window_ms: i64::from(m.window_secs.unwrap_or(60)) * 1000,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -117,12 +130,22 @@ impl PrometheusScrape {
                 ))
             })
             .collect();
+        let integrals = checkpoints
+            .iter()
+            .filter_map(|(k, v)| {
+                Some((
+                    k.strip_prefix("i/")?.to_string(),
+                    serde_json::from_str(v).ok()?,
+                ))
+            })
+            .collect();
         Ok(PrometheusScrape {
             origin,
             cfg,
             rules,
             last,
             started: now,
+            integrals,
         })
     }
 
@@ -187,18 +210,65 @@ impl PrometheusScrape {
         resp.text().await.map_err(|e| fetch_err(e.to_string()))
     }
 
-    /// Drops the checkpoints of pod targets that no longer exist.
+    /// Drops the checkpoints of pod targets that no longer exist; their series'
+    /// integrals are sent up to their last sample.
     pub fn forget_targets_except(&mut self, live: &[Target]) -> Output {
         let mut out = Output::default();
         let static_urls: Vec<&String> = self.cfg.targets.iter().collect();
+        let keep = |url: &String| static_urls.contains(&url) || live.iter().any(|t| &t.url == url);
         self.last.retain(|url, _| {
-            let keep = static_urls.contains(&url) || live.iter().any(|t| &t.url == url);
+            let keep = keep(url);
             if !keep {
                 out.checkpoints.insert(format!("t/{url}"), None);
             }
             keep
         });
+        let gone: Vec<String> = self
+            .integrals
+            .keys()
+            .filter(|u| !keep(u))
+            .cloned()
+            .collect();
+        for url in gone {
+            for (series, mut st) in self.integrals.remove(&url).unwrap_or_default() {
+                let end = st.open_ms + st.window_ms;
+                for w in st.flush(end).unwrap_or_default() {
+                    out.events.push(self.integral_event(&url, &series, &st, &w));
+                }
+            }
+            out.checkpoints.insert(format!("i/{url}"), None);
+        }
         out
+    }
+
+    /// The gap limit of `gaugeIntegral`: 1.5 × the interval + the timeout, in ms.
+    pub fn max_gap_ms(&self) -> i64 {
+        i64::from(self.cfg.interval_secs) * 1500 + i64::from(self.cfg.timeout_ms)
+    }
+
+    fn integral_event(
+        &self,
+        url: &str,
+        series: &str,
+        st: &Integral,
+        w: &integral::Window,
+    ) -> tally_crds::CloudEvent {
+        let mut data: Map<String, Value> = st
+            .data
+            .iter()
+            .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+            .collect();
+        data.insert("metric".into(), json!(st.metric));
+        data.insert("value".into(), json!(w.integral));
+        data.insert("window_seconds".into(), json!(st.window_ms / 1000));
+        data.insert("sampled_seconds".into(), json!(w.sampled_secs));
+        let start = w.start_ms.to_string();
+        self.origin.event(
+            event_id(&[url, series, &start, "integral"]),
+            st.subject.clone(),
+            w.start_ms,
+            data,
+        )
     }
 
     /// Turns one scrape of `target` taken at `now_ms` into events. `pod_subject` finds
@@ -210,11 +280,13 @@ impl PrometheusScrape {
         now_ms: i64,
         pod_subject: &dyn Fn(&str, &str) -> Option<String>,
     ) -> Result<Output> {
-        let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string())))
-            .map_err(|e| Error::Parse {
-                url: target.url.clone(),
-                message: e.to_string(),
-            })?;
+        let at = chrono::DateTime::from_timestamp_millis(now_ms).unwrap_or_default();
+        let scrape =
+            prometheus_parse::Scrape::parse_at(body.lines().map(|l| Ok(l.to_string())), at)
+                .map_err(|e| Error::Parse {
+                    url: target.url.clone(),
+                    message: e.to_string(),
+                })?;
         let known_target = self.last.contains_key(&target.url);
         let fresh_pod = target.pod.as_ref().is_some_and(|p| {
             p.status
@@ -227,6 +299,10 @@ impl PrometheusScrape {
         let mut out = Output::default();
         let mut changed = !known_target;
         let now_s = now_ms.to_string();
+        let mut integrals = self.integrals.remove(&target.url).unwrap_or_default();
+        let had_integrals = !integrals.is_empty();
+        let mut sampled: std::collections::HashSet<String> = Default::default();
+        let max_gap = self.max_gap_ms();
         for sample in &scrape.samples {
             let value = match sample.value {
                 prometheus_parse::Value::Counter(v)
@@ -246,8 +322,42 @@ impl PrometheusScrape {
                 continue;
             };
             let series = format!("{}{{{}}}", sample.metric, sample.labels);
+            if rule.kind == MetricKind::GaugeIntegral {
+                let mut data: BTreeMap<String, String> =
+                    labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+                if let Some(p) = &target.pod {
+                    let (ns, name, _) = pod_key(p);
+                    data.entry("namespace".into()).or_insert(ns.to_string());
+                    data.entry("pod".into()).or_insert(name.to_string());
+                }
+                let subject = self.subject(labels, target, pod_subject);
+                let t = sample.timestamp.timestamp_millis();
+                sampled.insert(series.clone());
+                match integrals.get_mut(&series) {
+                    None => {
+                        let st = Integral::start(
+                            &sample.metric,
+                            data,
+                            subject,
+                            rule.window_ms,
+                            t,
+                            value,
+                        );
+                        integrals.insert(series, st);
+                    }
+                    Some(st) => {
+                        st.data = data;
+                        st.subject = subject;
+                        for w in st.add(t, value, max_gap) {
+                            out.events
+                                .push(self.integral_event(&target.url, &series, st, &w));
+                        }
+                    }
+                }
+                continue;
+            }
             let emitted = match rule.kind {
-                MetricKind::Gauge => Some(value),
+                MetricKind::Gauge | MetricKind::GaugeIntegral => Some(value),
                 MetricKind::Counter => {
                     let before = last.insert(series.clone(), value);
                     changed |= before != Some(value);
@@ -279,6 +389,33 @@ impl PrometheusScrape {
                 now_ms,
                 data,
             ));
+        }
+        // Series no longer exposed: their last window, once it ended.
+        let ended: Vec<String> = integrals
+            .keys()
+            .filter(|k| !sampled.contains(*k))
+            .cloned()
+            .collect();
+        for series in ended {
+            if let Some(st) = integrals.get_mut(&series)
+                && let Some(windows) = st.flush(now_ms)
+            {
+                for w in windows {
+                    out.events
+                        .push(self.integral_event(&target.url, &series, st, &w));
+                }
+                integrals.remove(&series);
+            }
+        }
+        if !integrals.is_empty() || had_integrals {
+            out.checkpoints.insert(
+                format!("i/{}", target.url),
+                (!integrals.is_empty())
+                    .then(|| serde_json::to_string(&integrals).expect("numbers serialize")),
+            );
+        }
+        if !integrals.is_empty() {
+            self.integrals.insert(target.url.clone(), integrals);
         }
         if changed {
             out.checkpoints.insert(

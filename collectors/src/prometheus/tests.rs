@@ -214,3 +214,76 @@ fn pod_targets_are_the_running_selected_pods() {
     assert_eq!(t[0].url, "http://10.0.0.7:9400/metrics");
     let _: Value = Value::Null;
 }
+
+const INTEGRAL: &str = "  targets: [http://dcgm:9400/metrics]\n  intervalSecs: 15\n  subjectLabel: customer\n  metrics:\n  - {name: DCGM_FI_PROF_GR_ENGINE_ACTIVE, kind: gaugeIntegral, windowSecs: 60}\n";
+
+fn busy(v: f64) -> String {
+    format!(
+        "# TYPE DCGM_FI_PROF_GR_ENGINE_ACTIVE gauge\nDCGM_FI_PROF_GR_ENGINE_ACTIVE{{gpu=\"0\",customer=\"acme\"}} {v}\n"
+    )
+}
+
+/// The integral's state is checkpointed with the events: a collector restarted from
+/// the checkpoints sends the same windows, with the same ids, as one that ran on.
+#[test]
+fn gauge_integrals_resume_from_their_checkpoint() {
+    let t = target("http://dcgm:9400/metrics");
+    let scrapes = [
+        (0, 0.5),
+        (15_000, 1.0),
+        (30_000, 0.25),
+        (45_000, 0.75),
+        (60_000, 0.1),
+        (75_000, 0.2),
+    ];
+    let mut straight = collector(INTEGRAL, &BTreeMap::new());
+    let mut all = Vec::new();
+    for (dt, v) in scrapes {
+        all.extend(
+            straight
+                .process(&t, &busy(v), NOW + dt, &no_pods)
+                .unwrap()
+                .events,
+        );
+    }
+    let mut state = BTreeMap::new();
+    let mut resumed = Vec::new();
+    for (dt, v) in scrapes {
+        // a fresh collector for every scrape, from the checkpoints so far
+        let mut c = collector(INTEGRAL, &state);
+        let out = c.process(&t, &busy(v), NOW + dt, &no_pods).unwrap();
+        for (k, v) in out.checkpoints {
+            match v {
+                Some(v) => state.insert(k, v),
+                None => state.remove(&k),
+            };
+        }
+        resumed.extend(out.events);
+    }
+    assert_eq!(all, resumed);
+    assert_eq!(
+        values(&Output {
+            events: all.clone(),
+            ..Default::default()
+        }),
+        [("acme".to_string(), 15.0 * (0.5 + 1.0 + 0.25 + 0.75))]
+    );
+    let d = all[0].data.as_ref().unwrap();
+    assert_eq!(d["sampled_seconds"], 60.0);
+    assert_eq!(d["window_seconds"], 60);
+    assert_eq!(d["metric"], "DCGM_FI_PROF_GR_ENGINE_ACTIVE");
+    // the series is gone: its open window is sent once it ended
+    let mut c = collector(INTEGRAL, &state);
+    assert!(
+        c.process(&t, "", NOW + 90_000, &no_pods)
+            .unwrap()
+            .events
+            .is_empty()
+    );
+    let out = c.process(&t, "", NOW + 120_000, &no_pods).unwrap();
+    assert_eq!(values(&out), [("acme".to_string(), 15.0 * 0.1)]);
+    assert_eq!(
+        out.checkpoints.get("i/http://dcgm:9400/metrics"),
+        Some(&None)
+    );
+}

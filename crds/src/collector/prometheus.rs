@@ -92,9 +92,15 @@ pub struct MetricRule {
     /// Labels that must have exactly these values.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub match_labels: BTreeMap<String, String>,
-    /// `counter` (events carry the increase since the last scrape) or `gauge` (events
-    /// carry the sample).
+    /// `counter` (events carry the increase since the last scrape), `gauge` (events
+    /// carry the sample) or `gaugeIntegral` (events carry value × seconds per window).
     pub kind: MetricKind,
+
+    /// `gaugeIntegral` only: window length in seconds, aligned to the Unix epoch; one
+    /// event per series and window. Default 60.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 86400))]
+    pub window_secs: Option<u32>,
 }
 
 /// How a series is turned into events.
@@ -106,6 +112,12 @@ pub enum MetricKind {
     Counter,
     /// The sampled value.
     Gauge,
+    /// The gauge integrated over time, per window: each sample's value holds until the
+    /// next sample of the series (value × seconds between them, split at window
+    /// edges); two samples further apart than 1.5 × `intervalSecs` + `timeoutMs` are a
+    /// gap (a missed scrape), which counts nothing and is never interpolated. A sample
+    /// timestamp in the exposition is its time; otherwise the scrape's.
+    GaugeIntegral,
 }
 
 fn default_interval_secs() -> u32 {
@@ -139,6 +151,18 @@ impl PrometheusSource {
                 return Err(spec_error(
                     format!("spec.prometheus.metrics[{i}]"),
                     "set exactly one of name and nameRegex",
+                ));
+            }
+            if m.window_secs.is_some() && m.kind != MetricKind::GaugeIntegral {
+                return Err(spec_error(
+                    format!("spec.prometheus.metrics[{i}].windowSecs"),
+                    "applies to kind gaugeIntegral only",
+                ));
+            }
+            if m.window_secs.is_some_and(|w| w == 0 || 86400 % w != 0) {
+                return Err(spec_error(
+                    format!("spec.prometheus.metrics[{i}].windowSecs"),
+                    "must divide a day evenly (e.g. 60, 300, 3600) so windows align across days",
                 ));
             }
         }
