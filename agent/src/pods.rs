@@ -153,33 +153,37 @@ impl PodCache {
                 .node_tried
     }
 
-    /// The accelerators of `pod`'s DRA claims: each claim read by name, its devices
-    /// looked up in this node's ResourceSlices (listed by `spec.nodeName`). `Err`
-    /// says why not (yet): retried while the pod runs.
-    pub async fn resolve_claims(&self, pod: &Pod) -> Result<Vec<ClaimDevices>, String> {
-        let (client, node) = self
-            .api
-            .as_ref()
-            .ok_or("no Kubernetes API to read claims from")?;
-        let names = dra::claim_names(pod)?;
-        let ns = pod.namespace().unwrap_or_default();
-        let claims: Api<ResourceClaim> = Api::namespaced(client.clone(), &ns);
+    /// The accelerators of each pod's DRA claims: every claim read by name, its
+    /// devices looked up in this node's ResourceSlices (listed once, by
+    /// `spec.nodeName`). `Err` says why not (yet): retried while the pod runs.
+    pub async fn resolve_claims(
+        &self,
+        pods: &[Arc<Pod>],
+    ) -> Vec<Result<Vec<ClaimDevices>, String>> {
+        let Some((client, node)) = self.api.as_ref() else {
+            return pods
+                .iter()
+                .map(|_| Err("no Kubernetes API to read claims from".to_string()))
+                .collect();
+        };
         let slices: Api<ResourceSlice> = Api::all(client.clone());
-        let slices = slices
+        let slices = match slices
             .list(&ListParams::default().fields(&format!("spec.nodeName={node}")))
             .await
-            .map_err(|e| format!("listing this node's ResourceSlices (the agent needs list on resourceslices): {e}"))?
-            .items;
+        {
+            Ok(l) => l.items,
+            Err(e) => {
+                let e = format!(
+                    "listing this node's ResourceSlices (the agent needs list on resourceslices): {e}"
+                );
+                return pods.iter().map(|_| Err(e.clone())).collect();
+            }
+        };
         let mut out = Vec::new();
-        for name in names {
-            let claim = claims.get(&name).await.map_err(|e| {
-                format!(
-                    "reading ResourceClaim {ns}/{name} (the agent needs get on resourceclaims): {e}"
-                )
-            })?;
-            out.push(dra::resolve(&claim, &slices)?);
+        for pod in pods {
+            out.push(resolve_pod_claims(client, pod, &slices).await);
         }
-        Ok(out)
+        out
     }
 
     /// This node's Node object, once read.
@@ -253,6 +257,27 @@ fn apply(state: &RwLock<State>, ev: Event<Pod>) -> bool {
             true
         }
     }
+}
+
+/// The accelerators of `pod`'s claims, from `slices`.
+async fn resolve_pod_claims(
+    client: &Client,
+    pod: &Pod,
+    slices: &[ResourceSlice],
+) -> Result<Vec<ClaimDevices>, String> {
+    let names = dra::claim_names(pod)?;
+    let ns = pod.namespace().unwrap_or_default();
+    let claims: Api<ResourceClaim> = Api::namespaced(client.clone(), &ns);
+    let mut out = Vec::new();
+    for name in names {
+        let claim = claims.get(&name).await.map_err(|e| {
+            format!(
+                "reading ResourceClaim {ns}/{name} (the agent needs get on resourceclaims): {e}"
+            )
+        })?;
+        out.push(dra::resolve(&claim, slices)?);
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

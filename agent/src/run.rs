@@ -181,12 +181,16 @@ async fn pod_runtime(key: String, ns: String, mut c: PodRuntime, ctx: Shared) ->
         if let Some(node) = ctx.pods.node() {
             c.set_node(NodeInfo::of(&node));
         }
-        for (uid, pod) in c.unresolved_claims() {
-            let resolved = ctx.pods.resolve_claims(&pod).await;
-            if let Err(e) = &resolved {
-                tracing::debug!(collector = key, pod = %uid, error = %e, "DRA claims not resolved yet");
+        let unresolved = c.unresolved_claims();
+        if !unresolved.is_empty() {
+            let pods: Vec<_> = unresolved.iter().map(|(_, p)| Arc::clone(p)).collect();
+            let resolved = ctx.pods.resolve_claims(&pods).await;
+            for ((uid, _), r) in unresolved.iter().zip(resolved) {
+                if let Err(e) = &r {
+                    tracing::debug!(collector = key, pod = %uid, error = %e, "DRA claims not resolved yet");
+                }
+                c.claims_resolved(uid, r);
             }
-            c.claims_resolved(&uid, resolved);
         }
         let mut out = Output::default();
         // Windows close only once the Node was read (or could not be), so the

@@ -207,8 +207,9 @@ fn parse_profile(profile: &str) -> Option<(Option<u32>, u32)> {
     Some((ci, gi))
 }
 
-/// The share of one MIG device of `profile` on a parent `product`.
-fn mig_share(profile: &str, product: Option<&str>) -> Result<f64, String> {
+/// The share of one MIG device of `profile` on a parent `product` (extended
+/// resources and DRA devices alike).
+pub(crate) fn mig_share(profile: &str, product: Option<&str>) -> Result<f64, String> {
     let Some((ci, gi)) = parse_profile(profile) else {
         return Err(format!(
             "MIG profile {profile:?} is not of the form <g>g.<mem>gb"

@@ -10,8 +10,9 @@
 //! Which devices are accelerators: those of drivers named `gpu.*` (NVIDIA's
 //! `gpu.nvidia.com`, Intel's `gpu.intel.com`, AMD's `gpu.amd.com`) and any device
 //! whose `type` attribute is `gpu` or `mig`. A device is one GPU, or for a MIG device
-//! (`type: mig`, NVIDIA's driver) g / compute slices of its `productName`
-//! ([`super::accelerators::mig_slices`]); memory is its `memory` capacity.
+//! (`type: mig`, NVIDIA's driver) its `profile`'s share of its `productName`, by the
+//! same rule as MIG extended resources ([`super::accelerators`]); memory is its
+//! `memory` capacity.
 //!
 //! **A claim shared by several pods** (`status.reservedFor` lists them; they all run on
 //! the claim's node) is split by the time each ran: in every second, the devices are
@@ -24,7 +25,7 @@ use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::resource::v1::{Device as SliceDevice, ResourceClaim, ResourceSlice};
 use serde::{Deserialize, Serialize};
 
-use super::accelerators::mig_slices;
+use super::accelerators::mig_share;
 use super::resources::parse_quantity;
 
 /// One allocated device, priced.
@@ -155,21 +156,16 @@ fn price(driver: &str, pool: &str, d: &SliceDevice) -> Option<ClaimDevice> {
     if kind == "mig" {
         let profile = attribute(d, driver, "profile");
         out.profile = profile.clone();
-        let share = profile.as_deref().and_then(|p| {
-            let g: u32 = p
-                .split('+')
-                .next()?
-                .split('.')
-                .find_map(|part| part.strip_suffix('g').and_then(|n| n.parse().ok()))?;
-            let slices = mig_slices(product.as_deref()?)?;
-            (g > 0 && g <= slices).then(|| f64::from(g) / f64::from(slices))
-        });
+        let share = match profile.as_deref() {
+            Some(p) => mig_share(p, product.as_deref()),
+            None => Err("no profile attribute".to_string()),
+        };
         match share {
-            Some(s) => out.gpus = Some(s),
-            None => {
+            Ok(s) => out.gpus = Some(s),
+            Err(why) => {
                 out.gpus = None;
                 out.unknown = Some(format!(
-                    "DRA MIG device {} (profile {:?}, product {:?}): its share of the GPU is unknown",
+                    "DRA MIG device {} (profile {:?}, product {:?}): its share of the GPU is unknown ({why})",
                     out.name, profile, product
                 ));
             }

@@ -323,13 +323,7 @@ impl PrometheusScrape {
             };
             let series = format!("{}{{{}}}", sample.metric, sample.labels);
             if rule.kind == MetricKind::GaugeIntegral {
-                let mut data: BTreeMap<String, String> =
-                    labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-                if let Some(p) = &target.pod {
-                    let (ns, name, _) = pod_key(p);
-                    data.entry("namespace".into()).or_insert(ns.to_string());
-                    data.entry("pod".into()).or_insert(name.to_string());
-                }
+                let data = series_data(labels, target);
                 let subject = self.subject(labels, target, pod_subject);
                 let t = sample.timestamp.timestamp_millis();
                 sampled.insert(series.clone());
@@ -371,15 +365,10 @@ impl PrometheusScrape {
                 }
             };
             let Some(v) = emitted else { continue };
-            let mut data = Map::new();
-            for (k, lv) in labels {
-                data.insert(k.clone(), Value::String(lv.clone()));
-            }
-            if let Some(p) = &target.pod {
-                let (ns, name, _) = pod_key(p);
-                data.entry("namespace").or_insert(json!(ns));
-                data.entry("pod").or_insert(json!(name));
-            }
+            let mut data: Map<String, Value> = series_data(labels, target)
+                .into_iter()
+                .map(|(k, v)| (k, Value::String(v)))
+                .collect();
             data.insert("metric".into(), json!(sample.metric));
             data.insert("value".into(), json!(v));
             let subject = self.subject(labels, target, pod_subject);
@@ -449,4 +438,17 @@ impl PrometheusScrape {
             .clone()
             .unwrap_or_else(|| self.origin.namespace.clone())
     }
+}
+
+/// The data every event of a series carries: its labels, and for a pod target the
+/// pod's namespace and name where the series does not name them.
+fn series_data(labels: &HashMap<String, String>, target: &Target) -> BTreeMap<String, String> {
+    let mut data: BTreeMap<String, String> =
+        labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    if let Some(p) = &target.pod {
+        let (ns, name, _) = pod_key(p);
+        data.entry("namespace".into()).or_insert(ns);
+        data.entry("pod".into()).or_insert(name);
+    }
+    data
 }
