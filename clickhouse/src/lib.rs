@@ -33,6 +33,7 @@ pub mod provision;
 pub mod rollup;
 pub mod sink;
 pub mod store;
+pub mod watermarks;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -288,6 +289,8 @@ impl Ch {
             "meters",
             "portal_tokens",
             "budget_crossings",
+            "watermarks",
+            "watermark_gaps",
         ];
         if self.cluster.is_some() {
             tables.extend([
@@ -295,6 +298,8 @@ impl Ch {
                 "events_all",
                 "dead_letters_all",
                 "sink_log_all",
+                "watermarks_all",
+                "watermark_gaps_all",
             ]);
             if self.all_exist(&tables).await? {
                 return Ok(());
@@ -349,6 +354,17 @@ impl Ch {
              ENGINE = {} ORDER BY (namespace, budget, period_start_ms, id)",
             self.shared_engine("budget_crossings", "ReplacingMergeTree", "version")
         );
+        // completeness: per shard, like the events they vouch for
+        let watermarks = format!(
+            "{} ENGINE = {} ORDER BY (namespace, collector, node, kafka_partition)",
+            watermarks::WATERMARKS,
+            self.engine("watermarks", "ReplacingMergeTree", "until_ms")
+        );
+        let watermark_gaps = format!(
+            "{} ENGINE = {} ORDER BY (namespace, collector, node, from_ms, to_ms)",
+            watermarks::GAPS,
+            self.engine("watermark_gaps", "ReplacingMergeTree", "")
+        );
         let mut ddl = vec![
             ("events", events),
             ("events_feed", feed),
@@ -358,6 +374,8 @@ impl Ch {
             ("meters", meters),
             ("portal_tokens", portal_tokens),
             ("budget_crossings", budget_crossings),
+            ("watermarks", watermarks),
+            ("watermark_gaps", watermark_gaps),
         ];
         if self.cluster.is_some() {
             ddl.push((
@@ -376,7 +394,13 @@ impl Ch {
             )
             .await?;
         }
-        for name in ["events", "dead_letters", "sink_log"] {
+        for name in [
+            "events",
+            "dead_letters",
+            "sink_log",
+            "watermarks",
+            "watermark_gaps",
+        ] {
             self.create_distributed(name).await?;
         }
         Ok(())

@@ -13,7 +13,8 @@
 use std::collections::HashSet;
 use std::sync::{Arc, RwLock};
 
-use tally_crds::{Aggregation, UsageEvent};
+use tally_crds::{Aggregation, UsageEvent, Watermark};
+use tally_meter::completeness::Facts;
 use tokio::runtime::Handle;
 
 use super::provision::{self, CutoverConfig};
@@ -443,6 +444,43 @@ impl Store for ClickHouseStore {
             .collect();
         self.run(self.ch.insert::<PortalTokenRow>("portal_tokens", &rows))?;
         Ok(valid.len())
+    }
+
+    // Through Kafka, so each copy follows the events before it on its partition and
+    // the sink stores it with them.
+    fn record_watermarks(&self, namespace: &str, marks: Vec<Watermark>) -> Result<Pending> {
+        let producer = self.producer.clone().ok_or_else(|| {
+            Error::Unavailable(
+                "this server has no --kafka brokers configured, so it cannot ingest".into(),
+            )
+        })?;
+        let (tx, rx) = futures_channel::oneshot::channel();
+        let ns = namespace.to_string();
+        self.handle.spawn(async move {
+            let n = marks.len();
+            let r = producer
+                .send_watermarks(&ns, &marks)
+                .await
+                .map_err(kafka_error)
+                .map(|()| IngestOutcome {
+                    stored: n,
+                    deduplicated: 0,
+                });
+            let _ = tx.send(r);
+        });
+        Ok(rx)
+    }
+
+    fn completeness_facts(
+        &self,
+        namespace: &str,
+        event_type: &str,
+        from_ms: Option<i64>,
+        to_ms: i64,
+    ) -> Result<Facts> {
+        self.run(crate::watermarks::facts(
+            &self.ch, namespace, event_type, from_ms, to_ms,
+        ))
     }
 }
 

@@ -10,7 +10,7 @@
 //! - [`event`]: the usage event, CloudEvents 1.0 in JSON, with validation that reports
 //!   every problem by field name.
 //! - [`envelope`]: the Kafka message (key and versioned payload) producers write and the
-//!   sink reads.
+//!   sink reads; [`watermark`]: the completeness record that travels the same way.
 //!
 //! This crate does no I/O and depends on no other tally crate.
 #![forbid(unsafe_code)]
@@ -20,11 +20,13 @@ pub mod collector;
 pub mod envelope;
 pub mod event;
 pub mod meter;
+pub mod watermark;
 
 pub use budget::{UsageBudget, UsageBudgetSpec, UsageBudgetStatus};
 pub use collector::{Collector, CollectorSpec, CollectorStatus};
 pub use envelope::Envelope;
 pub use event::{CloudEvent, EventError, UsageEvent};
+pub use watermark::{Gap, Message, Watermark};
 pub use meter::{
     Aggregation, FilterCondition, FilterOperator, Meter, MeterSpec, MeterStatus, MeterStorage,
     canonical_f64, canonical_number, canonical_string,

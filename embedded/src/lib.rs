@@ -43,7 +43,8 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use futures_channel::oneshot;
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
-use tally_crds::{Aggregation, UsageEvent};
+use tally_crds::{Aggregation, UsageEvent, Watermark};
+use tally_meter::completeness::Facts;
 
 use tally_meter::budget::Crossing;
 use tally_meter::engine::CompiledMeter;
@@ -109,6 +110,8 @@ impl std::fmt::Debug for EmbeddedStore {
             .finish()
     }
 }
+
+mod watermarks;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS events (
@@ -286,6 +289,8 @@ impl EmbeddedStore {
         let mut conn = open_connection(&path, config.sync_full).step("open the database")?;
         conn.execute_batch(SCHEMA).step("create the schema")?;
         conn.execute_batch(ROLLUP_Q).step("create the schema")?;
+        conn.execute_batch(watermarks::SCHEMA)
+            .step("create the schema")?;
         migrate(&mut conn)?;
         let (ops, rx) = sync_channel(config.queue_capacity.max(1));
         let mut writer = Writer {
@@ -545,6 +550,30 @@ impl Store for EmbeddedStore {
             )
             .step("invalidate portal tokens")
         })
+    }
+
+    // Watermarks, like portal tokens, are small and rare: a pooled connection writes them.
+    fn record_watermarks(&self, namespace: &str, marks: Vec<Watermark>) -> Result<Pending> {
+        let (tx, rx) = oneshot::channel();
+        let n = marks.len();
+        let r = self
+            .with_reader(|conn| watermarks::record(conn, namespace, &marks))
+            .map(|()| IngestOutcome {
+                stored: n,
+                deduplicated: 0,
+            });
+        let _ = tx.send(r);
+        Ok(rx)
+    }
+
+    fn completeness_facts(
+        &self,
+        namespace: &str,
+        event_type: &str,
+        from_ms: Option<i64>,
+        to_ms: i64,
+    ) -> Result<Facts> {
+        self.with_reader(|conn| watermarks::facts(conn, namespace, event_type, from_ms, to_ms))
     }
 }
 

@@ -19,7 +19,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
-use tally_crds::{Envelope, UsageEvent};
+use tally_crds::{Envelope, UsageEvent, Watermark};
 
 /// Errors of the Kafka transport.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -317,6 +317,71 @@ impl Producer {
                     return Err(Error::Overloaded);
                 }
                 Err((e, _)) => return Err(self.unavailable(e)),
+            }
+        }
+        for d in deliveries {
+            match d.await {
+                Ok(Ok(_)) => {}
+                Ok(Err((e, _))) => return Err(self.unavailable(e)),
+                Err(_) => return Err(Error::Unavailable("the Kafka producer stopped".into())),
+            }
+        }
+        Ok(())
+    }
+
+    /// The topic's partition count, from the brokers' metadata (blocking; run off the
+    /// async workers).
+    fn partitions(&self) -> Result<i32> {
+        let md = self
+            .inner
+            .client()
+            .fetch_metadata(Some(&self.config.topic), Duration::from_secs(10))
+            .map_err(|e| self.unavailable(e))?;
+        let n = md
+            .topics()
+            .iter()
+            .find(|t| t.name() == self.config.topic)
+            .map_or(0, |t| t.partitions().len());
+        if n == 0 {
+            return Err(Error::Unavailable(format!(
+                "Kafka at {} does not know topic {} yet",
+                self.config.brokers, self.config.topic
+            )));
+        }
+        Ok(n as i32)
+    }
+
+    /// Produces each watermark to **every** partition of the topic (with `partitions`
+    /// set to their count) and resolves once Kafka acknowledged all of them. Call it
+    /// only after the events it vouches for were acknowledged: then each copy follows
+    /// them on its partition.
+    pub async fn send_watermarks(
+        self: &std::sync::Arc<Self>,
+        namespace: &str,
+        marks: &[Watermark],
+    ) -> Result<()> {
+        let me = self.clone();
+        let n = tokio::task::spawn_blocking(move || me.partitions())
+            .await
+            .map_err(|_| Error::Unavailable("the metadata request was cancelled".into()))??;
+        let mut deliveries = Vec::with_capacity(marks.len() * n as usize);
+        for m in marks {
+            let mut m = m.clone();
+            m.partitions = n;
+            let payload = m.to_payload(namespace);
+            let key = format!("{namespace}/watermark");
+            for p in 0..n {
+                let record = FutureRecord::to(&self.config.topic)
+                    .key(&key)
+                    .partition(p)
+                    .payload(&payload);
+                match self.inner.send_result(record) {
+                    Ok(d) => deliveries.push(d),
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                        return Err(Error::Overloaded);
+                    }
+                    Err((e, _)) => return Err(self.unavailable(e)),
+                }
             }
         }
         for d in deliveries {

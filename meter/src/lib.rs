@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 pub mod budget;
+pub mod completeness;
 pub mod conformance;
 pub mod engine;
 pub mod error;

@@ -10,9 +10,10 @@
 //!   precision of `from`/`to`.
 use std::sync::Arc;
 
-use tally_crds::UsageEvent;
+use tally_crds::{UsageEvent, Watermark};
 
 use crate::Result;
+use crate::completeness::Facts;
 use crate::engine::CompiledMeter;
 use crate::query::{QueryAnswer, QuerySpec};
 
@@ -128,6 +129,21 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         let _ = (namespace, limit);
         Ok(Vec::new())
     }
+
+    /// Records watermarks of one namespace's sources ([`crate::completeness`]),
+    /// durably (through Kafka: on every partition, after the events sent before them).
+    fn record_watermarks(&self, namespace: &str, marks: Vec<Watermark>) -> Result<Pending>;
+
+    /// What the store holds for a completeness question: the namespace's watermarks,
+    /// its gaps overlapping `[from, to)`, and the distinct sources of `event_type`'s
+    /// events in the range. Blocking.
+    fn completeness_facts(
+        &self,
+        namespace: &str,
+        event_type: &str,
+        from_ms: Option<i64>,
+        to_ms: i64,
+    ) -> Result<Facts>;
 
     /// Records an issued portal token (before the token is handed out). Blocking.
     fn save_portal_token(&self, token: &PortalTokenRecord) -> Result<()>;

@@ -321,6 +321,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             .await
             .context("failed to configure the Kubernetes client (KUBECONFIG or in-cluster)")?;
         let ch = Ch::new(&args.clickhouse.config(url))?;
+        state = state.with_kube(client.clone());
         tokio::spawn(catalog::kubernetes::serve_meters(
             client,
             ch,

@@ -1,9 +1,15 @@
 //! One batch's messages: what was read from Kafka, decoded into rows or dead letters.
-use tally_crds::Envelope;
+use tally_crds::{Envelope, Message};
 use tally_meter::store::DeadLetter;
 
 use super::dedup::identity_key;
+use crate::watermarks::{self, GapRow, WatermarkRow};
 use crate::{DeadLetterRow, EventRow};
+
+/// Whether a payload names a `"watermark"` key (a cheap test before a second parse).
+fn memchr_watermark(payload: &[u8]) -> bool {
+    payload.windows(11).any(|w| w == b"\"watermark\"")
+}
 
 #[derive(Clone, Debug)]
 pub(super) struct Msg {
@@ -19,16 +25,35 @@ pub(super) struct Decoded {
     pub(super) h128: u128,
 }
 
+/// A decoded message: an event, or a source's watermark.
+pub(super) enum Item {
+    Event(Decoded),
+    Mark(WatermarkRow, Vec<GapRow>),
+}
+
 /// Decodes one message into its row, or a dead letter saying why it cannot be stored.
-pub(super) fn decode(m: &Msg, s: i64, now: i64) -> std::result::Result<Decoded, DeadLetter> {
-    match Envelope::decode(&m.payload) {
-        Ok((ns, ev, ingested)) => {
+/// Events are tried first (the common case is parsed once); a payload that is no
+/// envelope may be a watermark.
+pub(super) fn decode(m: &Msg, s: i64, now: i64) -> std::result::Result<Item, DeadLetter> {
+    let decoded = Envelope::decode(&m.payload).map(Message::from).or_else(|reason| {
+        if memchr_watermark(&m.payload) {
+            Message::decode(&m.payload)
+        } else {
+            Err(reason)
+        }
+    });
+    match decoded {
+        Ok(Message::Event(ns, ev, ingested)) => {
             let key = identity_key(&ns, &ev.source, &ev.id);
-            Ok(Decoded {
+            Ok(Item::Event(Decoded {
                 h64: xxhash_rust::xxh3::xxh3_64(&key),
                 h128: xxhash_rust::xxh3::xxh3_128(&key),
                 row: EventRow::new(&ns, &ev, ingested, s, m.partition, m.offset),
-            })
+            }))
+        }
+        Ok(Message::Watermark(ns, mark)) => {
+            let (row, gaps) = watermarks::rows(&ns, &mark, m.partition);
+            Ok(Item::Mark(row, gaps))
         }
         Err(reason) => Err(DeadLetter {
             kafka_partition: m.partition,
@@ -53,6 +78,9 @@ pub(super) struct Prepared {
     pub(super) present: Vec<EventRow>,
     pub(super) dead: Vec<DeadLetter>,
     pub(super) duplicates: u64,
+    /// Watermark records of the batch, and their gaps.
+    pub(super) marks: Vec<WatermarkRow>,
+    pub(super) gaps: Vec<GapRow>,
 }
 
 /// The dead letters as `dead_letters` rows.

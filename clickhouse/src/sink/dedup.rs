@@ -8,7 +8,7 @@ use tally_meter::Result;
 use tally_meter::store::DeadLetter;
 
 use super::Sink;
-use super::batch::{Decoded, Msg, Prepared, decode};
+use super::batch::{Decoded, Item, Msg, Prepared, decode};
 use crate::EventRow;
 
 #[derive(Clone, Debug, Serialize, Deserialize, clickhouse::Row)]
@@ -110,7 +110,7 @@ impl Sink {
         // decoding, validation and flattening are pure: spread them over the cores
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         let per = msgs.len().div_ceil(threads).max(1);
-        let decoded: Vec<std::result::Result<Decoded, DeadLetter>> = std::thread::scope(|scope| {
+        let items: Vec<std::result::Result<Item, DeadLetter>> = std::thread::scope(|scope| {
             let parts: Vec<_> = msgs
                 .chunks(per)
                 .map(|chunk| {
@@ -122,6 +122,19 @@ impl Sink {
                 .flat_map(|p| p.join().expect("decoding does not panic"))
                 .collect()
         });
+        let (mut marks, mut gaps) = (Vec::new(), Vec::new());
+        let decoded: Vec<std::result::Result<Decoded, DeadLetter>> = items
+            .into_iter()
+            .filter_map(|item| match item {
+                Ok(Item::Event(d)) => Some(Ok(d)),
+                Ok(Item::Mark(m, g)) => {
+                    marks.push(m);
+                    gaps.extend(g);
+                    None
+                }
+                Err(dead) => Some(Err(dead)),
+            })
+            .collect();
         // identities that need a ClickHouse lookup: not present, not in memory
         let mut ask: HashSet<u64> = HashSet::new();
         for d in decoded.iter().flatten() {
@@ -192,6 +205,8 @@ impl Sink {
             present: kept_present,
             dead,
             duplicates,
+            marks,
+            gaps,
         })
     }
 }

@@ -20,7 +20,9 @@
 //!    value a view refuses fails the batch before any of it is in `events`);
 //! 5. insert the same rows into `events` (`inserted_at = S`), then their identities into
 //!    `event_ids`, the dead letters into `dead_letters`;
-//! 6. **done**: a `done` row per partition; then commit the offsets to Kafka (advisory).
+//! 6. the batch's **watermark** records into `watermarks` and `watermark_gaps`
+//!    (after its events: a record vouches for the events before it on its partition);
+//! 7. **done**: a `done` row per partition; then commit the offsets to Kafka (advisory).
 //!
 //! # Why every event counts exactly once
 //! `events` never holds an identity twice: rows are inserted only after dedup, and dedup
@@ -113,6 +115,7 @@ use self::fetch::{Fetcher, RebalanceLog};
 use self::log::PartState;
 pub use self::stats::SinkStats;
 use crate::cluster::PartitionShards;
+use crate::watermarks::{GapRow, WatermarkRow};
 use crate::{Ch, DeadLetterRow, EventRow};
 use tally_meter::{Error, Result};
 
@@ -559,11 +562,27 @@ impl Sink {
             self.ch
                 .insert::<DeadLetterRow>("dead_letters", &dead_rows(&prep.dead))
                 .await?;
+            self.insert_marks(&prep).await?;
             tracing::debug!(?prepared, ?fed, ?raw, ids = ?t.elapsed(), "Batch steps (cumulative)");
             Ok::<_, Error>(())
         })?;
         self.log(ranges, batch, "done", s)?;
         self.finish(&prep, msgs.len(), s);
+        Ok(())
+    }
+
+    /// Stores the batch's watermark records, after its events: a watermark is true once
+    /// the events before it on its partition are in `events`. Inserting them again (a
+    /// repair) changes nothing, since the largest `until` counts.
+    async fn insert_marks(&self, prep: &Prepared) -> Result<()> {
+        if !prep.marks.is_empty() {
+            self.ch
+                .insert::<WatermarkRow>("watermarks", &prep.marks)
+                .await?;
+        }
+        if !prep.gaps.is_empty() {
+            self.ch.insert::<GapRow>("watermark_gaps", &prep.gaps).await?;
+        }
         Ok(())
     }
 

@@ -72,7 +72,8 @@ impl Sink {
             // the refused rows' keys too: a view may have taken them before another
             // refused the insert
             let touched: Vec<EventRow> = all.into_iter().chain(refused).collect();
-            self.rederive(&touched).await
+            self.rederive(&touched).await?;
+            self.insert_marks(&prep).await
         })?;
         self.log(ranges, batch, "done", s)?;
         self.finish(&prep, msgs.len(), s);

@@ -19,7 +19,7 @@ use super::auth::Access;
 use super::problem::Problem;
 use super::{AppState, namespace, run_blocking};
 
-fn meter_of(
+pub(crate) fn meter_of(
     state: &AppState,
     params: &HashMap<String, String>,
     access: &Access,

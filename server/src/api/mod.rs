@@ -10,6 +10,7 @@
 //! - queries run on a bounded number of blocking workers; beyond that → 503;
 //! - a query answer above `max_query_rows` rows → 400 (refused, not truncated).
 pub mod auth;
+mod completeness;
 mod dead_letters;
 mod events;
 mod meters;
@@ -74,6 +75,19 @@ pub struct AppState {
     queries: Arc<Semaphore>,
     auth: Auth,
     portal_cors: Option<tower_http::cors::CorsLayer>,
+    /// The Kubernetes API, when the server runs in a cluster (completeness asks which
+    /// nodes exist).
+    kube: Option<KubeClient>,
+}
+
+/// The Kubernetes client of a server in a cluster.
+#[derive(Clone)]
+pub(crate) struct KubeClient(pub(crate) kube::Client);
+
+impl std::fmt::Debug for KubeClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KubeClient")
+    }
 }
 
 impl AppState {
@@ -90,7 +104,14 @@ impl AppState {
             limits,
             auth: Auth::disabled(),
             portal_cors: None,
+            kube: None,
         }
+    }
+
+    /// Answers completeness with the cluster's nodes: a deleted node's sources end.
+    pub fn with_kube(mut self, client: kube::Client) -> AppState {
+        self.kube = Some(KubeClient(client));
+        self
     }
 
     /// Lets browsers of these origins call the portal route (CORS).
@@ -133,6 +154,11 @@ pub fn router(state: AppState) -> Router {
         .route("/meters/{slug}", get(meters::get_meter))
         .route("/meters/{slug}/subjects", get(meters::list_subjects))
         .route("/meters/{slug}/query", get(meters::query_meter))
+        .route(
+            "/meters/{slug}/completeness",
+            get(completeness::meter_completeness),
+        )
+        .route("/watermarks", post(completeness::record_watermarks))
         .route("/dead-letters", get(dead_letters::list_dead_letters))
         .route(
             "/portal/tokens",
@@ -278,6 +304,8 @@ pub(crate) async fn run_blocking<T: Send + 'static>(
         meters::get_meter,
         meters::list_subjects,
         meters::query_meter,
+        completeness::meter_completeness,
+        completeness::record_watermarks,
         portal::create_token,
         portal::list_tokens,
         portal::invalidate_tokens,
@@ -294,6 +322,12 @@ pub(crate) async fn run_blocking<T: Send + 'static>(
         meters::WindowSizeDoc,
         meters::QueryResponse,
         meters::QueryRowView,
+        tally_meter::completeness::Completeness,
+        tally_meter::completeness::Status,
+        tally_meter::completeness::SourceReport,
+        tally_meter::completeness::SourceStatus,
+        tally_meter::completeness::Missing,
+        tally_meter::completeness::UnknownSource,
         portal::PortalTokenRequest,
         portal::PortalTokenView,
         portal::InvalidateRequest
