@@ -34,6 +34,8 @@ pub struct Metrics {
     pub spool_bytes: Gauge,
     /// Undelivered events in the spool.
     pub spool_events: Gauge,
+    /// The last watermark delivered (Unix ms), per collector: complete up to there.
+    pub watermark_ms: Family<CollectorLabel, Gauge>,
 }
 
 impl Metrics {
@@ -84,6 +86,11 @@ impl Metrics {
             "spool_events",
             "Undelivered events",
             self.spool_events.clone(),
+        );
+        r.register(
+            "watermark_ms",
+            "The last watermark delivered (Unix ms): events before it are all sent",
+            self.watermark_ms.clone(),
         );
     }
 

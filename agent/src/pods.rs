@@ -36,6 +36,13 @@ struct State {
     node: Option<Arc<Node>>,
     /// Whether reading the Node was tried at least once (read or failed).
     node_tried: bool,
+    /// When the watch last failed (Unix ms) with nothing received since.
+    broken_at: Option<i64>,
+    /// Whether a first listing completed.
+    listed: bool,
+    /// Intervals (Unix ms) in which the watch may have missed pods: from a failure to
+    /// the re-listing that followed it (the API no longer had the changes in between).
+    blind: Vec<(i64, i64)>,
 }
 
 /// Pods on this node.
@@ -111,7 +118,11 @@ impl PodCache {
                             let _ = tx.send(true);
                         }
                     }
-                    Err(e) => tracing::warn!(error = %e, "Pod watch failed; retrying"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "Pod watch failed; retrying");
+                        let mut s = state.write().unwrap_or_else(|p| p.into_inner());
+                        s.broken_at.get_or_insert(chrono::Utc::now().timestamp_millis());
+                    }
                 }
             }
         });
@@ -129,6 +140,7 @@ impl PodCache {
             relisting: None,
             node: None,
             node_tried: true,
+            ..State::default()
         };
         PodCache {
             state: Arc::new(RwLock::new(state)),
@@ -192,6 +204,13 @@ impl PodCache {
         s.node.clone()
     }
 
+    /// Intervals (Unix ms) in which the pod watch may have missed pods, from the
+    /// `seen`-th on (a caller keeps how many it has seen).
+    pub fn blind(&self, seen: usize) -> Vec<(i64, i64)> {
+        let s = self.state.read().unwrap_or_else(|p| p.into_inner());
+        s.blind.iter().skip(seen).copied().collect()
+    }
+
     /// The pods that exist and those deleted within [`KEEP_DELETED`] (their last
     /// state), each with whether it was deleted.
     pub fn with_deleted(&self) -> Vec<(Arc<Pod>, bool)> {
@@ -227,6 +246,7 @@ impl PodCache {
 fn apply(state: &RwLock<State>, ev: Event<Pod>) -> bool {
     let mut s = state.write().unwrap_or_else(|p| p.into_inner());
     let now = Instant::now();
+    let now_ms = chrono::Utc::now().timestamp_millis();
     s.pods
         .retain(|_, (_, gone)| gone.is_none_or(|t| now.duration_since(t) < KEEP_DELETED));
     match ev {
@@ -235,6 +255,9 @@ fn apply(state: &RwLock<State>, ev: Event<Pod>) -> bool {
             false
         }
         Event::InitApply(p) | Event::Apply(p) => {
+            if s.relisting.is_none() {
+                s.broken_at = None;
+            }
             let uid = p.uid().unwrap_or_default();
             if let Some(seen) = &mut s.relisting {
                 seen.push(uid.clone());
@@ -243,12 +266,22 @@ fn apply(state: &RwLock<State>, ev: Event<Pod>) -> bool {
             false
         }
         Event::Delete(p) => {
+            s.broken_at = None;
             let uid = p.uid().unwrap_or_default();
             s.pods.insert(uid, (Arc::new(p), Some(now)));
             false
         }
         Event::InitDone => {
             let seen = s.relisting.take().unwrap_or_default();
+            // a re-listing after a failure: what happened in between is not known
+            if s.listed {
+                let from = s.broken_at.unwrap_or(now_ms);
+                if from < now_ms {
+                    s.blind.push((from, now_ms));
+                }
+            }
+            s.listed = true;
+            s.broken_at = None;
             for (uid, (_, gone)) in s.pods.iter_mut() {
                 if gone.is_none() && !seen.contains(uid) {
                     *gone = Some(now);

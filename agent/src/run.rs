@@ -11,6 +11,7 @@ use tally_collectors::pod_runtime::accelerators::NodeInfo;
 use tally_collectors::pods::subject_of;
 use tally_collectors::prometheus::PrometheusScrape;
 use tally_collectors::{Origin, Output};
+use tally_crds::Watermark;
 use tally_crds::collector::{CollectorConfig, Scope, Source};
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinSet;
@@ -43,10 +44,16 @@ impl Shared {
     /// Commits an output, waiting while the spool is full. Returns false when asked to
     /// stop first (the output is dropped uncommitted: its checkpoint did not advance,
     /// so it is re-derived after the restart).
-    async fn commit(&self, key: &str, namespace: &str, out: &Output) -> Result<bool> {
+    async fn commit(
+        &self,
+        key: &str,
+        namespace: &str,
+        out: &Output,
+        mark: Option<&Watermark>,
+    ) -> Result<bool> {
         let mut stop = self.stop.clone();
         loop {
-            match self.spool.commit(key, namespace, out)? {
+            match self.spool.commit_marked(key, namespace, out, mark)? {
                 Ok(()) => {
                     if !out.events.is_empty() {
                         self.metrics
@@ -138,14 +145,17 @@ pub fn start(
                 let node = ctx.node.clone().ok_or_else(|| Error::NodeName {
                     needed_by: key.clone(),
                 })?;
+                let mark = watermark_of(c, &origin, Some(&node));
                 let collector = PodRuntime::new(origin, cfg.clone(), &node, &checkpoints);
-                tasks.spawn(pod_runtime(key, c.namespace.clone(), collector, ctx));
+                tasks.spawn(pod_runtime(key, c.namespace.clone(), collector, mark, ctx));
             }
             Source::Prometheus(cfg) => {
+                let node = cfg.pods.is_some().then_some(()).and(ctx.node.as_deref());
+                let mark = watermark_of(c, &origin, node);
                 let collector =
                     PrometheusScrape::new(origin, cfg.clone(), &checkpoints, now_secs())
                         .map_err(started)?;
-                tasks.spawn(prometheus(key, c.namespace.clone(), collector, ctx));
+                tasks.spawn(prometheus(key, c.namespace.clone(), collector, mark, ctx));
             }
             Source::HttpApi(cfg) => {
                 let collector =
@@ -162,9 +172,30 @@ pub fn start(
     Ok(())
 }
 
-async fn pod_runtime(key: String, ns: String, mut c: PodRuntime, ctx: Shared) -> Result<()> {
+/// The identity of a collector's watermarks (`until` and `gaps` come with each output).
+fn watermark_of(c: &CollectorConfig, origin: &Origin, node: Option<&str>) -> Watermark {
+    Watermark {
+        collector: c.name.clone(),
+        node: node.unwrap_or_default().to_string(),
+        source: origin.source.clone(),
+        types: vec![origin.event_type.clone()],
+        until: 0,
+        gaps: Vec::new(),
+        partitions: 0,
+    }
+}
+
+async fn pod_runtime(
+    key: String,
+    ns: String,
+    mut c: PodRuntime,
+    mark: Watermark,
+    ctx: Shared,
+) -> Result<()> {
     let mut synced = false;
     let mut unknown = 0;
+    // blind intervals of the pod watch already reported
+    let mut blind = ctx.pods.blind(0).len();
     loop {
         let now = now_secs();
         // Deleted pods too: a pod created, finished and deleted since the last look
@@ -199,8 +230,11 @@ async fn pod_runtime(key: String, ns: String, mut c: PodRuntime, ctx: Shared) ->
             c.retain_present(&present, now);
             if !synced {
                 synced = true;
-                out.extend(c.synced());
+                out.extend(c.synced(now));
             }
+            let new_blind = ctx.pods.blind(blind);
+            blind += new_blind.len();
+            out.extend(c.blind(&new_blind));
             out.extend(c.tick(now));
         }
         if c.unknown_shares() > unknown {
@@ -210,13 +244,19 @@ async fn pod_runtime(key: String, ns: String, mut c: PodRuntime, ctx: Shared) ->
                 .inc_by(c.unknown_shares() - unknown);
             unknown = c.unknown_shares();
         }
-        if !ctx.commit(&key, &ns, &out).await? || !ctx.pause(Duration::from_secs(1)).await {
+        if !ctx.commit(&key, &ns, &out, Some(&mark)).await? || !ctx.pause(Duration::from_secs(1)).await {
             return Ok(());
         }
     }
 }
 
-async fn prometheus(key: String, ns: String, mut c: PrometheusScrape, ctx: Shared) -> Result<()> {
+async fn prometheus(
+    key: String,
+    ns: String,
+    mut c: PrometheusScrape,
+    mark: Watermark,
+    ctx: Shared,
+) -> Result<()> {
     let interval = Duration::from_secs(u64::from(c.config().interval_secs));
     loop {
         let targets = c.targets(&ctx.pods.pods());
@@ -233,7 +273,8 @@ async fn prometheus(key: String, ns: String, mut c: PrometheusScrape, ctx: Share
                 Err(e) => ctx.error(&key, "scrape", &e),
             }
         }
-        if !ctx.commit(&key, &ns, &out).await? || !ctx.pause(interval).await {
+        out.extend(c.mark(now));
+        if !ctx.commit(&key, &ns, &out, Some(&mark)).await? || !ctx.pause(interval).await {
             return Ok(());
         }
     }
@@ -244,7 +285,7 @@ async fn http_api(key: String, ns: String, mut c: HttpPoller, ctx: Shared) -> Re
     loop {
         let wait = match c.poll(&ctx.http, now_secs()).await {
             Ok(poll) => {
-                if !ctx.commit(&key, &ns, &poll.output).await? {
+                if !ctx.commit(&key, &ns, &poll.output, None).await? {
                     return Ok(());
                 }
                 if poll.caught_up {
@@ -279,7 +320,7 @@ async fn logs(key: String, ns: String, c: LogTailer, ctx: Shared) -> Result<()> 
         .await
         .expect("the log poll does not panic");
         slot = Some(tailer);
-        if !ctx.commit(&key, &ns, &out).await? || !ctx.pause(interval).await {
+        if !ctx.commit(&key, &ns, &out, None).await? || !ctx.pause(interval).await {
             return Ok(());
         }
     }

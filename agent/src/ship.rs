@@ -8,9 +8,14 @@
 //! (capped at 30 s) for as long as it takes: the spool holds the events meanwhile.
 //! Events the sink refuses as invalid can never be delivered; they are logged at
 //! ERROR with the reason, counted, and dropped so they cannot block the rest.
+//!
+//! Watermarks are sent once every event spooled before them was delivered (to Kafka:
+//! a copy on every partition, behind those events; to the ingest API: `POST
+//! .../watermarks`, answered after the store has the events).
 use std::sync::Arc;
 use std::time::Duration;
 
+use tally_crds::Watermark;
 use tally_crds::collector::{Delivery, IngestSink};
 use tokio::sync::{Notify, watch};
 
@@ -49,7 +54,7 @@ pub enum Sink {
     #[cfg(feature = "kafka")]
     Kafka {
         /// The shared producer.
-        producer: tally_kafka::Producer,
+        producer: Arc<tally_kafka::Producer>,
     },
 }
 
@@ -87,7 +92,9 @@ impl Sink {
                 kc.message_timeout_ms = u64::from(k.timeout_ms);
                 let producer = tally_kafka::Producer::new(&kc)
                     .map_err(|e| crate::Error::Kafka(e.to_string()))?;
-                Ok(Sink::Kafka { producer })
+                Ok(Sink::Kafka {
+                    producer: Arc::new(producer),
+                })
             }
             #[cfg(not(feature = "kafka"))]
             Some(_) => Err(crate::Error::Kafka(
@@ -118,6 +125,66 @@ impl Sink {
             Sink::Kafka { producer } => send_kafka(producer, namespace, events).await,
         }
     }
+}
+
+impl Sink {
+    /// Sends one namespace's due watermarks (after their events were delivered).
+    pub async fn send_watermarks(&self, namespace: &str, marks: &[Watermark]) -> Result<(), String> {
+        match self {
+            Sink::Ingest { client, cfg } => {
+                let url = format!(
+                    "{}/api/v1/namespaces/{namespace}/watermarks",
+                    cfg.url.trim_end_matches('/')
+                );
+                let body = serde_json::to_vec(marks).expect("watermarks serialize");
+                let mut req = client
+                    .post(&url)
+                    .header("Content-Type", "application/json")
+                    .body(body);
+                if let Some(file) = &cfg.token_file {
+                    let token = std::fs::read_to_string(file)
+                        .map_err(|e| format!("cannot read the token file {file}: {e}"))?;
+                    req = req.bearer_auth(token.trim());
+                }
+                let resp = req.send().await.map_err(|e| format!("POST {url}: {e}"))?;
+                let status = resp.status();
+                if status.is_success() {
+                    return Ok(());
+                }
+                let text = resp.text().await.unwrap_or_default();
+                Err(format!("{url} answered {status}: {text}"))
+            }
+            #[cfg(feature = "kafka")]
+            Sink::Kafka { producer } => producer
+                .send_watermarks(namespace, marks)
+                .await
+                .map_err(|e| e.to_string()),
+        }
+    }
+}
+
+/// Sends every due watermark ([`Spool::due_watermarks`]); one that fails stays due
+/// and is sent with the next (a later one carries its gaps too).
+async fn deliver_watermarks(spool: &Spool, sink: &Sink, metrics: &Metrics) -> crate::Result<()> {
+    for due in spool.due_watermarks()? {
+        match sink
+            .send_watermarks(&due.namespace, std::slice::from_ref(&due.mark))
+            .await
+        {
+            Ok(()) => {
+                spool.watermarks_sent(&due.ids)?;
+                metrics
+                    .watermark_ms
+                    .get_or_create(&Metrics::label(&due.collector))
+                    .set(due.mark.until);
+            }
+            Err(reason) => {
+                metrics.send_failures.inc();
+                tracing::warn!(collector = %due.collector, %reason, "Sending a watermark failed; it stays due and is retried");
+            }
+        }
+    }
+    Ok(())
 }
 
 async fn send_ingest(
@@ -260,6 +327,7 @@ pub async fn run(
         }
         let batch = spool.peek(limit)?;
         if batch.is_empty() {
+            deliver_watermarks(&spool, &sink, &metrics).await?;
             if drain_deadline.is_some() {
                 return Ok(());
             }
@@ -280,6 +348,7 @@ pub async fn run(
             Ok(()) => {
                 spool.ack(&run)?;
                 metrics.events_sent.inc_by(run.len() as u64);
+                deliver_watermarks(&spool, &sink, &metrics).await?;
                 backoff = Duration::from_millis(200);
                 limit = batch_events;
                 None

@@ -8,6 +8,10 @@
 //! order and deletes them only after the sink acknowledged them; a crash between the
 //! two re-sends them, and dedup absorbs the repeat.
 //!
+//! Watermarks ([`tally_crds::watermark`]) are kept with the output that carried them,
+//! behind every event spooled by then, and become due only once those were delivered:
+//! a watermark never overtakes an event it vouches for.
+//!
 //! Bounded: when the undelivered events reach `maxBytes`, [`Spool::commit`] refuses
 //! with [`Full`] and the collector waits without advancing anything. `synchronous =
 //! NORMAL` survives a killed process; on power loss the last transactions may roll
@@ -16,8 +20,9 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Mutex;
 
-use rusqlite::{Connection, params};
+use rusqlite::{Connection, OptionalExtension, params};
 use tally_collectors::Output;
+use tally_crds::Watermark;
 
 use crate::error::{Error, Result, SpoolStep};
 
@@ -34,6 +39,19 @@ pub struct Spooled {
     pub namespace: String,
     /// The CloudEvent, JSON.
     pub body: Vec<u8>,
+}
+
+/// A watermark whose events were all delivered.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DueWatermark {
+    /// Its spool rows.
+    pub ids: Vec<i64>,
+    /// The collector's key.
+    pub collector: String,
+    /// Its namespace.
+    pub namespace: String,
+    /// What to send.
+    pub mark: Watermark,
 }
 
 /// The spool.
@@ -74,7 +92,16 @@ impl Spool {
                  collector TEXT NOT NULL,
                  key TEXT NOT NULL,
                  value TEXT NOT NULL,
-                 PRIMARY KEY (collector, key)) WITHOUT ROWID;",
+                 PRIMARY KEY (collector, key)) WITHOUT ROWID;
+             CREATE TABLE IF NOT EXISTS watermarks (
+                 id INTEGER PRIMARY KEY AUTOINCREMENT,
+                 collector TEXT NOT NULL,
+                 namespace TEXT NOT NULL,
+                 after_seq INTEGER NOT NULL,
+                 until_ms INTEGER NOT NULL,
+                 body BLOB NOT NULL,
+                 sent INTEGER NOT NULL DEFAULT 0);
+             CREATE INDEX IF NOT EXISTS watermarks_by_collector ON watermarks (collector, id);",
         )?;
         let (bytes, events): (i64, i64) = conn.query_row(
             "SELECT coalesce(sum(length(body)), 0), count(*) FROM events",
@@ -119,6 +146,19 @@ impl Spool {
         namespace: &str,
         out: &Output,
     ) -> Result<Result<(), Full>> {
+        self.commit_marked(collector, namespace, out, None)
+    }
+
+    /// [`Spool::commit`], also keeping the output's watermark (when it moved forward
+    /// or names gaps) as `source` filled in, behind every event spooled so far: it is
+    /// due once those were delivered ([`Spool::due_watermarks`]).
+    pub fn commit_marked(
+        &self,
+        collector: &str,
+        namespace: &str,
+        out: &Output,
+        source: Option<&Watermark>,
+    ) -> Result<Result<(), Full>> {
         if out.is_empty() {
             return Ok(Ok(()));
         }
@@ -133,7 +173,12 @@ impl Spool {
             return Ok(Err(Full));
         }
         let mut conn = self.conn();
-        Self::write(&mut conn, collector, namespace, &bodies, out)
+        let mark = source.zip(out.watermark.as_ref()).map(|(s, m)| Watermark {
+            until: m.until_ms,
+            gaps: m.gaps.clone(),
+            ..s.clone()
+        });
+        Self::write(&mut conn, collector, namespace, &bodies, out, mark.as_ref())
             .step("commit events and checkpoints")?;
         totals.bytes += size;
         totals.events += bodies.len() as u64;
@@ -146,8 +191,32 @@ impl Spool {
         namespace: &str,
         bodies: &[Vec<u8>],
         out: &Output,
+        mark: Option<&Watermark>,
     ) -> rusqlite::Result<()> {
         let tx = conn.transaction()?;
+        if let Some(m) = mark {
+            let last: Option<i64> = tx
+                .query_row(
+                    "SELECT until_ms FROM watermarks WHERE collector = ?1 ORDER BY id DESC LIMIT 1",
+                    [collector],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            let until = last.map_or(m.until, |l| l.max(m.until));
+            if !m.gaps.is_empty() || last.is_none_or(|l| m.until > l) {
+                // behind this output's events too: inserted first, below
+                let body = serde_json::to_vec(&Watermark {
+                    until,
+                    ..m.clone()
+                })
+                .expect("a watermark serializes");
+                tx.execute(
+                    "INSERT INTO watermarks (collector, namespace, after_seq, until_ms, body)
+                     VALUES (?1, ?2, -1, ?3, ?4)",
+                    params![collector, namespace, until, body],
+                )?;
+            }
+        }
         {
             let mut ins =
                 tx.prepare_cached("INSERT INTO events (namespace, body) VALUES (?1, ?2)")?;
@@ -167,7 +236,81 @@ impl Spool {
                 };
             }
         }
+        // the new watermark waits for every event spooled until now
+        tx.execute(
+            "UPDATE watermarks SET after_seq = (SELECT coalesce(max(seq), 0) FROM events)
+             WHERE after_seq = -1",
+            [],
+        )?;
         tx.commit()
+    }
+
+    /// Watermarks whose events were all delivered, one per collector (the latest, with
+    /// the gaps of every earlier one not yet sent), with the rows they stand for.
+    pub fn due_watermarks(&self) -> Result<Vec<DueWatermark>> {
+        let conn = self.conn();
+        let read = || -> rusqlite::Result<Vec<DueWatermark>> {
+            let oldest: Option<i64> =
+                conn.query_row("SELECT min(seq) FROM events", [], |r| r.get(0))?;
+            let mut stmt = conn.prepare_cached(
+                "SELECT id, collector, namespace, body FROM watermarks
+                 WHERE sent = 0 AND after_seq < ?1 ORDER BY collector, id",
+            )?;
+            let rows = stmt
+                .query_map([oldest.unwrap_or(i64::MAX)], |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, Vec<u8>>(3)?,
+                    ))
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            let mut due: Vec<DueWatermark> = Vec::new();
+            for (id, collector, namespace, body) in rows {
+                let Ok(mark) = serde_json::from_slice::<Watermark>(&body) else {
+                    continue;
+                };
+                match due.last_mut() {
+                    Some(d) if d.collector == collector => {
+                        d.ids.push(id);
+                        let mut gaps = std::mem::take(&mut d.mark.gaps);
+                        gaps.extend(mark.gaps.iter().cloned());
+                        d.mark = Watermark { gaps, ..mark };
+                    }
+                    _ => due.push(DueWatermark {
+                        ids: vec![id],
+                        collector,
+                        namespace,
+                        mark,
+                    }),
+                }
+            }
+            Ok(due)
+        };
+        read().step("read due watermarks")
+    }
+
+    /// Marks watermark rows sent; keeps each collector's latest row (how far it got)
+    /// and deletes the other sent ones.
+    pub fn watermarks_sent(&self, ids: &[i64]) -> Result<()> {
+        let mut conn = self.conn();
+        let write = |conn: &mut Connection| -> rusqlite::Result<()> {
+            let tx = conn.transaction()?;
+            {
+                let mut upd = tx.prepare_cached("UPDATE watermarks SET sent = 1 WHERE id = ?1")?;
+                for id in ids {
+                    upd.execute([id])?;
+                }
+            }
+            tx.execute(
+                "DELETE FROM watermarks WHERE sent = 1
+                 AND id NOT IN (SELECT max(id) FROM watermarks GROUP BY collector)",
+                [],
+            )?;
+            tx.commit()
+        };
+        write(&mut conn).step("record sent watermarks")
     }
 
     /// The oldest `limit` undelivered events.
@@ -299,5 +442,71 @@ mod tests {
             .commit("c", "ns", &out(2, Some("v2")))
             .unwrap()
             .unwrap();
+    }
+
+    fn source() -> Watermark {
+        Watermark {
+            collector: "pods".into(),
+            node: "n1".into(),
+            source: "tally/ns/pods".into(),
+            types: vec!["t".into()],
+            until: 0,
+            gaps: Vec::new(),
+            partitions: 0,
+        }
+    }
+
+    fn marked(n: usize, until: i64, gaps: Vec<tally_crds::Gap>) -> Output {
+        let mut o = out(n, None);
+        o.checkpoints.clear();
+        o.watermark = Some(tally_collectors::Mark { until_ms: until, gaps });
+        o
+    }
+
+    #[test]
+    fn a_watermark_is_due_only_once_the_events_before_it_were_delivered() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+        let gap = tally_crds::Gap {
+            from: 1,
+            to: 2,
+            reason: "restart".into(),
+            pods: vec![],
+        };
+        spool
+            .commit_marked("ns/pods", "ns", &marked(2, 100, vec![gap.clone()]), Some(&source()))
+            .unwrap()
+            .unwrap();
+        spool
+            .commit_marked("ns/pods", "ns", &marked(1, 200, vec![]), Some(&source()))
+            .unwrap()
+            .unwrap();
+        // not moving forward: not kept
+        spool
+            .commit_marked("ns/pods", "ns", &marked(0, 150, vec![]), Some(&source()))
+            .unwrap()
+            .unwrap();
+        assert!(spool.due_watermarks().unwrap().is_empty());
+        let first = spool.peek(2).unwrap();
+        spool.ack(&first).unwrap();
+        // the events before the first are out; the second still waits for one
+        let due = spool.due_watermarks().unwrap();
+        assert_eq!(due.len(), 1);
+        assert_eq!((due[0].mark.until, due[0].mark.gaps.len()), (100, 1));
+        spool.ack(&spool.peek(10).unwrap()).unwrap();
+        let due = spool.due_watermarks().unwrap();
+        // the latest, carrying the first one's gap
+        assert_eq!((due[0].mark.until, due[0].mark.gaps.clone()), (200, vec![gap]));
+        assert_eq!(due[0].mark.node, "n1");
+        spool.watermarks_sent(&due[0].ids).unwrap();
+        assert!(spool.due_watermarks().unwrap().is_empty());
+        // after a reopen, a watermark not past the last sent one is not kept again
+        drop(spool);
+        let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+        spool
+            .commit_marked("ns/pods", "ns", &marked(0, 200, vec![]), Some(&source()))
+            .unwrap()
+            .unwrap();
+        assert!(spool.due_watermarks().unwrap().is_empty());
     }
 }

@@ -35,18 +35,47 @@ pub struct Output {
     pub events: Vec<CloudEvent>,
     /// Checkpoint changes, keyed within the collector.
     pub checkpoints: BTreeMap<String, Option<String>>,
+    /// How far the source is complete once these events are durable: see [`Mark`].
+    pub watermark: Option<Mark>,
+}
+
+/// A source's completeness claim ([`tally_crds::watermark`]): every event with `time`
+/// before `until_ms` it will ever produce is in this output or an earlier one, except
+/// in the `gaps` it names.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Mark {
+    /// Complete up to (Unix ms).
+    pub until_ms: i64,
+    /// Intervals the source could not observe (reported once).
+    pub gaps: Vec<tally_crds::Gap>,
 }
 
 impl Output {
     /// Whether there is nothing to commit.
     pub fn is_empty(&self) -> bool {
-        self.events.is_empty() && self.checkpoints.is_empty()
+        self.events.is_empty() && self.checkpoints.is_empty() && self.watermark.is_none()
     }
 
-    /// Appends another output (later checkpoint values win).
+    /// Appends another output (later checkpoint values win; the watermark is the later
+    /// one's, gaps of both are kept).
     pub fn extend(&mut self, other: Output) {
         self.events.extend(other.events);
         self.checkpoints.extend(other.checkpoints);
+        match (&mut self.watermark, other.watermark) {
+            (Some(mine), Some(theirs)) => {
+                mine.until_ms = mine.until_ms.max(theirs.until_ms);
+                mine.gaps.extend(theirs.gaps);
+            }
+            (mine @ None, theirs) => *mine = theirs,
+            (Some(_), None) => {}
+        }
+    }
+
+    /// Adds gaps to the watermark (keeping its `until`, or 0 when there is none yet).
+    pub fn add_gaps(&mut self, gaps: Vec<tally_crds::Gap>) {
+        if !gaps.is_empty() {
+            self.watermark.get_or_insert_with(Mark::default).gaps.extend(gaps);
+        }
     }
 }
 

@@ -65,7 +65,16 @@ struct Checkpoint {
     /// The pod's DRA claims, once resolved.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     claims: Option<Vec<ClaimDevices>>,
+    /// `namespace/name`, to name the pod in a gap (absent in older checkpoints).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pod: Option<String>,
 }
+
+/// The checkpoint key of the last time (Unix s) the collector was watching pods.
+const WATCHED_KEY: &str = "watched";
+
+/// How often `watched` is checkpointed (a restart's gap starts at most this early).
+const WATCHED_EVERY_SECS: i64 = 10;
 
 /// How long after a window ends its events wait for the pod's DRA claims to be
 /// resolved before they are sent with the claims' share unknown.
@@ -117,6 +126,11 @@ pub struct PodRuntime {
     /// Runs and claims of ended pods that held DRA claims, kept as long as `ended`
     /// so a pod sharing a claim with them is still split right.
     ended_claims: HashMap<String, (Vec<String>, Runs)>,
+    /// The last `watched` checkpoint: loaded at start (when the previous process last
+    /// watched pods), then written every [`WATCHED_EVERY_SECS`].
+    watched: Option<i64>,
+    /// Whether `watched` was loaded and not yet turned into the restart's gap.
+    restarted: bool,
 }
 
 impl PodRuntime {
@@ -134,7 +148,12 @@ impl PodRuntime {
                 Some((uid.to_string(), serde_json::from_str(v).ok()?))
             })
             .collect();
+        let watched = checkpoints
+            .get(WATCHED_KEY)
+            .and_then(|v| v.parse::<i64>().ok());
         PodRuntime {
+            watched,
+            restarted: watched.is_some(),
             origin,
             whole_devices: accelerators::whole_devices(&cfg.whole_device_resources),
             cfg,
@@ -263,17 +282,63 @@ impl PodRuntime {
         }
     }
 
-    /// The initial pod listing is complete: checkpoints of pods that no longer exist
-    /// are dropped (their unshipped time is lost with their status).
-    pub fn synced(&mut self) -> Output {
+    /// The initial pod listing is complete (at `now`, Unix s): checkpoints of pods
+    /// that no longer exist are dropped (their unshipped time is lost with their
+    /// status). If a previous process ran, the time since it last watched pods is a
+    /// **gap**: a pod created and deleted meanwhile was never seen. The gap names the
+    /// pods known to be affected (those deleted while no one watched).
+    pub fn synced(&mut self, now: i64) -> Output {
         let mut out = Output::default();
-        for (uid, _) in self.restored.drain() {
+        let mut lost = Vec::new();
+        let mut from = self.watched.filter(|_| self.restarted);
+        for (uid, c) in self.restored.drain() {
             tracing::warn!(
                 uid,
                 "Pod deleted while the agent was down; its time since the last checkpoint is unknown"
             );
             out.checkpoints.insert(format!("pod/{uid}"), None);
+            lost.push(c.pod.unwrap_or_else(|| format!("uid {uid}")));
+            from = Some(from.map_or(c.until, |f| f.min(c.until)));
         }
+        lost.sort();
+        if let Some(from) = from.filter(|f| *f < now) {
+            out.add_gaps(vec![tally_crds::Gap {
+                from: from * 1000,
+                to: now * 1000,
+                reason: format!(
+                    "no agent watched the pods of node {} in this interval (restarted or down): pods created and deleted meanwhile were not measured{}",
+                    self.node,
+                    if lost.is_empty() {
+                        String::new()
+                    } else {
+                        "; the pods named were deleted meanwhile and their time after their last checkpoint is unknown".into()
+                    }
+                ),
+                pods: lost,
+            }]);
+        }
+        self.restarted = false;
+        out
+    }
+
+    /// The pod watch may have missed pods in these intervals (Unix ms: it failed and
+    /// had to list again): each is reported as a gap.
+    pub fn blind(&self, intervals: &[(i64, i64)]) -> Output {
+        let mut out = Output::default();
+        out.add_gaps(
+            intervals
+                .iter()
+                .map(|&(from, to)| tally_crds::Gap {
+                    from,
+                    to,
+                    reason: format!(
+                        "the watch of node {}'s pods failed and had to list them again: pods created and deleted in this interval were not measured",
+                        self.node
+                    ),
+                    pods: Vec::new(),
+                })
+                .collect(),
+        );
         out
     }
 
@@ -377,6 +442,11 @@ impl PodRuntime {
                 } else {
                     let c = Checkpoint {
                         claims: t.claims.clone(),
+                        pod: Some(format!(
+                            "{}/{}",
+                            t.pod.metadata.namespace.as_deref().unwrap_or_default(),
+                            t.pod.metadata.name.as_deref().unwrap_or_default()
+                        )),
                         until: end,
                         runs: t
                             .runs
@@ -405,6 +475,23 @@ impl PodRuntime {
             self.pods.remove(&uid);
             out.checkpoints.insert(format!("pod/{uid}"), None);
             self.ended.insert(uid, now);
+        }
+        // Complete up to the first window not yet emitted, of any pod: windows before
+        // `closed_end` are all out unless a pod's are still waiting.
+        let pending = self
+            .pods
+            .values()
+            .filter_map(|t| Some(t.until.unwrap_or(runs::first_start(&t.runs)?.div_euclid(w) * w)))
+            .min();
+        let until = pending.map_or(closed_end, |p| p.min(closed_end));
+        out.watermark = Some(crate::Mark {
+            until_ms: until * 1000,
+            gaps: Vec::new(),
+        });
+        if self.watched.is_none_or(|t| now - t >= WATCHED_EVERY_SECS) {
+            self.watched = Some(now);
+            out.checkpoints
+                .insert(WATCHED_KEY.into(), Some(now.to_string()));
         }
         out
     }

@@ -123,8 +123,50 @@ fn a_window_is_closed_only_after_the_settle_time() {
     // 00:01:29: window [0,60) ended 29 s ago, not yet settled.
     assert!(c.tick(T0 + 89).events.is_empty());
     assert_eq!(durations(&c.tick(T0 + 90)), vec![(0, 50)]);
-    // Nothing new until the next window settles; and no checkpoint writes at rest.
-    assert!(c.tick(T0 + 100).is_empty());
+    // Nothing new until the next window settles; and no pod checkpoint writes at rest
+    // (the `watched` time is written every 10 s). Complete up to the open window.
+    let rest = c.tick(T0 + 100);
+    assert!(rest.events.is_empty());
+    assert!(rest.checkpoints.keys().all(|k| k == "watched"), "{rest:?}");
+    assert_eq!(rest.watermark.unwrap().until_ms, (T0 + 60) * 1000);
+}
+
+#[test]
+fn the_watermark_waits_for_every_pods_pending_windows() {
+    // a pod with DRA claims not yet resolved holds its windows (up to 120 s), and the
+    // watermark with them
+    let mut c = collector("{}", &BTreeMap::new());
+    let mut pod = (*fixture("train-running")).clone();
+    pod.spec.as_mut().unwrap().resource_claims = Some(vec![
+        serde_json::from_value(serde_json::json!({"name": "gpu", "resourceClaimName": "c"}))
+            .unwrap(),
+    ]);
+    c.observe(&std::sync::Arc::new(pod));
+    let out = c.tick(T0 + 130);
+    assert!(out.events.is_empty());
+    assert_eq!(out.watermark.unwrap().until_ms, T0 * 1000);
+}
+
+#[test]
+fn a_restart_is_a_gap_naming_the_pods_deleted_meanwhile() {
+    let mut state = BTreeMap::new();
+    let mut a = collector("{}", &state);
+    a.observe(&fixture("train-running"));
+    applied(&mut state, &a.tick(T0 + 200));
+    assert_eq!(state.get("watched"), Some(&(T0 + 200).to_string()));
+    drop(a);
+    // the pod was deleted while no agent ran; the next one starts at T0 + 500
+    let mut b = collector("{}", &state);
+    let out = b.synced(T0 + 500);
+    let gaps = out.watermark.unwrap().gaps;
+    assert_eq!(gaps.len(), 1);
+    // from the pod's first unsent window (before the last `watched`) to the restart
+    assert_eq!((gaps[0].from, gaps[0].to), ((T0 + 180) * 1000, (T0 + 500) * 1000));
+    assert_eq!(gaps[0].pods, vec!["team-a/train-7f9c".to_string()]);
+    assert!(gaps[0].reason.contains("gpu-node-1"), "{}", gaps[0].reason);
+    // a first start (no `watched`) has no gap
+    let mut fresh = collector("{}", &BTreeMap::new());
+    assert_eq!(fresh.synced(T0 + 500).watermark, None);
 }
 
 #[test]
@@ -164,7 +206,7 @@ fn restarting_from_checkpoints_neither_loses_nor_repeats() {
     drop(a);
     let mut b = collector("{}", &state);
     b.observe(&fixture("train-finished"));
-    applied(&mut state, &b.synced());
+    applied(&mut state, &b.synced(0));
     let second = b.tick(T0 + 320);
     assert_eq!(durations(&second), vec![(180, 60), (240, 3)]);
     applied(&mut state, &second);
@@ -176,7 +218,7 @@ fn restarting_from_checkpoints_neither_loses_nor_repeats() {
     let last = b.tick(T0 + 400);
     assert!(last.events.is_empty());
     applied(&mut state, &last);
-    assert!(state.is_empty(), "{state:?}");
+    assert!(state.keys().all(|k| k == "watched"), "{state:?}");
 }
 
 #[test]
@@ -226,7 +268,7 @@ fn a_deleted_checkpointed_pod_is_forgotten_after_sync() {
         r#"{"until":0,"runs":[]}"#.to_string(),
     )]);
     let mut c = collector("{}", &state);
-    let out = c.synced();
+    let out = c.synced(0);
     assert_eq!(out.checkpoints.get("pod/gone"), Some(&None));
 }
 

@@ -84,6 +84,9 @@ pub struct PrometheusScrape {
     started: i64,
     /// `gaugeIntegral` state per target and series.
     integrals: HashMap<String, BTreeMap<String, Integral>>,
+    /// Gaps of `gaugeIntegral` series found since the last [`PrometheusScrape::mark`]:
+    /// (target, from, to) in ms.
+    gaps: std::collections::BTreeSet<(String, i64, i64)>,
 }
 
 impl PrometheusScrape {
@@ -146,7 +149,40 @@ impl PrometheusScrape {
             last,
             started: now,
             integrals,
+            gaps: Default::default(),
         })
+    }
+
+    /// The watermark after a round of scrapes taken at `now_ms`: every counter and
+    /// gauge event of the round has time `now_ms` and later rounds' are later (a
+    /// failed scrape's counter increase is sent with the next success: nothing is
+    /// lost), and a `gaugeIntegral` window is complete once emitted, so the source is
+    /// complete up to the earliest open window. An interval a gauge integral has no
+    /// samples for is a gap.
+    pub fn mark(&mut self, now_ms: i64) -> Output {
+        let open = self
+            .integrals
+            .values()
+            .flat_map(|series| series.values().map(|i| i.open_ms))
+            .min();
+        let gaps = std::mem::take(&mut self.gaps)
+            .into_iter()
+            .map(|(url, from, to)| tally_crds::Gap {
+                from,
+                to,
+                reason: format!(
+                    "no sample from {url} in this interval (a scrape failed or came late): gaugeIntegral counts nothing here"
+                ),
+                pods: Vec::new(),
+            })
+            .collect();
+        Output {
+            watermark: Some(crate::Mark {
+                until_ms: open.map_or(now_ms, |o| o.min(now_ms)),
+                gaps,
+            }),
+            ..Output::default()
+        }
     }
 
     /// The configuration.
@@ -340,6 +376,9 @@ impl PrometheusScrape {
                         integrals.insert(series, st);
                     }
                     Some(st) => {
+                        if t > st.t_ms && t - st.t_ms > max_gap {
+                            self.gaps.insert((target.url.clone(), st.t_ms, t));
+                        }
                         st.data = data;
                         st.subject = subject;
                         for w in st.add(t, value, max_gap) {
