@@ -36,7 +36,7 @@ test: lint services tools ## Check formatting and clippy, start the services, in
 	KUBEBUILDER_ASSETS="$(KUBEBUILDER_ASSETS)" $(NEXTEST) nextest run --workspace
 
 test-e2e: services tools ## Tests that need a Kubernetes API: against KUBECONFIG when set (a control plane without scheduler or kubelets, never a real cluster), else a real control plane from KUBEBUILDER_ASSETS
-	TALLY_KUBECONFIG=$(KUBECONFIG) KUBEBUILDER_ASSETS="$(KUBEBUILDER_ASSETS)" $(CARGO) test -p tally-tests --test kube_api --test control_plane --test rbac_e2e --test operator_meters --test operator_collectors --test operator_unreachable --test agent_pod_runtime --test agent_lease --test cluster_e2e --test helm_chart --test budget_enforcement
+	TALLY_KUBECONFIG=$(KUBECONFIG) KUBEBUILDER_ASSETS="$(KUBEBUILDER_ASSETS)" $(CARGO) test -p tally-tests --test kube_api --test control_plane --test rbac_e2e --test operator_meters --test operator_collectors --test operator_unreachable --test agent_pod_runtime --test agent_lease --test cluster_e2e --test helm_chart --test budget_enforcement --test completeness
 
 tools: ## Install what the tests use: the Helm Go library for Python (helm-sdkpy), schemathesis 4.32.5 (in TALLY_TOOLS/st-venv) and cargo-nextest (built once into TALLY_TOOLS, about 6 minutes)
 	@python3 -c 'import helm_sdkpy, yaml' 2>/dev/null || python3 -m pip install --quiet --ignore-requires-python helm-sdkpy cffi pyyaml

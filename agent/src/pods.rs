@@ -121,7 +121,8 @@ impl PodCache {
                     Err(e) => {
                         tracing::warn!(error = %e, "Pod watch failed; retrying");
                         let mut s = state.write().unwrap_or_else(|p| p.into_inner());
-                        s.broken_at.get_or_insert(chrono::Utc::now().timestamp_millis());
+                        s.broken_at
+                            .get_or_insert(chrono::Utc::now().timestamp_millis());
                     }
                 }
             }

@@ -196,7 +196,23 @@ async fn pod_runtime(
     let mut unknown = 0;
     // blind intervals of the pod watch already reported
     let mut blind = ctx.pods.blind(0).len();
+    // A loop normally takes about a second. One much longer means this process did
+    // not run (stopped, starved): the pod updates of that time are still on their way
+    // into the cache, so no window closes until they had the settle time to arrive.
+    let settle = Duration::from_secs(u64::from(c.settle_secs()).max(2));
+    let mut last_loop = std::time::Instant::now();
+    let mut hold_until: Option<std::time::Instant> = None;
     loop {
+        let gap = last_loop.elapsed();
+        last_loop = std::time::Instant::now();
+        if gap > settle + Duration::from_secs(4) {
+            tracing::warn!(
+                collector = key,
+                secs = gap.as_secs(),
+                "The agent did not run for a while; waiting for the pod updates of that time before closing windows"
+            );
+            hold_until = Some(last_loop + settle);
+        }
         let now = now_secs();
         // Deleted pods too: a pod created, finished and deleted since the last look
         // is measured from its last state.
@@ -226,7 +242,8 @@ async fn pod_runtime(
         let mut out = Output::default();
         // Windows close only once the Node was read (or could not be), so the
         // accelerators' sharing is known before any is emitted.
-        if ctx.pods.is_synced() {
+        let held = hold_until.is_some_and(|h| std::time::Instant::now() < h);
+        if ctx.pods.is_synced() && !held {
             c.retain_present(&present, now);
             if !synced {
                 synced = true;
@@ -244,7 +261,9 @@ async fn pod_runtime(
                 .inc_by(c.unknown_shares() - unknown);
             unknown = c.unknown_shares();
         }
-        if !ctx.commit(&key, &ns, &out, Some(&mark)).await? || !ctx.pause(Duration::from_secs(1)).await {
+        if !ctx.commit(&key, &ns, &out, Some(&mark)).await?
+            || !ctx.pause(Duration::from_secs(1)).await
+        {
             return Ok(());
         }
     }

@@ -129,7 +129,11 @@ impl Sink {
 
 impl Sink {
     /// Sends one namespace's due watermarks (after their events were delivered).
-    pub async fn send_watermarks(&self, namespace: &str, marks: &[Watermark]) -> Result<(), String> {
+    pub async fn send_watermarks(
+        &self,
+        namespace: &str,
+        marks: &[Watermark],
+    ) -> Result<(), String> {
         match self {
             Sink::Ingest { client, cfg } => {
                 let url = format!(

@@ -205,11 +205,8 @@ impl Spool {
             let until = last.map_or(m.until, |l| l.max(m.until));
             if !m.gaps.is_empty() || last.is_none_or(|l| m.until > l) {
                 // behind this output's events too: inserted first, below
-                let body = serde_json::to_vec(&Watermark {
-                    until,
-                    ..m.clone()
-                })
-                .expect("a watermark serializes");
+                let body = serde_json::to_vec(&Watermark { until, ..m.clone() })
+                    .expect("a watermark serializes");
                 tx.execute(
                     "INSERT INTO watermarks (collector, namespace, after_seq, until_ms, body)
                      VALUES (?1, ?2, -1, ?3, ?4)",
@@ -459,7 +456,10 @@ mod tests {
     fn marked(n: usize, until: i64, gaps: Vec<tally_crds::Gap>) -> Output {
         let mut o = out(n, None);
         o.checkpoints.clear();
-        o.watermark = Some(tally_collectors::Mark { until_ms: until, gaps });
+        o.watermark = Some(tally_collectors::Mark {
+            until_ms: until,
+            gaps,
+        });
         o
     }
 
@@ -474,7 +474,12 @@ mod tests {
             pods: vec![],
         };
         spool
-            .commit_marked("ns/pods", "ns", &marked(2, 100, vec![gap.clone()]), Some(&source()))
+            .commit_marked(
+                "ns/pods",
+                "ns",
+                &marked(2, 100, vec![gap.clone()]),
+                Some(&source()),
+            )
             .unwrap()
             .unwrap();
         spool
@@ -496,7 +501,10 @@ mod tests {
         spool.ack(&spool.peek(10).unwrap()).unwrap();
         let due = spool.due_watermarks().unwrap();
         // the latest, carrying the first one's gap
-        assert_eq!((due[0].mark.until, due[0].mark.gaps.clone()), (200, vec![gap]));
+        assert_eq!(
+            (due[0].mark.until, due[0].mark.gaps.clone()),
+            (200, vec![gap])
+        );
         assert_eq!(due[0].mark.node, "n1");
         spool.watermarks_sent(&due[0].ids).unwrap();
         assert!(spool.due_watermarks().unwrap().is_empty());

@@ -102,9 +102,11 @@ pub(crate) async fn facts(
         .fetch(
             "read watermarks",
             &format!(
-                "SELECT namespace, collector, node, kafka_partition, argMax(source, until_ms) AS source, \
-                 argMax(types, until_ms) AS types, max(until_ms) AS until_ms, max(partitions) AS partitions \
-                 FROM {} WHERE namespace = {ns} GROUP BY namespace, collector, node, kafka_partition",
+                "SELECT namespace, collector, node, kafka_partition, s AS source, t AS types, \
+                 u AS until_ms, p AS partitions FROM (SELECT namespace, collector, node, kafka_partition, \
+                 argMax(source, until_ms) AS s, argMax(types, until_ms) AS t, max(until_ms) AS u, \
+                 max(partitions) AS p FROM {} WHERE namespace = {ns} \
+                 GROUP BY namespace, collector, node, kafka_partition)",
                 ch.read("watermarks")
             ),
         )

@@ -74,7 +74,10 @@ impl Output {
     /// Adds gaps to the watermark (keeping its `until`, or 0 when there is none yet).
     pub fn add_gaps(&mut self, gaps: Vec<tally_crds::Gap>) {
         if !gaps.is_empty() {
-            self.watermark.get_or_insert_with(Mark::default).gaps.extend(gaps);
+            self.watermark
+                .get_or_insert_with(Mark::default)
+                .gaps
+                .extend(gaps);
         }
     }
 }

@@ -26,11 +26,11 @@ pub use budget::{UsageBudget, UsageBudgetSpec, UsageBudgetStatus};
 pub use collector::{Collector, CollectorSpec, CollectorStatus};
 pub use envelope::Envelope;
 pub use event::{CloudEvent, EventError, UsageEvent};
-pub use watermark::{Gap, Message, Watermark};
 pub use meter::{
     Aggregation, FilterCondition, FilterOperator, Meter, MeterSpec, MeterStatus, MeterStorage,
     canonical_f64, canonical_number, canonical_string,
 };
+pub use watermark::{Gap, Message, Watermark};
 
 /// A spec (Meter, Collector, agent configuration) that breaks a rule the schema
 /// cannot express, naming the field.

@@ -73,18 +73,28 @@ impl Watermark {
             })
         };
         if self.collector.is_empty() || self.collector.len() > MAX_TEXT {
-            bad("collector", "must be the Collector's name (1-512 characters)");
+            bad(
+                "collector",
+                "must be the Collector's name (1-512 characters)",
+            );
         }
         if self.node.len() > MAX_TEXT {
             bad("node", "must be at most 512 characters");
         }
         if self.source.is_empty() || self.source.len() > MAX_TEXT {
-            bad("source", "must be the events' CloudEvent source (1-512 characters)");
+            bad(
+                "source",
+                "must be the events' CloudEvent source (1-512 characters)",
+            );
         }
         if self.types.is_empty() || self.types.len() > MAX_ITEMS {
             bad("types", "must list the event types the collector produces");
         }
-        if self.types.iter().any(|t| t.is_empty() || t.len() > MAX_TEXT) {
+        if self
+            .types
+            .iter()
+            .any(|t| t.is_empty() || t.len() > MAX_TEXT)
+        {
             bad("types", "every type must be 1-512 characters");
         }
         if self.until < 0 {
@@ -104,7 +114,10 @@ impl Watermark {
                 );
             }
             if g.reason.is_empty() || g.reason.len() > 4 * MAX_TEXT {
-                bad(&format!("gaps[{i}].reason"), "must say why (1-2048 characters)");
+                bad(
+                    &format!("gaps[{i}].reason"),
+                    "must say why (1-2048 characters)",
+                );
             }
             if g.pods.len() > MAX_ITEMS {
                 bad(&format!("gaps[{i}].pods"), "at most 1000 pods");
@@ -225,8 +238,8 @@ mod tests {
         assert!(err.contains("watermark.gaps[0]"), "{err}");
         let err = Message::decode(&mark().to_payload("Bad")).unwrap_err();
         assert!(err.starts_with("namespace"), "{err}");
-        let err = Message::decode(br#"{"v":1,"namespace":"a","watermark":{"until":1}}"#)
-            .unwrap_err();
+        let err =
+            Message::decode(br#"{"v":1,"namespace":"a","watermark":{"until":1}}"#).unwrap_err();
         assert!(err.starts_with("watermark: not a watermark"), "{err}");
     }
 }

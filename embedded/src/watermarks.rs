@@ -35,7 +35,9 @@ CREATE TABLE IF NOT EXISTS watermark_gaps (
 
 /// Stores `marks` in one transaction (a watermark only ever moves forward).
 pub(crate) fn record(conn: &Connection, namespace: &str, marks: &[Watermark]) -> Result<()> {
-    let tx = conn.unchecked_transaction().step("begin recording watermarks")?;
+    let tx = conn
+        .unchecked_transaction()
+        .step("begin recording watermarks")?;
     for m in marks {
         let types = serde_json::to_string(&m.types).unwrap_or_default();
         tx.execute(

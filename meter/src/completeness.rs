@@ -231,9 +231,9 @@ pub fn assess(
                     "{place} has delivered events only up to {}: it is behind, or down",
                     format_ms(w)
                 ),
-                None => format!(
-                    "{place} has not yet delivered a watermark to every Kafka partition"
-                ),
+                None => {
+                    format!("{place} has not yet delivered a watermark to every Kafka partition")
+                }
             };
             missing.push(Missing {
                 from: if at == i64::MIN {
@@ -334,7 +334,10 @@ mod tests {
         let c = assess("pod-runtime", Some(T), T + 90_000, &facts, None);
         assert_eq!(c.status, Status::Incomplete);
         let s = &c.sources[0];
-        assert_eq!((s.status, s.node.as_deref()), (SourceStatus::Behind, Some("n1")));
+        assert_eq!(
+            (s.status, s.node.as_deref()),
+            (SourceStatus::Behind, Some("n1"))
+        );
         assert_eq!(s.missing[0].from, format_ms(T + 60_000));
         assert_eq!(s.missing[0].to, format_ms(T + 90_000));
         assert!(s.missing[0].reason.contains("node n1"), "{:?}", s.missing);
@@ -392,7 +395,13 @@ mod tests {
         assert_eq!(by_node["n3"].status, SourceStatus::Ended);
         assert_eq!(c.unknown[0].source, "billing-app");
         // a range after the gap: nothing behind, but an unmarked source → unknown
-        let c = assess("pod-runtime", Some(T + 30_000), T + 60_000, &facts, Some(&nodes));
+        let c = assess(
+            "pod-runtime",
+            Some(T + 30_000),
+            T + 60_000,
+            &facts,
+            Some(&nodes),
+        );
         assert_eq!(c.status, Status::Unknown);
     }
 }

@@ -35,13 +35,15 @@ pub(super) enum Item {
 /// Events are tried first (the common case is parsed once); a payload that is no
 /// envelope may be a watermark.
 pub(super) fn decode(m: &Msg, s: i64, now: i64) -> std::result::Result<Item, DeadLetter> {
-    let decoded = Envelope::decode(&m.payload).map(Message::from).or_else(|reason| {
-        if memchr_watermark(&m.payload) {
-            Message::decode(&m.payload)
-        } else {
-            Err(reason)
-        }
-    });
+    let decoded = Envelope::decode(&m.payload)
+        .map(Message::from)
+        .or_else(|reason| {
+            if memchr_watermark(&m.payload) {
+                Message::decode(&m.payload)
+            } else {
+                Err(reason)
+            }
+        });
     match decoded {
         Ok(Message::Event(ns, ev, ingested)) => {
             let key = identity_key(&ns, &ev.source, &ev.id);

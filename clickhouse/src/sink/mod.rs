@@ -581,7 +581,9 @@ impl Sink {
                 .await?;
         }
         if !prep.gaps.is_empty() {
-            self.ch.insert::<GapRow>("watermark_gaps", &prep.gaps).await?;
+            self.ch
+                .insert::<GapRow>("watermark_gaps", &prep.gaps)
+                .await?;
         }
         Ok(())
     }

@@ -481,7 +481,12 @@ impl PodRuntime {
         let pending = self
             .pods
             .values()
-            .filter_map(|t| Some(t.until.unwrap_or(runs::first_start(&t.runs)?.div_euclid(w) * w)))
+            .filter_map(|t| {
+                Some(
+                    t.until
+                        .unwrap_or(runs::first_start(&t.runs)?.div_euclid(w) * w),
+                )
+            })
             .min();
         let until = pending.map_or(closed_end, |p| p.min(closed_end));
         out.watermark = Some(crate::Mark {
@@ -494,6 +499,11 @@ impl PodRuntime {
                 .insert(WATCHED_KEY.into(), Some(now.to_string()));
         }
         out
+    }
+
+    /// The settle time (seconds): how long pod updates may take to arrive.
+    pub fn settle_secs(&self) -> u32 {
+        self.cfg.settle_secs
     }
 
     /// Number of pods being tracked.

@@ -161,7 +161,10 @@ fn a_restart_is_a_gap_naming_the_pods_deleted_meanwhile() {
     let gaps = out.watermark.unwrap().gaps;
     assert_eq!(gaps.len(), 1);
     // from the pod's first unsent window (before the last `watched`) to the restart
-    assert_eq!((gaps[0].from, gaps[0].to), ((T0 + 180) * 1000, (T0 + 500) * 1000));
+    assert_eq!(
+        (gaps[0].from, gaps[0].to),
+        ((T0 + 180) * 1000, (T0 + 500) * 1000)
+    );
     assert_eq!(gaps[0].pods, vec!["team-a/train-7f9c".to_string()]);
     assert!(gaps[0].reason.contains("gpu-node-1"), "{}", gaps[0].reason);
     // a first start (no `watched`) has no gap

@@ -71,10 +71,10 @@ pub(crate) async fn record_watermarks(
         }
     }
     if !errors.is_empty() {
-        return Err(invalid(
-            "nothing was recorded; fix the listed watermarks and resend".into(),
-        )
-        .with_errors(errors));
+        return Err(
+            invalid("nothing was recorded; fix the listed watermarks and resend".into())
+                .with_errors(errors),
+        );
     }
     if marks.is_empty() {
         return Ok(StatusCode::NO_CONTENT);
@@ -121,7 +121,8 @@ pub(crate) async fn meter_completeness(
 ) -> Result<Json<Completeness>, Problem> {
     let (ns, m) = meter_of(&state, &params, &access)?;
     let from = time_param("from", range.from.as_deref())?;
-    let to = time_param("to", range.to.as_deref())?.unwrap_or_else(|| Utc::now().timestamp_millis());
+    let to =
+        time_param("to", range.to.as_deref())?.unwrap_or_else(|| Utc::now().timestamp_millis());
     if from.is_some_and(|f| f >= to) {
         return Err(Problem::bad_parameter("from", "must be before to"));
     }
@@ -149,7 +150,12 @@ pub(crate) async fn meter_completeness(
 async fn nodes(client: &kube::Client) -> Option<BTreeSet<String>> {
     let api: kube::Api<Node> = kube::Api::all(client.clone());
     match api.list_metadata(&Default::default()).await {
-        Ok(list) => Some(list.items.into_iter().filter_map(|n| n.metadata.name).collect()),
+        Ok(list) => Some(
+            list.items
+                .into_iter()
+                .filter_map(|n| n.metadata.name)
+                .collect(),
+        ),
         Err(e) => {
             tracing::warn!(error = %e, "Cannot list nodes (the server needs list on nodes); deleted nodes' sources are reported as behind");
             None
