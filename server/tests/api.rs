@@ -399,3 +399,94 @@ pub fn assert_every_route_is_documented(doc: &serde_json::Value) {
         }
     }
 }
+
+/// `POST /watermarks` refuses invalid records naming index and field (and records
+/// nothing of the request); `GET .../completeness` names a bad parameter, and answers
+/// from what was recorded.
+#[tokio::test]
+async fn watermarks_are_validated_and_completeness_answers_over_http() {
+    let s = Server::start(&[("m.yaml", TOKENS)], &[]);
+    let c = client();
+    let good = json!({"collector": "pods", "node": "n1", "source": "tally/default/pods",
+        "types": ["llm"], "until": 1_717_200_000_000i64});
+    let post = async |body: serde_json::Value| {
+        let res = c
+            .post(s.url("/api/v1/watermarks"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = res.status().as_u16();
+        (
+            status,
+            res.json::<serde_json::Value>().await.unwrap_or_default(),
+        )
+    };
+    let (status, body) = post(
+        json!([good, {"collector": "", "source": "s", "types": [], "until": -1,
+        "gaps": [{"from": 5, "to": 5, "reason": "x"}]}, {"until": "soon"}]),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    let fields: Vec<(u64, String)> = body["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["index"].as_u64().unwrap(),
+                e["field"].as_str().unwrap_or("-").to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        fields,
+        [
+            (1, "collector"),
+            (1, "types"),
+            (1, "until"),
+            (1, "gaps[0]"),
+            (2, "-")
+        ]
+        .map(|(i, f)| (i, f.to_string()))
+        .to_vec(),
+        "{body}"
+    );
+    let url = |q: &str| s.url(&format!("/api/v1/meters/tokens/completeness{q}"));
+    // nothing recorded by the refused request
+    let (status, body) = get_json(&c, &url("?to=2024-06-01T00:00:00Z")).await;
+    assert_eq!(
+        (status, body["status"].clone()),
+        (200, json!("unknown")),
+        "{body}"
+    );
+    let (status, _) = post(json!([good])).await;
+    assert_eq!(status, 204);
+    let (_, body) = get_json(
+        &c,
+        &url("?from=2024-05-01T00:00:00Z&to=2024-06-01T00:00:00Z"),
+    )
+    .await;
+    assert_eq!(body["status"], "complete", "{body}");
+    assert_eq!(body["sources"][0]["node"], "n1");
+    let (_, body) = get_json(
+        &c,
+        &url("?from=2024-05-01T00:00:00Z&to=2024-07-01T00:00:00Z"),
+    )
+    .await;
+    assert_eq!(body["sources"][0]["status"], "behind", "{body}");
+    assert_eq!(
+        body["sources"][0]["missing"][0]["from"],
+        "2024-06-01T00:00:00.000Z"
+    );
+    for (q, parameter) in [
+        ("?to=soon", "to"),
+        ("?from=2024-07-01T00:00:00Z&to=2024-06-01T00:00:00Z", "from"),
+    ] {
+        let (status, body) = get_json(&c, &url(q)).await;
+        assert_eq!(status, 400, "{q}: {body}");
+        assert_eq!(body["errors"][0]["parameter"], parameter, "{body}");
+    }
+    let (status, _) = get_json(&c, &s.url("/api/v1/meters/nope/completeness")).await;
+    assert_eq!(status, 404);
+}

@@ -13,9 +13,10 @@ use tally_clickhouse::provision::CutoverConfig;
 use tally_clickhouse::sink::{SinkConfig, SinkStats};
 use tally_clickhouse::store::ClickHouseStore;
 use tally_clickhouse::{Ch, ChConfig};
-use tally_crds::UsageEvent;
+use tally_crds::{Gap, UsageEvent, Watermark};
 use tally_embedded::{EmbeddedConfig, EmbeddedStore};
 use tally_kafka::{KafkaConfig, Producer};
+use tally_meter::completeness::{SourceStatus, Status};
 use tally_meter::conformance::{ALL, all_meters, compile, events, meter, parse, run_cases, show};
 use tally_meter::engine::CompiledMeter;
 use tally_meter::store::{Store, StoredMeter, Synced};
@@ -154,6 +155,28 @@ impl Harness {
         }
     }
 
+    /// Records watermarks of namespace `default` and waits until they are stored (on
+    /// ClickHouse: a copy per partition, applied by the sink).
+    async fn record(&mut self, marks: Vec<Watermark>) {
+        let n = marks.len() as u64;
+        self.store
+            .record_watermarks("default", marks)
+            .unwrap()
+            .await
+            .unwrap()
+            .unwrap();
+        if let Some(sink) = &mut self.sink {
+            sink.produced += n * 2; // the topic has 2 partitions
+            let (stats, produced) = (sink.stats.clone(), sink.produced);
+            common::eventually_within(
+                Duration::from_secs(60),
+                "the sink to apply the watermarks",
+                async || stats.applied.get() >= produced,
+            )
+            .await;
+        }
+    }
+
     /// Waits until the embedded store's writer has recomputed every quarter hour from
     /// its minutes.
     async fn compacted(&self) {
@@ -226,6 +249,96 @@ async fn latest_ties_and_filters(mut h: Harness) {
         );
     })
     .await;
+}
+
+/// Watermarks, gaps and unwatermarked sources, as every store keeps them: the largest
+/// `until` counts (a late, older record changes nothing), on ClickHouse only once it
+/// reached every partition; a gap is returned where it overlaps the range; events of a
+/// source without watermarks make the answer unknown.
+async fn watermarks_and_gaps(mut h: Harness) {
+    h.ingest(events()).await;
+    let t = |s: &str| tally_crds::event::parse_time_ms(s).unwrap();
+    let mark = Watermark {
+        collector: "pods".into(),
+        node: "n1".into(),
+        source: "conformance".into(),
+        types: vec!["usage".into()],
+        until: t("2024-11-03T18:00:00Z"),
+        gaps: vec![Gap {
+            from: t("2024-11-03T05:00:00Z"),
+            to: t("2024-11-03T05:10:00Z"),
+            reason: "no agent watched".into(),
+            pods: vec!["default/web-1".into()],
+        }],
+        partitions: 0,
+    };
+    let older = Watermark {
+        until: t("2024-11-03T06:00:00Z"),
+        gaps: Vec::new(),
+        ..mark.clone()
+    };
+    h.record(vec![mark.clone()]).await;
+    h.record(vec![older]).await;
+    let other = Watermark {
+        collector: "scrape".into(),
+        node: String::new(),
+        source: "tally/default/scrape".into(),
+        types: vec!["other".into()],
+        until: t("2024-11-01T00:00:00Z"),
+        gaps: Vec::new(),
+        partitions: 0,
+    };
+    h.record(vec![other]).await;
+    let assess_range = |from: &str, to: &str| {
+        let (from, to) = (t(from), t(to));
+        move |s: &dyn Store| {
+            let facts = s
+                .completeness_facts("default", "usage", Some(from), to)
+                .unwrap();
+            tally_meter::completeness::assess("usage", Some(from), to, &facts, None)
+        }
+    };
+    // after the gap, before the watermark: complete
+    let c = h
+        .with(assess_range("2024-11-03T06:00:00Z", "2024-11-03T18:00:00Z"))
+        .await;
+    assert_eq!(c.status, Status::Complete, "{c:?}");
+    assert_eq!(c.sources.len(), 1, "only the meter's type: {c:?}");
+    assert_eq!(
+        c.sources[0].watermark.as_deref(),
+        Some("2024-11-03T18:00:00.000Z")
+    );
+    // over the gap: named with its pod
+    let c = h
+        .with(assess_range("2024-11-03T00:00:00Z", "2024-11-03T12:00:00Z"))
+        .await;
+    assert_eq!(c.status, Status::Incomplete, "{c:?}");
+    assert_eq!(c.sources[0].status, SourceStatus::Gap);
+    assert_eq!(
+        c.sources[0].missing[0].pods,
+        vec!["default/web-1".to_string()]
+    );
+    // past the watermark: behind from there
+    let c = h
+        .with(assess_range("2024-11-03T06:00:00Z", "2024-12-02T00:00:00Z"))
+        .await;
+    assert_eq!(c.sources[0].status, SourceStatus::Behind, "{c:?}");
+    assert_eq!(c.sources[0].missing[0].from, "2024-11-03T18:00:00.000Z");
+    // another source's events in the range: unknown once nothing is behind
+    h.ingest(vec![
+        UsageEvent::from_json(
+            &json!({"specversion": "1.0", "id": "app-1", "source": "billing-app",
+            "type": "usage", "subject": "acme", "time": "2024-11-03T07:00:00Z"}),
+            0,
+        )
+        .unwrap(),
+    ])
+    .await;
+    let c = h
+        .with(assess_range("2024-11-03T06:00:00Z", "2024-11-03T18:00:00Z"))
+        .await;
+    assert_eq!(c.status, Status::Unknown, "{c:?}");
+    assert_eq!(c.unknown[0].source, "billing-app");
 }
 
 async fn row_limit_refuses(mut h: Harness) {
@@ -315,6 +428,11 @@ async fn embedded_store_answers_every_case_from_compacted_and_dirty_quarters() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn embedded_store_keeps_watermarks_and_gaps() {
+    watermarks_and_gaps(Harness::embedded()).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn embedded_query_over_the_row_limit_is_refused_not_truncated() {
     row_limit_refuses(Harness::embedded()).await;
 }
@@ -348,6 +466,9 @@ on_both_clickhouses! {
     "latest, filters" => latest_ties_and_filters:
         clickhouse_latest_ties_go_to_the_event_ingested_last_and_filters_apply,
         clickhouse26_latest_ties_go_to_the_event_ingested_last_and_filters_apply;
+    "watermarks" => watermarks_and_gaps:
+        clickhouse_store_keeps_watermarks_and_gaps,
+        clickhouse26_store_keeps_watermarks_and_gaps;
     "row limit" => row_limit_refuses:
         clickhouse_query_over_the_row_limit_is_refused_not_truncated,
         clickhouse26_query_over_the_row_limit_is_refused_not_truncated;
