@@ -89,6 +89,53 @@ pub(crate) fn rows(namespace: &str, m: &Watermark, partition: i32) -> (Watermark
     (mark, gaps)
 }
 
+/// Every source's partition watermarks of `namespaces`, by namespace.
+pub async fn partition_marks(
+    ch: &Ch,
+    namespaces: &[String],
+) -> Result<Vec<(String, PartitionMark)>> {
+    if namespaces.is_empty() {
+        return Ok(Vec::new());
+    }
+    let list = namespaces
+        .iter()
+        .map(|n| lit(n))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let rows = marks(ch, &format!("namespace IN ({list})")).await?;
+    Ok(rows
+        .into_iter()
+        .map(|m| (m.namespace.clone(), mark_of(m)))
+        .collect())
+}
+
+async fn marks(ch: &Ch, cond: &str) -> Result<Vec<WatermarkRow>> {
+    ch.fetch(
+        "read watermarks",
+        &format!(
+            "SELECT namespace, collector, node, kafka_partition, s AS source, t AS types, \
+             u AS until_ms, p AS partitions FROM (SELECT namespace, collector, node, kafka_partition, \
+             argMax(source, until_ms) AS s, argMax(types, until_ms) AS t, max(until_ms) AS u, \
+             max(partitions) AS p FROM {} WHERE {cond} \
+             GROUP BY namespace, collector, node, kafka_partition)",
+            ch.read("watermarks")
+        ),
+    )
+    .await
+}
+
+fn mark_of(m: WatermarkRow) -> PartitionMark {
+    PartitionMark {
+        collector: m.collector,
+        node: m.node,
+        source: m.source,
+        types: m.types,
+        partition: m.kafka_partition,
+        until: m.until_ms,
+        partitions: m.partitions,
+    }
+}
+
 /// The facts for one completeness question, read from every shard.
 pub(crate) async fn facts(
     ch: &Ch,
@@ -98,19 +145,7 @@ pub(crate) async fn facts(
     to: i64,
 ) -> Result<Facts> {
     let ns = lit(namespace);
-    let marks: Vec<WatermarkRow> = ch
-        .fetch(
-            "read watermarks",
-            &format!(
-                "SELECT namespace, collector, node, kafka_partition, s AS source, t AS types, \
-                 u AS until_ms, p AS partitions FROM (SELECT namespace, collector, node, kafka_partition, \
-                 argMax(source, until_ms) AS s, argMax(types, until_ms) AS t, max(until_ms) AS u, \
-                 max(partitions) AS p FROM {} WHERE namespace = {ns} \
-                 GROUP BY namespace, collector, node, kafka_partition)",
-                ch.read("watermarks")
-            ),
-        )
-        .await?;
+    let marks = marks(ch, &format!("namespace = {ns}")).await?;
     let from_ms = from.unwrap_or(i64::MIN);
     let gaps: Vec<GapRow> = ch
         .fetch(
@@ -141,18 +176,7 @@ pub(crate) async fn facts(
         )
         .await?;
     Ok(Facts {
-        marks: marks
-            .into_iter()
-            .map(|m| PartitionMark {
-                collector: m.collector,
-                node: m.node,
-                source: m.source,
-                types: m.types,
-                partition: m.kafka_partition,
-                until: m.until_ms,
-                partitions: m.partitions,
-            })
-            .collect(),
+        marks: marks.into_iter().map(mark_of).collect(),
         gaps: gaps
             .into_iter()
             .map(|g| SourceGap {

@@ -178,6 +178,22 @@ fn watermark_of(marks: &[&PartitionMark]) -> Option<i64> {
     })
 }
 
+/// Every source (collector, node) among `marks` with its watermark (`None` while some
+/// partition it was sent to has none of it yet).
+pub fn source_watermarks(marks: &[PartitionMark]) -> Vec<(String, String, Option<i64>)> {
+    let mut sources: BTreeMap<(&str, &str), Vec<&PartitionMark>> = BTreeMap::new();
+    for m in marks {
+        sources
+            .entry((m.collector.as_str(), m.node.as_str()))
+            .or_default()
+            .push(m);
+    }
+    sources
+        .into_iter()
+        .map(|((c, n), marks)| (c.to_string(), n.to_string(), watermark_of(&marks)))
+        .collect()
+}
+
 /// Assesses `[from, to)` of a meter over `event_type`. `nodes`: the cluster's nodes
 /// now, when known (a source of a node not among them has ended).
 pub fn assess(

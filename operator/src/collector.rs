@@ -18,7 +18,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
-use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, PersistentVolumeClaim, Secret};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::core::DeserializeGuard;
 use kube::runtime::{WatchStreamExt, reflector, watcher};
@@ -145,11 +145,16 @@ pub async fn run(
             Some(ch) => newest_events(ch, &all).await,
             None => HashMap::new(),
         };
+        let watermarks = match &ch {
+            Some(ch) => oldest_watermarks(ch, &client, &all).await,
+            None => HashMap::new(),
+        };
         for c in &all {
             let key = key_of(c);
             let found = Found {
                 secret_problem: secret_problems.get(&key).map(String::as_str),
                 newest_event: newest.get(&key).copied(),
+                oldest_watermark: watermarks.get(&key).cloned(),
             };
             if let Err(e) = write_status(&client, c, settings.as_ref(), &workloads, &found).await {
                 metrics.failure(CONTROLLER, "apply_status");
@@ -206,6 +211,69 @@ async fn newest_events(ch: &Ch, all: &[Collector]) -> HashMap<String, i64> {
     }
 }
 
+/// The oldest watermark of each Collector (by `namespace/name`) over the agents of
+/// nodes that still exist (a deleted node's watermark ended with it), with the node
+/// (`cluster` for the cluster agent); empty when ClickHouse cannot answer. Without
+/// `list` on nodes every node's agent counts.
+async fn oldest_watermarks(
+    ch: &Ch,
+    client: &Client,
+    all: &[Collector],
+) -> HashMap<String, (i64, String)> {
+    let mut namespaces: Vec<String> = all
+        .iter()
+        .map(|c| c.namespace().unwrap_or_default())
+        .collect();
+    namespaces.sort();
+    namespaces.dedup();
+    let marks = match tally_clickhouse::watermarks::partition_marks(ch, &namespaces).await {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::debug!(error = %e, "No watermarks this round");
+            return HashMap::new();
+        }
+    };
+    let nodes: Option<std::collections::HashSet<String>> = Api::<Node>::all(client.clone())
+        .list_metadata(&Default::default())
+        .await
+        .inspect_err(
+            |e| tracing::debug!(error = %e, "Cannot list nodes; every node's watermark counts"),
+        )
+        .ok()
+        .map(|l| {
+            l.items
+                .into_iter()
+                .filter_map(|n| n.metadata.name)
+                .collect()
+        });
+    let mut by_ns: BTreeMap<String, Vec<tally_meter::completeness::PartitionMark>> =
+        BTreeMap::new();
+    for (ns, m) in marks {
+        by_ns.entry(ns).or_default().push(m);
+    }
+    let mut oldest: HashMap<String, (i64, String)> = HashMap::new();
+    for (ns, marks) in by_ns {
+        for (collector, node, until) in tally_meter::completeness::source_watermarks(&marks) {
+            let gone = !node.is_empty() && nodes.as_ref().is_some_and(|n| !n.contains(&node));
+            let Some(until) = until.filter(|_| !gone) else {
+                continue;
+            };
+            let place = if node.is_empty() {
+                "cluster".to_string()
+            } else {
+                node
+            };
+            let e = oldest
+                .entry(format!("{ns}/{collector}"))
+                .or_insert((until, place.clone()));
+            if until < e.0 {
+                *e = (until, place);
+            }
+        }
+    }
+    oldest
+}
+
 /// What the loop learned about one Collector besides its spec.
 #[derive(Debug, Default)]
 struct Found<'a> {
@@ -213,6 +281,8 @@ struct Found<'a> {
     secret_problem: Option<&'a str>,
     /// Its newest event in ClickHouse (Unix seconds).
     newest_event: Option<i64>,
+    /// Its agents' oldest watermark (Unix ms) and where.
+    oldest_watermark: Option<(i64, String)>,
 }
 
 /// `(desired, ready)` agents per scope, from the workloads' status.
@@ -601,6 +671,11 @@ fn desired_status(
             .newest_event
             .and_then(|t| chrono::DateTime::from_timestamp(t, 0))
             .max(previous.last_event_time),
+        oldest_watermark: found
+            .oldest_watermark
+            .as_ref()
+            .and_then(|(t, _)| chrono::DateTime::from_timestamp_millis(*t)),
+        oldest_watermark_source: found.oldest_watermark.as_ref().map(|(_, n)| n.clone()),
     }
 }
 

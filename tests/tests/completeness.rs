@@ -7,7 +7,9 @@
 //!   subject's total is exact;
 //! - node-2's agent goes and its Node is deleted: its watermark ends with it (`ended`,
 //!   not behind);
-//! - events of a source that sends no watermarks make the answer `unknown`.
+//! - events of a source that sends no watermarks make the answer `unknown`;
+//! - the Collector's status (`kubectl get collectors`) shows the oldest watermark of
+//!   the nodes that exist, and which node has it.
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -15,7 +17,7 @@ use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DeleteParams, PostParams};
 use serde_json::{Value, json};
-use tally_crds::Meter;
+use tally_crds::{Collector, Meter};
 use tally_tests::kube::kubelet::Node;
 use tally_tests::kube::{Cluster, put_pod};
 use tally_tests::stack::{Pipeline, Stack};
@@ -96,9 +98,9 @@ async fn a_stopped_agent_is_named_with_its_interval_and_complete_once_it_resumes
     let unique = format!("{}_{}", std::process::id(), now());
     let (db, topic) = (format!("tally_wm_{unique}"), format!("tally-wm-{unique}"));
     let crds: Api<CustomResourceDefinition> = Api::all(kube.clone());
-    let _ = crds
-        .create(&PostParams::default(), &tally_crds::meter_crd())
-        .await;
+    for crd in [tally_crds::meter_crd(), tally_crds::collector_crd()] {
+        let _ = crds.create(&PostParams::default(), &crd).await;
+    }
     cluster.namespaces(&kube, &[NS, "tally-system"]).await;
     let operator_kc = cluster.kubeconfig_as("tally-operator", dir.path());
     let stack = Stack::start(
@@ -111,7 +113,7 @@ async fn a_stopped_agent_is_named_with_its_interval_and_complete_once_it_resumes
             topic: &topic,
         },
         1,
-        &["--topic-partitions", "3"],
+        &["--topic-partitions", "3", "--collector-status-secs", "2"],
     );
     let meters: Api<Meter> = Api::namespaced(kube.clone(), NS);
     let meter: Meter = serde_json::from_value(json!({"apiVersion": "tally.dev/v1alpha1", "kind": "Meter",
@@ -132,6 +134,26 @@ async fn a_stopped_agent_is_named_with_its_interval_and_complete_once_it_resumes
         },
     )
     .await;
+
+    // The Collector the agents run, so `kubectl get collectors` shows its watermark
+    // (the agents are started by the test, not from the operator's DaemonSet).
+    let collectors: Api<Collector> = Api::namespaced(kube.clone(), NS);
+    let collector: Collector = serde_json::from_value(json!({"apiVersion": "tally.dev/v1alpha1", "kind": "Collector",
+        "metadata": {"name": "gpus"},
+        "spec": {"eventType": "pod-runtime", "podRuntime": {"windowSecs": 10, "settleSecs": 2, "cgroup": {"enabled": false}}}}))
+    .unwrap();
+    let _ = collectors.delete("gpus", &DeleteParams::default()).await;
+    collectors
+        .create(&PostParams::default(), &collector)
+        .await
+        .unwrap();
+    let watermark_of = async || -> Option<(i64, String)> {
+        let status = collectors.get("gpus").await.ok()?.status?;
+        Some((
+            status.oldest_watermark?.timestamp(),
+            status.oldest_watermark_source?,
+        ))
+    };
 
     let node1 = Node::register(&kube, "wm-node-1").await;
     let node2 = Node::register(&kube, "wm-node-2").await;
@@ -249,6 +271,13 @@ async fn a_stopped_agent_is_named_with_its_interval_and_complete_once_it_resumes
     )
     .await;
     assert_eq!(source(&done, "wm-node-1").unwrap()["status"], "complete");
+    eventually(
+        Duration::from_secs(20),
+        Duration::from_millis(500),
+        "the Collector's watermark past the resume",
+        async || watermark_of().await.filter(|(t, _)| *t >= resumed),
+    )
+    .await;
     let expected = BTreeMap::from([
         ("acme".to_string(), ((p1_end - (t0 - 31)) * 2 + 7) as u64),
         ("globex".to_string(), 47u64),

@@ -26,6 +26,8 @@ pub(super) struct Decoded {
 }
 
 /// A decoded message: an event, or a source's watermark.
+// events are nearly every message: boxing them would allocate once per event
+#[allow(clippy::large_enum_variant)]
 pub(super) enum Item {
     Event(Decoded),
     Mark(WatermarkRow, Vec<GapRow>),

@@ -56,6 +56,8 @@ pub use prometheus::{MetricKind, MetricRule, PodTargets, PrometheusSource};
     printcolumn = r#"{"name":"Ready Agents","type":"string","jsonPath":".status.readyAgents"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Last Event","type":"date","jsonPath":".status.lastEventTime"}"#,
+    printcolumn = r#"{"name":"Complete Up To","type":"date","jsonPath":".status.oldestWatermark","description":"The oldest watermark of its agents: every event before it is queryable"}"#,
+    printcolumn = r#"{"name":"Oldest","type":"string","priority":1,"jsonPath":".status.oldestWatermarkSource","description":"The node whose agent has the oldest watermark"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -233,6 +235,14 @@ pub struct CollectorStatus {
     /// Time of the last event this collector produced, when known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_event_time: Option<DateTime<Utc>>,
+    /// How far every agent running it has delivered: the oldest watermark among the
+    /// existing nodes (`GET .../meters/{slug}/completeness` says which interval a
+    /// meter lacks). Absent until each agent has delivered one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oldest_watermark: Option<DateTime<Utc>>,
+    /// The node (or `cluster`) whose agent has that oldest watermark.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oldest_watermark_source: Option<String>,
 }
 
 #[cfg(test)]
