@@ -324,7 +324,8 @@ async fn kubectl_get_prints_the_printer_columns() {
     .unwrap();
     collectors.create(&PostParams::default(), &c).await.unwrap();
     let status = json!({"status": {"source": "podRuntime", "readyAgents": 3, "desiredAgents": 3,
-        "conditions": [{"type": "Ready", "status": "True", "reason": "AgentsReady", "message": "3 of 3 agents ready", "lastTransitionTime": "2026-01-01T00:00:00Z"}]}});
+        "conditions": [{"type": "Ready", "status": "True", "reason": "AgentsReady", "message": "3 of 3 agents ready", "lastTransitionTime": "2026-01-01T00:00:00Z"}],
+        "oldestWatermark": "2026-01-01T00:00:00Z", "oldestWatermarkSource": "gpu-node-7"}});
     collectors
         .patch_status("gpu-pods", &PatchParams::default(), &Patch::Merge(status))
         .await
@@ -336,7 +337,8 @@ async fn kubectl_get_prints_the_printer_columns() {
     assert_eq!(
         words(lines[0]),
         [
-            "NAME", "SOURCE", "EVENT", "TYPE", "READY", "AGENTS", "READY", "LAST", "EVENT", "AGE"
+            "NAME", "SOURCE", "EVENT", "TYPE", "READY", "AGENTS", "READY", "LAST", "EVENT",
+            "COMPLETE", "UP", "TO", "AGE"
         ],
         "{plain}"
     );
@@ -344,6 +346,19 @@ async fn kubectl_get_prints_the_printer_columns() {
         words(lines[1])[..5],
         ["gpu-pods", "podRuntime", "pod-runtime", "3", "True"],
         "{plain}"
+    );
+    // the node with the oldest watermark, in the wide view
+    let wide = kubectl_get(&cluster, "collectors", ns, true).await.unwrap();
+    let lines: Vec<&str> = wide.lines().collect();
+    assert_eq!(
+        words(lines[0]).last().map(String::as_str),
+        Some("OLDEST"),
+        "{wide}"
+    );
+    assert_eq!(
+        words(lines[1]).last().map(String::as_str),
+        Some("gpu-node-7"),
+        "{wide}"
     );
     cluster.remove_namespaces(&client, &[ns]).await;
 }

@@ -57,8 +57,8 @@ pub use prometheus::{MetricKind, MetricRule, PodTargets, PrometheusSource};
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Last Event","type":"date","jsonPath":".status.lastEventTime"}"#,
     printcolumn = r#"{"name":"Complete Up To","type":"date","jsonPath":".status.oldestWatermark","description":"The oldest watermark of its agents: every event before it is queryable"}"#,
-    printcolumn = r#"{"name":"Oldest","type":"string","priority":1,"jsonPath":".status.oldestWatermarkSource","description":"The node whose agent has the oldest watermark"}"#,
-    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    printcolumn = r#"{"name":"Oldest","type":"string","priority":1,"jsonPath":".status.oldestWatermarkSource","description":"The node whose agent has the oldest watermark"}"#
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 #[x_kube(
