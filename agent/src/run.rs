@@ -158,9 +158,10 @@ pub fn start(
                 tasks.spawn(prometheus(key, c.namespace.clone(), collector, mark, ctx));
             }
             Source::HttpApi(cfg) => {
+                let mark = watermark_of(c, &origin, None);
                 let collector =
                     HttpPoller::new(origin, cfg.clone(), &checkpoints).map_err(started)?;
-                tasks.spawn(http_api(key, c.namespace.clone(), collector, ctx));
+                tasks.spawn(http_api(key, c.namespace.clone(), collector, mark, ctx));
             }
             Source::Logs(cfg) => {
                 let collector =
@@ -299,12 +300,18 @@ async fn prometheus(
     }
 }
 
-async fn http_api(key: String, ns: String, mut c: HttpPoller, ctx: Shared) -> Result<()> {
+async fn http_api(
+    key: String,
+    ns: String,
+    mut c: HttpPoller,
+    mark: Watermark,
+    ctx: Shared,
+) -> Result<()> {
     let interval = Duration::from_secs(u64::from(c.interval_secs()));
     loop {
         let wait = match c.poll(&ctx.http, now_secs()).await {
             Ok(poll) => {
-                if !ctx.commit(&key, &ns, &poll.output, None).await? {
+                if !ctx.commit(&key, &ns, &poll.output, Some(&mark)).await? {
                     return Ok(());
                 }
                 if poll.caught_up {

@@ -10,6 +10,9 @@
 //! polls: the generic mapping reads them from the item, the `openai` preset hashes
 //! (bucket start, project, API key, model, batch).
 //!
+//! Its watermark is the end of the last range fetched: the buckets before it were
+//! closed (as `delaySecs` says the API closes them) and fetched whole.
+//!
 //! Header values are read from the agent's environment or mounted files at request
 //! time, so Secrets never appear in the configuration.
 use std::collections::BTreeMap;
@@ -139,6 +142,11 @@ impl HttpPoller {
         output
             .checkpoints
             .insert("until".into(), Some(end.to_string()));
+        // every bucket before `end` is closed (`delaySecs`) and was fetched whole
+        output.watermark = Some(crate::Mark {
+            until_ms: end * 1000,
+            gaps: Vec::new(),
+        });
         Ok(Poll {
             output,
             caught_up: self.next_range(now).is_none(),

@@ -103,6 +103,11 @@ async fn the_openai_preset_maps_closed_buckets_per_group() {
         poll.output.checkpoints["until"],
         Some((T0 + 240).to_string())
     );
+    // complete up to the end of the closed buckets fetched
+    assert_eq!(
+        poll.output.watermark.as_ref().map(|m| m.until_ms),
+        Some((T0 + 240) * 1000)
+    );
 
     let q = seen.lock().unwrap().clone();
     assert_eq!(q.len(), 2, "two pages");
