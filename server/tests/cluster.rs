@@ -415,6 +415,52 @@ async fn a_sharded_replicated_cluster_counts_exactly_once_through_replica_sink_a
         tail(&log)
     );
 
+    // completeness on the cluster: a watermark is produced to every partition, stored
+    // by the sink on each partition's shard and read back over the Distributed tables
+    let mark = json!([{"collector": "load", "source": "load", "types": ["llm"],
+        "until": 1_717_286_400_000i64, // 2024-06-02
+        "gaps": [{"from": 1_717_200_000_000i64, "to": 1_717_200_060_000i64, "reason": "a test gap"}]}]);
+    let r = client()
+        .post(server.url("/api/v1/watermarks"))
+        .json(&mark)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204, "{}", r.text().await.unwrap_or_default());
+    let url = server.url(
+        "/api/v1/meters/tokens/completeness?from=2024-06-01T01:00:00Z&to=2024-06-02T00:00:00Z",
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let body: Value = client()
+            .get(&url)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if body["status"] == "complete" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "completeness on the cluster: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let gapped: Value = client()
+        .get(server.url(
+            "/api/v1/meters/tokens/completeness?from=2024-06-01T00:00:00Z&to=2024-06-02T00:00:00Z",
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(gapped["sources"][0]["status"], "gap", "{gapped}");
+
     // deleting the meter drops its view, rollup and Distributed table on every server
     std::fs::remove_file(server.manifests.join("late.yaml")).unwrap();
     for url in cluster.urls() {
