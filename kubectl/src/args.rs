@@ -35,6 +35,8 @@ pub enum Command {
     Usage(UsageArgs),
     /// The subjects with the most usage of a meter.
     Top(TopArgs),
+    /// Whether every source feeding a meter has delivered a range, and who is behind.
+    Completeness(CompletenessArgs),
     /// The meters this token can read.
     Meters,
     /// The UsageBudgets of the cluster (kubeconfig), with usage / limit this period.
@@ -70,6 +72,15 @@ pub struct TopArgs {
     /// How many subjects.
     #[arg(long, default_value_t = 10)]
     pub limit: usize,
+    #[command(flatten)]
+    pub range: Range,
+}
+
+/// `completeness`.
+#[derive(Args, Debug)]
+pub struct CompletenessArgs {
+    /// The meter (its slug, or the Meter's name).
+    pub meter: String,
     #[command(flatten)]
     pub range: Range,
 }

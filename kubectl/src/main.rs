@@ -6,6 +6,8 @@
 //!
 //! - `kubectl tally usage METER` — values per window, subject and group-by value;
 //! - `kubectl tally top METER` — the subjects with the most usage;
+//! - `kubectl tally completeness METER` — whether every source has delivered the range,
+//!   and which node or collector is behind, over which interval;
 //! - `kubectl tally meters` — the meters it can read;
 //! - `kubectl tally budgets` — the cluster's UsageBudgets (through the kubeconfig, not
 //!   the tally API), with usage / limit this period.
@@ -97,6 +99,16 @@ async fn run(cli: Cli) -> Result<String, Failure> {
                     Ok(render::usage(&answer, &q.group_by))
                 }
             }
+        }
+        Command::Completeness(q) => {
+            let slug = api.slug(cli.namespace(), &q.meter).await?;
+            let params = q
+                .range
+                .params(None, None, &[], &[])
+                .map_err(Failure::usage)?;
+            let path = api.path(cli.namespace(), &format!("/meters/{slug}/completeness"));
+            let answer = api.get_json(&path, &params).await?;
+            Ok(render::completeness(&answer, cli.output))
         }
         Command::Top(q) => {
             let slug = api.slug(cli.namespace(), &q.meter).await?;

@@ -276,6 +276,78 @@ pub fn budgets(list: &[tally_crds::UsageBudget], output: Output) -> String {
     }
 }
 
+/// `completeness`: the overall answer, then one row per source and interval missing.
+pub fn completeness(answer: &Value, output: Output) -> String {
+    let header = [
+        "COLLECTOR",
+        "NODE",
+        "STATUS",
+        "COMPLETE UP TO",
+        "MISSING",
+        "WHY",
+    ]
+    .map(String::from);
+    let text = |v: &Value| v.as_str().unwrap_or("-").to_string();
+    let mut rows = Vec::new();
+    for s in answer["sources"].as_array().into_iter().flatten() {
+        let base = [
+            text(&s["collector"]),
+            text(&s["node"]),
+            text(&s["status"]),
+            text(&s["watermark"]),
+        ];
+        let missing = s["missing"].as_array().cloned().unwrap_or_default();
+        if missing.is_empty() {
+            rows.push(
+                base.iter()
+                    .cloned()
+                    .chain(["-".into(), "-".into()])
+                    .collect::<Vec<_>>(),
+            );
+        }
+        for m in missing {
+            let mut why = text(&m["reason"]);
+            if let Some(pods) = m["pods"].as_array().filter(|p| !p.is_empty()) {
+                let names: Vec<String> = pods.iter().map(text).collect();
+                why.push_str(&format!(" (pods: {})", names.join(", ")));
+            }
+            rows.push(
+                base.iter()
+                    .cloned()
+                    .chain([format!("{} – {}", text(&m["from"]), text(&m["to"])), why])
+                    .collect(),
+            );
+        }
+    }
+    for u in answer["unknown"].as_array().into_iter().flatten() {
+        rows.push(vec![
+            "-".into(),
+            "-".into(),
+            "unknown".into(),
+            "-".into(),
+            "-".into(),
+            format!("{}: {}", text(&u["source"]), text(&u["reason"])),
+        ]);
+    }
+    match output {
+        Output::Json => json(answer),
+        Output::Csv => {
+            let mut out = csv_line(&header.clone().map(|h| h.to_lowercase()));
+            for r in &rows {
+                out.push_str(&csv_line(r));
+            }
+            out
+        }
+        Output::Table => {
+            let mut out = format!("{}\n", text(&answer["status"]).to_uppercase());
+            if !rows.is_empty() {
+                out.push_str(&table(&header, &rows, &[false; 6]));
+            }
+            out
+        }
+    }
+}
+
 /// `meters`.
 pub fn meters(list: &Value, output: Output) -> String {
     let items = list.as_array().cloned().unwrap_or_default();
@@ -324,6 +396,29 @@ pub fn meters(list: &Value, output: Output) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn completeness_names_who_is_behind_and_since_when() {
+        let answer = json!({"status": "incomplete", "sources": [
+            {"collector": "gpus", "node": "n7", "status": "behind", "watermark": "T1",
+             "missing": [{"from": "T1", "to": "T2", "reason": "down", "pods": ["a/p"]}]},
+            {"collector": "gpus", "node": "n1", "status": "complete", "watermark": "T3"}],
+            "unknown": [{"source": "app", "reason": "no watermarks"}]});
+        let out = completeness(&answer, Output::Table);
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines[0], "INCOMPLETE");
+        assert!(
+            lines[2].contains("n7")
+                && lines[2].contains("T1 – T2")
+                && lines[2].contains("down (pods: a/p)"),
+            "{out}"
+        );
+        assert!(
+            lines[3].contains("n1") && lines[3].contains("complete"),
+            "{out}"
+        );
+        assert!(lines[4].contains("app: no watermarks"), "{out}");
+    }
 
     #[test]
     fn numbers_are_grouped_by_thousands() {

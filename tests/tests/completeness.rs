@@ -247,6 +247,26 @@ async fn a_stopped_agent_is_named_with_its_interval_and_complete_once_it_resumes
         missing["reason"].as_str().unwrap().contains("wm-node-1"),
         "{missing}"
     );
+    // the same in a terminal
+    let out = std::process::Command::new(bin("kubectl-tally"))
+        .args(["completeness", "gpu_seconds", "-n", NS, "--server"])
+        .arg(format!("http://{server}"))
+        .args(["--from", &rfc3339(t0 - 120), "--to", &rfc3339(asked)])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{table}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(table.starts_with("INCOMPLETE\n"), "{table}");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.contains("wm-node-1") && l.contains("behind")),
+        "{table}"
+    );
     let s2 = source(&behind, "wm-node-2").expect("node-2 is listed");
     assert_eq!(
         s2["status"], "ended",
