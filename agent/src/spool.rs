@@ -60,6 +60,9 @@ pub struct Spool {
     conn: Mutex<Connection>,
     max_bytes: u64,
     state: Mutex<Totals>,
+    /// The latest watermark kept per collector (once known), so an output that only
+    /// repeats it costs no transaction.
+    marks: Mutex<std::collections::HashMap<String, i64>>,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -115,6 +118,7 @@ impl Spool {
                 bytes: bytes as u64,
                 events: events as u64,
             }),
+            marks: Mutex::default(),
         })
     }
 
@@ -162,6 +166,15 @@ impl Spool {
         if out.is_empty() {
             return Ok(Ok(()));
         }
+        let mut marks = self.marks.lock().unwrap_or_else(|p| p.into_inner());
+        let repeats = out.events.is_empty()
+            && out.checkpoints.is_empty()
+            && out.watermark.as_ref().is_none_or(|m| {
+                m.gaps.is_empty() && marks.get(collector).is_some_and(|l| m.until_ms <= *l)
+            });
+        if repeats {
+            return Ok(Ok(()));
+        }
         let bodies: Vec<Vec<u8>> = out
             .events
             .iter()
@@ -180,6 +193,10 @@ impl Spool {
         });
         Self::write(&mut conn, collector, namespace, &bodies, out, mark.as_ref())
             .step("commit events and checkpoints")?;
+        if let Some(m) = &mark {
+            let last = marks.entry(collector.to_string()).or_insert(m.until);
+            *last = (*last).max(m.until);
+        }
         totals.bytes += size;
         totals.events += bodies.len() as u64;
         Ok(Ok(()))

@@ -10,8 +10,8 @@
 //!   named), or when its watermark has not reached every partition yet;
 //! - `gap` when an interval it could not observe overlaps the range (named with the
 //!   pods known to be affected); a gap stays, whatever the watermark does later;
-//! - `ended` when its node no longer exists: nothing more is expected from it (its
-//!   gaps are still reported).
+//! - `ended` when its node or its Collector no longer exists: nothing more is expected
+//!   from it (its gaps are still reported).
 //!
 //! Events of the meter's type in the range from a CloudEvent `source` that sends no
 //! watermarks make the answer `unknown` (if nothing is behind): tally cannot prove them
@@ -88,7 +88,7 @@ pub enum SourceStatus {
     Behind,
     /// Could not observe part of the range.
     Gap,
-    /// Its node was deleted; nothing more is expected.
+    /// Its node or Collector was deleted; nothing more is expected.
     Ended,
 }
 
@@ -194,14 +194,33 @@ pub fn source_watermarks(marks: &[PartitionMark]) -> Vec<(String, String, Option
         .collect()
 }
 
-/// Assesses `[from, to)` of a meter over `event_type`. `nodes`: the cluster's nodes
-/// now, when known (a source of a node not among them has ended).
+/// What exists now, when known: a source whose node or Collector is gone has ended
+/// (nothing more is expected from it).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Existing {
+    /// The cluster's nodes.
+    pub nodes: Option<BTreeSet<String>>,
+    /// The namespace's Collectors (names).
+    pub collectors: Option<BTreeSet<String>>,
+}
+
+impl Existing {
+    fn ended(&self, collector: &str, node: &str) -> bool {
+        (!node.is_empty() && self.nodes.as_ref().is_some_and(|n| !n.contains(node)))
+            || self
+                .collectors
+                .as_ref()
+                .is_some_and(|c| !c.contains(collector))
+    }
+}
+
+/// Assesses `[from, to)` of a meter over `event_type`, given what exists now.
 pub fn assess(
     event_type: &str,
     from: Option<i64>,
     to: i64,
     facts: &Facts,
-    nodes: Option<&BTreeSet<String>>,
+    existing: &Existing,
 ) -> Completeness {
     let mut sources: BTreeMap<(String, String), Vec<&PartitionMark>> = BTreeMap::new();
     for m in facts
@@ -218,7 +237,7 @@ pub fn assess(
     let mut reports = Vec::new();
     for ((collector, node), marks) in &sources {
         let watermark = watermark_of(marks);
-        let ended = !node.is_empty() && nodes.is_some_and(|n| !n.contains(node));
+        let ended = existing.ended(collector, node);
         let mut missing = Vec::new();
         for g in facts
             .gaps
@@ -345,9 +364,21 @@ mod tests {
             marks: vec![mark("n1", 0, T + 120_000), mark("n1", 1, T + 60_000)],
             ..Facts::default()
         };
-        let c = assess("pod-runtime", Some(T), T + 60_000, &facts, None);
+        let c = assess(
+            "pod-runtime",
+            Some(T),
+            T + 60_000,
+            &facts,
+            &Existing::default(),
+        );
         assert_eq!(c.status, Status::Complete);
-        let c = assess("pod-runtime", Some(T), T + 90_000, &facts, None);
+        let c = assess(
+            "pod-runtime",
+            Some(T),
+            T + 90_000,
+            &facts,
+            &Existing::default(),
+        );
         assert_eq!(c.status, Status::Incomplete);
         let s = &c.sources[0];
         assert_eq!(
@@ -358,7 +389,7 @@ mod tests {
         assert_eq!(s.missing[0].to, format_ms(T + 90_000));
         assert!(s.missing[0].reason.contains("node n1"), "{:?}", s.missing);
         // another meter's type: no source, so unknown
-        let c = assess("other", Some(T), T + 60_000, &facts, None);
+        let c = assess("other", Some(T), T + 60_000, &facts, &Existing::default());
         assert_eq!((c.status, c.sources.len()), (Status::Unknown, 0));
     }
 
@@ -368,7 +399,13 @@ mod tests {
             marks: vec![mark("n1", 0, T + 120_000)],
             ..Facts::default()
         };
-        let c = assess("pod-runtime", Some(T), T + 60_000, &facts, None);
+        let c = assess(
+            "pod-runtime",
+            Some(T),
+            T + 60_000,
+            &facts,
+            &Existing::default(),
+        );
         assert_eq!(c.sources[0].status, SourceStatus::Behind);
         assert_eq!(c.sources[0].watermark, None);
     }
@@ -397,8 +434,11 @@ mod tests {
             gaps: vec![gap],
             event_sources: vec!["tally/a/pods".into(), "billing-app".into()],
         };
-        let nodes: BTreeSet<String> = ["n1".to_string(), "n2".to_string()].into();
-        let c = assess("pod-runtime", Some(T), T + 60_000, &facts, Some(&nodes));
+        let existing = Existing {
+            nodes: Some(["n1".to_string(), "n2".to_string()].into()),
+            collectors: Some(["pods".to_string()].into()),
+        };
+        let c = assess("pod-runtime", Some(T), T + 60_000, &facts, &existing);
         assert_eq!(c.status, Status::Incomplete);
         let by_node: BTreeMap<_, _> = c
             .sources
@@ -416,8 +456,18 @@ mod tests {
             Some(T + 30_000),
             T + 60_000,
             &facts,
-            Some(&nodes),
+            &existing,
         );
         assert_eq!(c.status, Status::Unknown);
+        // a deleted Collector's sources end too
+        let gone = Existing {
+            collectors: Some(BTreeSet::new()),
+            ..existing
+        };
+        let c = assess("pod-runtime", Some(T + 30_000), T + 700_000, &facts, &gone);
+        assert!(
+            c.sources.iter().all(|s| s.status == SourceStatus::Ended),
+            "{c:?}"
+        );
     }
 }

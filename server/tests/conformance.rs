@@ -295,7 +295,7 @@ async fn watermarks_and_gaps(mut h: Harness) {
             let facts = s
                 .completeness_facts("default", "usage", Some(from), to)
                 .unwrap();
-            tally_meter::completeness::assess("usage", Some(from), to, &facts, None)
+            tally_meter::completeness::assess("usage", Some(from), to, &facts, &Default::default())
         }
     };
     // after the gap, before the watermark: complete

@@ -9,8 +9,9 @@ use axum::extract::{Extension, Path, Query, State};
 use axum::http::StatusCode;
 use chrono::Utc;
 use k8s_openapi::api::core::v1::Node;
+use tally_crds::Collector;
 use tally_crds::Watermark;
-use tally_meter::completeness::{Completeness, assess};
+use tally_meter::completeness::{Completeness, Existing, assess};
 
 use super::auth::Access;
 use super::problem::{Problem, ProblemItem};
@@ -126,9 +127,16 @@ pub(crate) async fn meter_completeness(
     if from.is_some_and(|f| f >= to) {
         return Err(Problem::bad_parameter("from", "must be before to"));
     }
-    let nodes = match &state.kube {
-        Some(client) => nodes(&client.0).await,
-        None => None,
+    let existing = match &state.kube {
+        Some(client) => Existing {
+            nodes: names(kube::Api::<Node>::all(client.0.clone()), "nodes").await,
+            collectors: names(
+                kube::Api::<Collector>::namespaced(client.0.clone(), &ns),
+                "collectors",
+            )
+            .await,
+        },
+        None => Existing::default(),
     };
     let store = state.store.clone();
     let event_type = m.meter.spec.event_type.clone();
@@ -141,14 +149,16 @@ pub(crate) async fn meter_completeness(
         from,
         to,
         &facts,
-        nodes.as_ref(),
+        &existing,
     )))
 }
 
-/// The cluster's nodes now; `None` when they cannot be listed (then no source is
-/// taken for ended).
-async fn nodes(client: &kube::Client) -> Option<BTreeSet<String>> {
-    let api: kube::Api<Node> = kube::Api::all(client.clone());
+/// The names of what exists now (nodes, the namespace's Collectors); `None` when they
+/// cannot be listed (then none of their sources is taken for ended).
+async fn names<K>(api: kube::Api<K>, what: &str) -> Option<BTreeSet<String>>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
     match api.list_metadata(&Default::default()).await {
         Ok(list) => Some(
             list.items
@@ -157,7 +167,7 @@ async fn nodes(client: &kube::Client) -> Option<BTreeSet<String>> {
                 .collect(),
         ),
         Err(e) => {
-            tracing::warn!(error = %e, "Cannot list nodes (the server needs list on nodes); deleted nodes' sources are reported as behind");
+            tracing::warn!(error = %e, "Cannot list {what} (the server needs list on {what}); the sources of deleted {what} are reported as behind");
             None
         }
     }
