@@ -40,6 +40,8 @@ struct State {
     broken_at: Option<i64>,
     /// Whether a first listing completed.
     listed: bool,
+    /// When this process's first listing completed (Unix s).
+    listed_at: Option<i64>,
     /// Intervals (Unix ms) in which the watch may have missed pods: from a failure to
     /// the re-listing that followed it (the API no longer had the changes in between).
     blind: Vec<(i64, i64)>,
@@ -205,6 +207,13 @@ impl PodCache {
         s.node.clone()
     }
 
+    /// Since when (Unix s) this process has watched the pods: its first complete
+    /// listing (`None` before it, and for a fixed cache).
+    pub fn watching_since(&self) -> Option<i64> {
+        let s = self.state.read().unwrap_or_else(|p| p.into_inner());
+        s.listed_at
+    }
+
     /// Intervals (Unix ms) in which the pod watch may have missed pods, from the
     /// `seen`-th on (a caller keeps how many it has seen).
     pub fn blind(&self, seen: usize) -> Vec<(i64, i64)> {
@@ -282,6 +291,7 @@ fn apply(state: &RwLock<State>, ev: Event<Pod>) -> bool {
                 }
             }
             s.listed = true;
+            s.listed_at.get_or_insert(now_ms.div_euclid(1000));
             s.broken_at = None;
             for (uid, (_, gone)) in s.pods.iter_mut() {
                 if gone.is_none() && !seen.contains(uid) {

@@ -248,7 +248,7 @@ async fn pod_runtime(
             c.retain_present(&present, now);
             if !synced {
                 synced = true;
-                out.extend(c.synced(now));
+                out.extend(c.synced(now, ctx.pods.watching_since()));
             }
             let new_blind = ctx.pods.blind(blind);
             blind += new_blind.len();

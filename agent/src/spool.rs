@@ -362,6 +362,8 @@ impl Spool {
             tx.commit()
         };
         delete(&mut conn).step("delete delivered events")?;
+        // one lock at a time: `commit` takes the totals before the connection
+        drop(conn);
         let mut totals = self.totals();
         totals.bytes = totals
             .bytes

@@ -287,10 +287,16 @@ impl PodRuntime {
     /// status). If a previous process ran, the time since it last watched pods is a
     /// **gap**: a pod created and deleted meanwhile was never seen. The gap names the
     /// pods known to be affected (those deleted while no one watched).
-    pub fn synced(&mut self, now: i64) -> Output {
+    ///
+    /// `watching_since`: since when this process's pod cache has watched (Unix s). A
+    /// collector restarted within a process that kept watching (a configuration
+    /// reload) has no gap.
+    pub fn synced(&mut self, now: i64, watching_since: Option<i64>) -> Output {
         let mut out = Output::default();
         let mut lost = Vec::new();
-        let mut from = self.watched.filter(|_| self.restarted);
+        let mut from = self
+            .watched
+            .filter(|w| self.restarted && watching_since.is_none_or(|s| s > *w));
         for (uid, c) in self.restored.drain() {
             tracing::warn!(
                 uid,

@@ -157,7 +157,7 @@ fn a_restart_is_a_gap_naming_the_pods_deleted_meanwhile() {
     drop(a);
     // the pod was deleted while no agent ran; the next one starts at T0 + 500
     let mut b = collector("{}", &state);
-    let out = b.synced(T0 + 500);
+    let out = b.synced(T0 + 500, Some(T0 + 499));
     let gaps = out.watermark.unwrap().gaps;
     assert_eq!(gaps.len(), 1);
     // from the pod's first unsent window (before the last `watched`) to the restart
@@ -169,7 +169,11 @@ fn a_restart_is_a_gap_naming_the_pods_deleted_meanwhile() {
     assert!(gaps[0].reason.contains("gpu-node-1"), "{}", gaps[0].reason);
     // a first start (no `watched`) has no gap
     let mut fresh = collector("{}", &BTreeMap::new());
-    assert_eq!(fresh.synced(T0 + 500).watermark, None);
+    assert_eq!(fresh.synced(T0 + 500, Some(T0 + 499)).watermark, None);
+    // nor a collector restarted by a reload in a process that kept watching
+    let mut reloaded = collector("{}", &state);
+    reloaded.observe(&fixture("train-running"));
+    assert_eq!(reloaded.synced(T0 + 500, Some(T0 + 100)).watermark, None);
 }
 
 #[test]
@@ -209,7 +213,7 @@ fn restarting_from_checkpoints_neither_loses_nor_repeats() {
     drop(a);
     let mut b = collector("{}", &state);
     b.observe(&fixture("train-finished"));
-    applied(&mut state, &b.synced(0));
+    applied(&mut state, &b.synced(0, None));
     let second = b.tick(T0 + 320);
     assert_eq!(durations(&second), vec![(180, 60), (240, 3)]);
     applied(&mut state, &second);
@@ -271,7 +275,7 @@ fn a_deleted_checkpointed_pod_is_forgotten_after_sync() {
         r#"{"until":0,"runs":[]}"#.to_string(),
     )]);
     let mut c = collector("{}", &state);
-    let out = c.synced(0);
+    let out = c.synced(0, None);
     assert_eq!(out.checkpoints.get("pod/gone"), Some(&None));
 }
 
