@@ -141,15 +141,13 @@ impl Sink {
                     cfg.url.trim_end_matches('/')
                 );
                 let body = serde_json::to_vec(marks).expect("watermarks serialize");
-                let mut req = client
-                    .post(&url)
-                    .header("Content-Type", "application/json")
-                    .body(body);
-                if let Some(file) = &cfg.token_file {
-                    let token = std::fs::read_to_string(file)
-                        .map_err(|e| format!("cannot read the token file {file}: {e}"))?;
-                    req = req.bearer_auth(token.trim());
-                }
+                let req = authorized(
+                    client
+                        .post(&url)
+                        .header("Content-Type", "application/json")
+                        .body(body),
+                    cfg,
+                )?;
                 let resp = req.send().await.map_err(|e| format!("POST {url}: {e}"))?;
                 let status = resp.status();
                 if status.is_success() {
@@ -191,6 +189,22 @@ async fn deliver_watermarks(spool: &Spool, sink: &Sink, metrics: &Metrics) -> cr
     Ok(())
 }
 
+/// `req` with the bearer token of `cfg.token_file`, read now (a rotated Secret is
+/// picked up).
+fn authorized(
+    req: reqwest::RequestBuilder,
+    cfg: &IngestSink,
+) -> Result<reqwest::RequestBuilder, String> {
+    match &cfg.token_file {
+        None => Ok(req),
+        Some(file) => {
+            let token = std::fs::read_to_string(file)
+                .map_err(|e| format!("cannot read the token file {file}: {e}"))?;
+            Ok(req.bearer_auth(token.trim()))
+        }
+    }
+}
+
 async fn send_ingest(
     client: &reqwest::Client,
     cfg: &IngestSink,
@@ -214,15 +228,14 @@ async fn send_ingest(
         "{}/api/v1/namespaces/{namespace}/events",
         cfg.url.trim_end_matches('/')
     );
-    let mut req = client
-        .post(&url)
-        .header("Content-Type", "application/cloudevents-batch+json")
-        .body(body);
-    if let Some(file) = &cfg.token_file {
-        let token = std::fs::read_to_string(file)
-            .map_err(|e| retry(format!("cannot read the token file {file}: {e}")))?;
-        req = req.bearer_auth(token.trim());
-    }
+    let req = authorized(
+        client
+            .post(&url)
+            .header("Content-Type", "application/cloudevents-batch+json")
+            .body(body),
+        cfg,
+    )
+    .map_err(retry)?;
     let resp = req
         .send()
         .await

@@ -271,26 +271,12 @@ impl Store for ClickHouseStore {
     }
 
     fn submit(&self, namespace: &str, events: Vec<UsageEvent>) -> Result<Pending> {
-        let producer = self.producer.clone().ok_or_else(|| {
-            Error::Unavailable(
-                "this server has no --kafka brokers configured, so it cannot ingest".into(),
-            )
-        })?;
-        let (tx, rx) = futures_channel::oneshot::channel();
         let ns = namespace.to_string();
-        self.handle.spawn(async move {
-            let n = events.len();
-            let r = producer
+        self.produce(events.len(), async move |producer| {
+            producer
                 .send(&ns, &events, chrono::Utc::now().timestamp_millis())
                 .await
-                .map_err(kafka_error)
-                .map(|()| IngestOutcome {
-                    stored: n,
-                    deduplicated: 0,
-                });
-            let _ = tx.send(r);
-        });
-        Ok(rx)
+        })
     }
 
     fn sync_meters(&self, meters: Vec<Arc<CompiledMeter>>) -> Result<Synced> {
@@ -449,26 +435,10 @@ impl Store for ClickHouseStore {
     // Through Kafka, so each copy follows the events before it on its partition and
     // the sink stores it with them.
     fn record_watermarks(&self, namespace: &str, marks: Vec<Watermark>) -> Result<Pending> {
-        let producer = self.producer.clone().ok_or_else(|| {
-            Error::Unavailable(
-                "this server has no --kafka brokers configured, so it cannot ingest".into(),
-            )
-        })?;
-        let (tx, rx) = futures_channel::oneshot::channel();
         let ns = namespace.to_string();
-        self.handle.spawn(async move {
-            let n = marks.len();
-            let r = producer
-                .send_watermarks(&ns, &marks)
-                .await
-                .map_err(kafka_error)
-                .map(|()| IngestOutcome {
-                    stored: n,
-                    deduplicated: 0,
-                });
-            let _ = tx.send(r);
-        });
-        Ok(rx)
+        self.produce(marks.len(), async move |producer| {
+            producer.send_watermarks(&ns, &marks).await
+        })
     }
 
     fn completeness_facts(
@@ -485,6 +455,29 @@ impl Store for ClickHouseStore {
 }
 
 impl ClickHouseStore {
+    /// Runs `send` (`n` items) on the producer in the background; the answer resolves
+    /// once Kafka acknowledged them.
+    fn produce<F>(&self, n: usize, send: impl FnOnce(Arc<Producer>) -> F) -> Result<Pending>
+    where
+        F: std::future::Future<Output = tally_kafka::Result<()>> + Send + 'static,
+    {
+        let producer = self.producer.clone().ok_or_else(|| {
+            Error::Unavailable(
+                "this server has no --kafka brokers configured, so it cannot ingest".into(),
+            )
+        })?;
+        let (tx, rx) = futures_channel::oneshot::channel();
+        let sent = send(producer);
+        self.handle.spawn(async move {
+            let r = sent.await.map_err(kafka_error).map(|()| IngestOutcome {
+                stored: n,
+                deduplicated: 0,
+            });
+            let _ = tx.send(r);
+        });
+        Ok(rx)
+    }
+
     /// Portal tokens matching `cond`, newest first. The table is replicated to every
     /// server of a cluster, so the local copy answers.
     fn portal_rows(&self, cond: &str, limit: usize) -> Result<Vec<PortalTokenRecord>> {

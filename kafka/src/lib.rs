@@ -18,7 +18,7 @@ use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer as _};
 use tally_crds::{Envelope, UsageEvent, Watermark};
 
 /// Errors of the Kafka transport.
@@ -308,17 +308,30 @@ impl Producer {
         let mut deliveries = Vec::with_capacity(envelopes.len());
         for env in envelopes {
             let (key, payload) = (env.key(), env.to_bytes());
-            let record = FutureRecord::to(&self.config.topic)
-                .key(&key)
-                .payload(&payload);
-            match self.inner.send_result(record) {
-                Ok(d) => deliveries.push(d),
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                    return Err(Error::Overloaded);
-                }
-                Err((e, _)) => return Err(self.unavailable(e)),
-            }
+            deliveries.push(
+                self.queue(
+                    FutureRecord::to(&self.config.topic)
+                        .key(key.as_str())
+                        .payload(payload.as_slice()),
+                )?,
+            );
         }
+        self.acknowledged(deliveries).await
+    }
+
+    /// Queues one record; a full local queue is [`Error::Overloaded`].
+    fn queue(&self, record: FutureRecord<'_, str, [u8]>) -> Result<DeliveryFuture> {
+        match self.inner.send_result(record) {
+            Ok(d) => Ok(d),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                Err(Error::Overloaded)
+            }
+            Err((e, _)) => Err(self.unavailable(e)),
+        }
+    }
+
+    /// Waits until Kafka acknowledged every queued record.
+    async fn acknowledged(&self, deliveries: Vec<DeliveryFuture>) -> Result<()> {
         for d in deliveries {
             match d.await {
                 Ok(Ok(_)) => {}
@@ -372,26 +385,13 @@ impl Producer {
             let key = format!("{namespace}/watermark");
             for p in 0..n {
                 let record = FutureRecord::to(&self.config.topic)
-                    .key(&key)
+                    .key(key.as_str())
                     .partition(p)
-                    .payload(&payload);
-                match self.inner.send_result(record) {
-                    Ok(d) => deliveries.push(d),
-                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                        return Err(Error::Overloaded);
-                    }
-                    Err((e, _)) => return Err(self.unavailable(e)),
-                }
+                    .payload(payload.as_slice());
+                deliveries.push(self.queue(record)?);
             }
         }
-        for d in deliveries {
-            match d.await {
-                Ok(Ok(_)) => {}
-                Ok(Err((e, _))) => return Err(self.unavailable(e)),
-                Err(_) => return Err(Error::Unavailable("the Kafka producer stopped".into())),
-            }
-        }
-        Ok(())
+        self.acknowledged(deliveries).await
     }
 
     fn unavailable(&self, e: KafkaError) -> Error {

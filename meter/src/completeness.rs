@@ -181,6 +181,16 @@ fn watermark_of(marks: &[&PartitionMark]) -> Option<i64> {
 /// Every source (collector, node) among `marks` with its watermark (`None` while some
 /// partition it was sent to has none of it yet).
 pub fn source_watermarks(marks: &[PartitionMark]) -> Vec<(String, String, Option<i64>)> {
+    by_source(marks.iter())
+        .into_iter()
+        .map(|((c, n), marks)| (c.to_string(), n.to_string(), watermark_of(&marks)))
+        .collect()
+}
+
+/// `marks` by source: (collector, node).
+fn by_source<'a>(
+    marks: impl Iterator<Item = &'a PartitionMark>,
+) -> BTreeMap<(&'a str, &'a str), Vec<&'a PartitionMark>> {
     let mut sources: BTreeMap<(&str, &str), Vec<&PartitionMark>> = BTreeMap::new();
     for m in marks {
         sources
@@ -189,9 +199,6 @@ pub fn source_watermarks(marks: &[PartitionMark]) -> Vec<(String, String, Option
             .push(m);
     }
     sources
-        .into_iter()
-        .map(|((c, n), marks)| (c.to_string(), n.to_string(), watermark_of(&marks)))
-        .collect()
 }
 
 /// What exists now, when known: a source whose node or Collector is gone has ended
@@ -222,17 +229,12 @@ pub fn assess(
     facts: &Facts,
     existing: &Existing,
 ) -> Completeness {
-    let mut sources: BTreeMap<(String, String), Vec<&PartitionMark>> = BTreeMap::new();
-    for m in facts
-        .marks
-        .iter()
-        .filter(|m| m.types.iter().any(|t| t == event_type))
-    {
-        sources
-            .entry((m.collector.clone(), m.node.clone()))
-            .or_default()
-            .push(m);
-    }
+    let sources = by_source(
+        facts
+            .marks
+            .iter()
+            .filter(|m| m.types.iter().any(|t| t == event_type)),
+    );
     let start = from.unwrap_or(i64::MIN);
     let mut reports = Vec::new();
     for ((collector, node), marks) in &sources {
@@ -291,8 +293,8 @@ pub fn assess(
             SourceStatus::Complete
         };
         reports.push(SourceReport {
-            collector: collector.clone(),
-            node: (!node.is_empty()).then(|| node.clone()),
+            collector: collector.to_string(),
+            node: (!node.is_empty()).then(|| node.to_string()),
             source: marks[0].source.clone(),
             status,
             watermark: watermark.map(format_ms),
