@@ -490,3 +490,44 @@ async fn watermarks_are_validated_and_completeness_answers_over_http() {
     let (status, _) = get_json(&c, &s.url("/api/v1/meters/nope/completeness")).await;
     assert_eq!(status, 404);
 }
+
+/// The README's completeness answer is the server's: its two sources' watermarks are
+/// recorded, and the README's request is answered with exactly the README's JSON.
+#[tokio::test]
+async fn the_readme_completeness_answer_is_the_servers() {
+    let readme =
+        std::fs::read_to_string(format!("{}/../README.md", env!("CARGO_MANIFEST_DIR"))).unwrap();
+    let block = readme
+        .split("<!-- completeness-answer -->\n```console\n")
+        .nth(1)
+        .and_then(|r| r.split("```\n<!-- /completeness-answer -->").next())
+        .expect("README has the completeness-answer block");
+    let (command, answer) = block.split_once('\n').unwrap();
+    let url = command
+        .strip_prefix("$ curl -s 'http://localhost:8080")
+        .and_then(|u| u.strip_suffix('\''))
+        .expect("the block starts with the curl command");
+    let shown: serde_json::Value = serde_json::from_str(answer).unwrap();
+    const GPU: &str = "apiVersion: tally.dev/v1alpha1\nkind: Meter\nmetadata: {name: gpu-seconds, namespace: team-a}\nspec: {eventType: pod-runtime, aggregation: SUM, valueProperty: $.gpu_seconds}\n";
+    let s = Server::start(&[("gpu.yaml", GPU)], &[]);
+    let c = client();
+    let ms = |t: &str| {
+        chrono::DateTime::parse_from_rfc3339(t)
+            .unwrap()
+            .timestamp_millis()
+    };
+    let marks = json!([
+        {"collector": "gpus", "node": "gpu-node-7", "source": "tally/team-a/gpus", "types": ["pod-runtime"], "until": ms("2026-12-02T04:41:10Z")},
+        {"collector": "gpus", "node": "gpu-node-1", "source": "tally/team-a/gpus", "types": ["pod-runtime"], "until": ms("2026-12-02T05:00:20Z")}
+    ]);
+    let r = c
+        .post(s.url("/api/v1/namespaces/team-a/watermarks"))
+        .json(&marks)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    let (status, got) = get_json(&c, &s.url(url)).await;
+    assert_eq!(status, 200, "{got}");
+    assert_eq!(got, shown);
+}
