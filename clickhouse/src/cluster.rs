@@ -57,11 +57,11 @@
 //!   clock of the server the operator talks to, so the cutover argument of
 //!   [`crate::provision`] needs the servers' clocks within the cutover margin (5 s by
 //!   default; NTP keeps them within milliseconds).
-//! - **Meters a repair re-derives** are read from the writer's copy of `meters`. A meter
-//!   whose record has not reached the writer within the cutover margin after it was
-//!   written (the writer cut off from ZooKeeper that long) would be missed by a repair
-//!   in that moment; its view takes rows only from the cutover on, so this needs both
-//!   at once.
+//! - **The meters a batch feeds** (and those a repair re-derives) are read from the
+//!   writer's copy of `meters`, which ZooKeeper replicates from the server the
+//!   operator wrote to. Provisioning waits until every writer shows a new record before
+//!   its cutover (else it chooses a later one), so a writer's copy never lacks a meter
+//!   its batches must feed ([`crate::provision`]).
 //! - **Provisioning reads the writers too**: the cutover's wait reads each shard's
 //!   `sink_log` on its writer, and the backfill runs shard by shard on the writer (its
 //!   `events` into its rollup), so it sees every batch the sink finished; a replica

@@ -12,10 +12,11 @@
 //!   is kept verbatim and also **flattened** ([`Flat`]) into parallel arrays keyed by
 //!   canonical singular paths, so a view can evaluate any meter's value, group-bys and
 //!   filters exactly, also for meters created after the events.
-//! - `events_feed`: a `Null` table with the same columns. The sink inserts each batch
-//!   into `events` and then into `events_feed`; each meter's materialized view reads
-//!   `events_feed`. Two explicit inserts make "raw stored, views not yet fed" a state the
-//!   sink can name, log and repair ([`crate::sink`]).
+//! - `events_feed`: a `Null` table with the same columns, which each meter's
+//!   materialized view reads. A sink of the previous release inserted every batch into
+//!   it; this one computes the meters' rollup rows itself ([`fold`], one pass over the
+//!   batch for all meters) and leaves it alone, so the views matter only while such a
+//!   sink still runs during an upgrade ([`provision`]).
 //! - `event_ids`: (hash, namespace, source, id) of every stored event, ordered by hash and
 //!   partitioned by month of insertion: the sink's dedup lookup beyond its memory budget.
 //! - `dead_letters`: messages that cannot be stored, with the reason (ReplacingMergeTree
@@ -26,9 +27,10 @@
 //!   keyed by (subject, group-by values, minute, origin) with the states the meter's
 //!   aggregation needs ([`rollup`]); and `rollup_<hash>_q`, the same at fifteen minutes
 //!   (every modern zone offset is a multiple of 15 minutes, so whole quarters of any
-//!   window come from it), each fed by its own view.
+//!   window come from it), both fed by the sink ([`fold`]).
 pub mod args;
 pub mod cluster;
+pub mod fold;
 pub mod provision;
 pub mod rollup;
 pub mod sink;
@@ -271,6 +273,24 @@ impl Ch {
         for r in rows {
             ins.write(r).await.map_err(self.err(&step))?;
         }
+        ins.end().await.map_err(self.err(&step))
+    }
+
+    /// Inserts ready `RowBinary` rows of `columns` into `table` of tally's database (the
+    /// rollup states of [`fold`], which the `clickhouse` crate cannot encode).
+    pub async fn insert_row_binary(&self, table: &str, columns: &str, body: &[u8]) -> Result<()> {
+        if body.is_empty() {
+            return Ok(());
+        }
+        let step = format!("insert into {}.{table}", self.database);
+        let mut ins = self
+            .client
+            .insert_formatted_with(format!(
+                "INSERT INTO {}.{table} ({columns}) FORMAT RowBinary",
+                self.database
+            ))
+            .buffered_with_capacity(body.len().min(1 << 20));
+        ins.write_buffered(body);
         ins.end().await.map_err(self.err(&step))
     }
 

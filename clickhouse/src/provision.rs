@@ -3,14 +3,16 @@
 //!
 //! # The cutover argument
 //! Every row of `events` carries `inserted_at`, ClickHouse's clock read by the sink when
-//! it began the row's batch (the same value goes into `events_feed`). For a new meter:
-//! 1. Pick `T` = ClickHouse `now()` + margin, record it in `meters`, then create the
-//!    rollup and the view, which takes only feed rows with `inserted_at >= T`; if the
-//!    clock has reached `T` by then (slow DDL, e.g. `ON CLUSTER`), start again with a
-//!    later `T` and twice the margin.
-//!    Any batch with `inserted_at >= T` began after `T`, so after the view existed, so
-//!    ClickHouse pushes it through the view. (If the view is found missing on a retry,
-//!    a new `T` is chosen, so this holds for the view that exists.)
+//! it began the row's batch. The sink folds a batch begun at `S` into the rollup of
+//! every meter whose record says `T <= S` ([`crate::sink`]). For a new meter:
+//! 1. Create the rollup tables, pick `T` = ClickHouse `now()` + margin, record it in
+//!    `meters`, and wait until every writer (each shard's first replica; on one server
+//!    the server) shows the record. If the clock has reached `T` by then (slow DDL or
+//!    replication, e.g. `ON CLUSTER`), clear (below) and start again with a later `T`
+//!    and twice the margin. So the record is on the writer before `T`, and the sink,
+//!    which reads its meters there with the writer's clock first and uses that list
+//!    only for batches begun no later than that clock, feeds the rollup every batch
+//!    with `inserted_at >= T` and no other.
 //! 2. Wait until ClickHouse's clock passes `T + grace`, then until no Kafka partition's
 //!    latest `sink_log` record is a `begin` with `inserted_at < T`. The sink abandons a
 //!    `begin` it could not write within `grace` of reading the clock, so after `T + grace`
@@ -20,16 +22,21 @@
 //!    the states of every `events` row with `inserted_at < T`, tagged `origin = 1`, and
 //!    mark the meter backfilled. Queries serve the meter only after that.
 //!
-//! So each stored event is counted once: by the view (`>= T`) or by the backfill
+//! So each stored event is counted once: by the sink (`>= T`) or by the backfill
 //! (`< T`), never both and never neither.
 //!
-//! A meter found with some but not all of its views (a database provisioned before the
-//! fifteen-minute tier has only the minute view; a view dropped by hand) gets a new `T`
-//! for every grain: each existing view is dropped and its rows (`origin = 0`) deleted
-//! before the new view is created, so the argument above holds for the new `T`. (A
-//! sink repair that read the old `T` just before could re-derive old view rows after
-//! that deletion; it needs a crashed batch at that moment.) Deleting a meter drops its view and rollup;
-//! raw events stay.
+//! **Clearing** a record of an older cutover (a meter found with some but not all of
+//! its tables or views, e.g. a database from before the fifteen-minute tier; a `T`
+//! passed during step 1): write it with a cutover no batch reaches (`u32::MAX`) and wait
+//! until every writer shows that, wait as in step 2 for every batch begun before then
+//! (those may have used the old `T`), then drop the meter's views and delete its rows
+//! with `origin = 0`. Then step 1 runs with a new `T`.
+//!
+//! Each meter also keeps a materialized view on `events_feed` with the same `T`. This
+//! release's sink never writes `events_feed`; the views are for a sink of the previous
+//! release still running during an upgrade, which feeds them instead of folding, so
+//! both count every batch once. Deleting a meter marks its record dropped, then drops
+//! its views and rollups; raw events stay.
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -120,20 +127,12 @@ async fn live_records(ch: &Ch, step: &str, and: &str) -> Result<Vec<MeterRecord>
     .await
 }
 
-async fn write_record(ch: &Ch, rec: &MeterRecord) -> Result<()> {
+async fn write_record(ch: &Ch, rec: &MeterRecord) -> Result<MeterRecord> {
     let mut rec = rec.clone();
     rec.version = version();
-    ch.insert::<MeterRecord>("meters", &[rec]).await
-}
-
-async fn exists(ch: &Ch, table: &str) -> Result<bool> {
-    let v: Vec<u8> = ch
-        .fetch(
-            "check a table exists",
-            &format!("EXISTS TABLE {}.{table}", ch.db()),
-        )
+    ch.insert::<MeterRecord>("meters", std::slice::from_ref(&rec))
         .await?;
-    Ok(v.first() == Some(&1))
+    Ok(rec)
 }
 
 fn definition(m: &CompiledMeter) -> String {
@@ -148,7 +147,7 @@ fn definition(m: &CompiledMeter) -> String {
 pub async fn prepare(ch: &Ch, m: &CompiledMeter, cfg: &CutoverConfig) -> Result<MeterRecord> {
     let sql = RollupSql::new(m);
     let rec = record(ch, &sql.table).await?;
-    if let Some(rec) = rec {
+    if let Some(rec) = &rec {
         let mut needed = Vec::new();
         for grain in Grain::ALL {
             let table = grain.table(&sql.table);
@@ -158,15 +157,26 @@ pub async fn prepare(ch: &Ch, m: &CompiledMeter, cfg: &CutoverConfig) -> Result<
             }
         }
         let needed: Vec<&str> = needed.iter().map(String::as_str).collect();
-        if ch.all_exist(&needed).await? {
-            return Ok(rec);
+        // a void record (u32::MAX) is a clearing that did not finish
+        if rec.cutover != u32::MAX && ch.all_exist(&needed).await? {
+            return Ok(rec.clone());
         }
     }
-    // The views must exist before T: if creating them took longer than the margin (ON
-    // CLUSTER DDL waits for every server), T is void and a later one is chosen; the
-    // views just made are then replaced like any of an older cutover.
+    // A record of an older cutover may be feeding the rollup (the sink applies it to
+    // every batch begun at or after it): void it and let those batches end, then drop
+    // its views and rows, so the backfill (< T) and the new T count each event once.
+    if let Some(old) = rec {
+        clear(ch, &sql, old, cfg).await?;
+    }
     let mut margin = cfg.margin_secs.max(1);
     loop {
+        // the tables first: a sink that sees the record must find them
+        for grain in Grain::ALL {
+            let table = grain.table(&sql.table);
+            ch.exec("create a rollup", &sql.create_table(ch, grain))
+                .await?;
+            ch.create_distributed(&table).await?;
+        }
         let cutover = ch.now().await? + margin;
         let r = MeterRecord {
             rollup: sql.table.clone(),
@@ -179,30 +189,10 @@ pub async fn prepare(ch: &Ch, m: &CompiledMeter, cfg: &CutoverConfig) -> Result<
             dropped: 0,
             version: 0,
         };
-        write_record(ch, &r).await?;
+        let r = write_visible(ch, r, cfg).await?;
+        // the views feed only a sink of the previous release (this one feeds the rollups
+        // itself and leaves `events_feed` alone); they take rows from the same T
         for grain in Grain::ALL {
-            let table = grain.table(&sql.table);
-            ch.exec("create a rollup", &sql.create_table(ch, grain))
-                .await?;
-            ch.create_distributed(&table).await?;
-            // A view already there counts from an older cutover (a database from before the
-            // quarter tier has only the minute view): drop it, then its rows, while no view
-            // writes to the table, so the backfill (< T) and the new view (>= T) count
-            // each event once.
-            if exists(ch, &view_name(&table)).await? {
-                ch.exec(
-                    "drop a rollup view of an older cutover",
-                    &format!(
-                        "DROP TABLE IF EXISTS {}.{}{}",
-                        ch.db(),
-                        view_name(&table),
-                        ch.on_cluster()
-                    ),
-                )
-                .await?;
-                delete_where(ch, &table, "origin = 0").await?;
-                tracing::info!(rollup = %table, cutover, "Replaced a rollup view of an older cutover");
-            }
             ch.exec("create a rollup view", &sql.create_view(ch, cutover, grain))
                 .await?;
         }
@@ -213,13 +203,100 @@ pub async fn prepare(ch: &Ch, m: &CompiledMeter, cfg: &CutoverConfig) -> Result<
         }
         if margin >= 600 {
             return Err(Error::Unavailable(format!(
-                "creating the views of meter {} took longer than {margin} s, past its cutover; is a ClickHouse server of the cluster down?",
+                "provisioning meter {} took longer than {margin} s, past its cutover; is a ClickHouse server of the cluster down?",
                 m.slug
             )));
         }
-        tracing::warn!(meter = %m.slug, margin, late_secs = now - cutover, "Creating the views took longer than the cutover margin; choosing a later cutover");
+        // T passed before every writer had the record: a sink may have missed it for a
+        // batch begun after T, or applied it; start over from a clean rollup
+        tracing::warn!(meter = %m.slug, margin, late_secs = now - cutover, "Provisioning took longer than the cutover margin; choosing a later cutover");
+        clear(ch, &sql, r, cfg).await?;
         margin *= 2;
     }
+}
+
+/// Voids `old` (a cutover no batch reaches), waits until every batch that may have
+/// applied it is done, then drops the meter's views and deletes its view rows
+/// (`origin = 0`).
+async fn clear(
+    ch: &Ch,
+    sql: &RollupSql<'_>,
+    mut old: MeterRecord,
+    cfg: &CutoverConfig,
+) -> Result<()> {
+    old.cutover = u32::MAX;
+    old.backfilled = 0;
+    write_visible(ch, old, cfg).await?;
+    let voided = ch.now().await?;
+    wait_for_cutover(ch, voided, cfg).await?;
+    let present = rollup_tables(ch).await?;
+    for grain in Grain::ALL {
+        let table = grain.table(&sql.table);
+        ch.exec(
+            "drop a rollup view of an older cutover",
+            &format!(
+                "DROP TABLE IF EXISTS {}.{}{}",
+                ch.db(),
+                view_name(&table),
+                ch.on_cluster()
+            ),
+        )
+        .await?;
+        if present.contains(&table) {
+            delete_where(ch, &table, "origin = 0").await?;
+        }
+    }
+    tracing::info!(rollup = %sql.table, "Cleared the rows of an older cutover");
+    Ok(())
+}
+
+/// The rollup tables (minute and quarter) that exist in tally's database on `ch`.
+pub async fn rollup_tables(ch: &Ch) -> Result<std::collections::HashSet<String>> {
+    let names: Vec<String> = ch
+        .fetch(
+            "list the rollup tables",
+            &format!(
+                "SELECT name FROM system.tables WHERE database = {} AND startsWith(name, 'rollup_')",
+                lit(ch.db())
+            ),
+        )
+        .await?;
+    Ok(names.into_iter().collect())
+}
+
+/// Writes `rec` and waits until every writer the sink reads (each shard's first
+/// replica; on one server, the server) has it: the sink's meter list relies on that
+/// ([`crate::sink`]). Returns the record as written.
+async fn write_visible(ch: &Ch, rec: MeterRecord, cfg: &CutoverConfig) -> Result<MeterRecord> {
+    let rec = write_record(ch, &rec).await?;
+    let start = Instant::now();
+    for w in ch.writers().await? {
+        loop {
+            let seen: Vec<u64> = w
+                .fetch(
+                    "read a meter's record",
+                    &format!(
+                        "SELECT max(version) FROM {}.meters WHERE rollup = {}",
+                        w.db(),
+                        lit(&rec.rollup)
+                    ),
+                )
+                .await?;
+            if seen.first().copied().unwrap_or_default() >= rec.version {
+                break;
+            }
+            if start.elapsed() > cfg.wait_timeout {
+                return Err(Error::Unavailable(format!(
+                    "the record of meter {} has not reached ClickHouse at {} after {} s; is its ZooKeeper reachable?",
+                    rec.slug,
+                    w.url(),
+                    start.elapsed().as_secs()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    Ok(rec)
 }
 
 /// The live record of the rollup `table`, if any.
@@ -437,6 +514,12 @@ pub async fn drop_rollups(ch: &Ch, ids: &[i64]) -> Result<()> {
         let table = super::rollup::table_name(*id);
         let db = ch.db();
         let on = ch.on_cluster();
+        // the record first: a sink that still inserts into the tables once they are
+        // gone fails that batch, repairs it, and finds the meter dropped
+        if let Some(mut rec) = existing.get(&table).cloned() {
+            rec.dropped = 1;
+            write_record(ch, &rec).await?;
+        }
         for grain in Grain::ALL {
             let t = grain.table(&table);
             ch.exec(
@@ -456,10 +539,6 @@ pub async fn drop_rollups(ch: &Ch, ids: &[i64]) -> Result<()> {
                 &format!("DROP TABLE IF EXISTS {db}.{t}{on}"),
             )
             .await?;
-        }
-        if let Some(mut rec) = existing.get(&table).cloned() {
-            rec.dropped = 1;
-            write_record(ch, &rec).await?;
         }
         tracing::info!(rollup = %table, "Dropped rollup and view");
     }

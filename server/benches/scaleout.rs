@@ -5,9 +5,12 @@
 //!    loopback, 500-event bodies) vs a raw rdkafka produce of the same envelopes with
 //!    the **same** producer settings (`KafkaConfig::producer_settings`: idempotence,
 //!    acks=all, lz4, linger, batch size).
-//! 2. Sink: rows/s from Kafka to ClickHouse (dedup, raw insert, identities, feed,
-//!    progress log) with 0, 1, 10 and 100 meters (views) vs a raw insert of the same rows
-//!    into the raw table in batches of the same size.
+//! 2. Sink: rows/s from Kafka to ClickHouse (dedup, raw insert, identities, the meters'
+//!    rollup rows folded in the sink, progress log) with 0, 1, 10 and 100 meters vs a raw
+//!    insert of the same rows into the raw table in batches of the same size, and vs
+//!    ClickHouse's own ceiling for the same rollups: a bare client inserting the rows
+//!    into `events` and into `events_feed` with every meter's view (the previous
+//!    release's design).
 //! 3. Query p50/p99 over 30 days x 1,000 subjects, 2 events per subject-minute, generated
 //!    server-side with `INSERT ... SELECT ... FROM numbers(...)` and backfilled into the
 //!    meter's rollup: (a) HOUR windows of one subject, (b) DAY windows of all subjects by
@@ -358,7 +361,7 @@ async fn main() {
         let (sink, applying) = sink_rate(&raw_kafka, &url, meters, n as u64).await;
         let own = ceiling(&url, meters, &rows).await;
         println!(
-            "sink, {meters:>3} meters (views):                      {sink:>10.0} rows/s = {:.2}x raw insert, {:.2}x raw consume; applying alone {applying:.0} rows/s = {:.2}x raw insert, {:.2}x ClickHouse's ceiling with the same views ({own:.0} rows/s)",
+            "sink, {meters:>3} meters:                              {sink:>10.0} rows/s = {:.2}x raw insert, {:.2}x raw consume; applying alone {applying:.0} rows/s = {:.2}x raw insert, {:.2}x ClickHouse's ceiling with the same views ({own:.0} rows/s)",
             sink / raw_ins,
             sink / consume,
             applying / raw_ins,

@@ -437,6 +437,130 @@ async fn embedded_query_over_the_row_limit_is_refused_not_truncated() {
     row_limit_refuses(Harness::embedded()).await;
 }
 
+/// The sink's own fold ([`tally_clickhouse::fold`]) gives the states of the meter's SQL,
+/// which backfill and repair use: both over the same rows, into the same rollups (the
+/// fold as `origin = 0`, the SQL as `origin = 1`), for every aggregation and the shapes
+/// a path can take (missing, null, object, numeric string, negative index).
+async fn fold_and_sql_agree(h: Harness) {
+    use tally_clickhouse::EventRow;
+    use tally_clickhouse::fold::MeterFold;
+    use tally_clickhouse::rollup::{Derivation, Grain, RollupSql};
+    let sink = h.sink.as_ref().unwrap();
+    let (url, db) = (sink.clickhouse.clone(), sink.database.clone());
+    let ch = Ch::new(&ChConfig {
+        url: url.clone(),
+        database: db.clone(),
+        user: String::new(),
+        password: String::new(),
+        cluster: None,
+        replica_urls: Vec::new(),
+    })
+    .unwrap();
+    let spec = |name: &str, body: &str| {
+        compile(&format!(
+            "apiVersion: tally.dev/v1alpha1\nkind: Meter\nmetadata: {{name: {name}}}\nspec: {{eventType: usage, {body}}}\n"
+        ))
+    };
+    let mut meters = all_meters();
+    meters.extend([
+        spec(
+            "last-item",
+            "aggregation: SUM, valueProperty: '$.items[-1].n', groupBy: {region: $.region}, filter: [{property: $.tag, operator: ne, values: [x]}]",
+        ),
+        spec(
+            "flagged",
+            "aggregation: COUNT, groupBy: {a: $.a, b: $.b}, filter: [{property: $.flag, operator: exists}]",
+        ),
+        spec(
+            "small",
+            "aggregation: MAX, valueProperty: $.v, filter: [{property: $.v, operator: lt, values: ['50']}]",
+        ),
+        spec(
+            "users-by-obj",
+            "aggregation: UNIQUE_COUNT, valueProperty: $.user, groupBy: {obj: $.obj}",
+        ),
+        spec(
+            "latest-since",
+            "aggregation: LATEST, valueProperty: $.v, eventFrom: '2024-12-01T00:00:00Z'",
+        ),
+        spec(
+            "min-in",
+            "aggregation: MIN, valueProperty: $.v, groupBy: {model: $.model}, filter: [{property: $.model, operator: in, values: [a, b]}]",
+        ),
+    ]);
+    let shapes = [
+        json!({"v": 3, "items": [{"n": 1}, {"n": 2.5}], "region": "eu", "tag": "y", "flag": true, "a": "1", "obj": "o1", "user": "u1"}),
+        json!({"v": "7.5", "items": [{"n": 4}], "region": null, "flag": null, "a": null, "b": "z", "obj": {"k": 1}, "user": "u2", "model": "a"}),
+        json!({"v": "not a number", "items": [], "tag": "x", "a": {"o": 1}, "obj": "o1", "user": 5, "model": "b"}),
+        json!({"v": 64, "items": [{"n": 8}, {"n": 16}, {"n": 32}], "region": "us", "flag": 0, "b": [1], "user": "u1", "model": "c"}),
+        json!({"items": {"n": 1}, "region": 12, "flag": "", "obj": null, "user": null}),
+    ];
+    let mut events = events();
+    for (i, data) in shapes.iter().cycle().take(40).enumerate() {
+        let time = format!("2024-12-01T00:{:02}:{:02}Z", (i * 7) % 60, (i * 13) % 60);
+        let subject = ["acme", "globex", "initech"][i % 3];
+        events.push(
+            UsageEvent::from_json(
+                &json!({"specversion": "1.0", "id": format!("f{i}"), "source": "fold", "type": "usage", "subject": subject, "time": time, "data": data}),
+                0,
+            )
+            .unwrap(),
+        );
+    }
+    let rows: Vec<EventRow> = events
+        .iter()
+        .enumerate()
+        .map(|(i, e)| EventRow::new("default", e, 1_000 + i as i64 % 5, 100, 0, i as i64))
+        .collect();
+    ch.insert::<EventRow>("events", &rows).await.unwrap();
+    for m in &meters {
+        let sql = RollupSql::new(m);
+        for grain in Grain::ALL {
+            ch.exec("create", &sql.create_table(&ch, grain))
+                .await
+                .unwrap();
+            let select = sql.select(&format!("{db}.events"), Derivation::Backfill, "", grain);
+            ch.exec_aggregation(
+                "derive",
+                &format!("INSERT INTO {db}.{} {select}", grain.table(&sql.table)),
+            )
+            .await
+            .unwrap();
+        }
+        for f in MeterFold::new(m).fold(&rows) {
+            ch.insert_row_binary(&f.table, &f.columns, &f.body)
+                .await
+                .unwrap();
+        }
+        let keys: Vec<String> = std::iter::once("subject".to_string())
+            .chain((0..m.group_count()).map(|i| format!("g{i}")))
+            .chain(["gnull", "minute"].map(String::from))
+            .collect();
+        let keys = keys.join(", ");
+        let merged = sql.merge_columns().replace(
+            "groupUniqArrayMerge(uniq)",
+            "arraySort(groupUniqArrayMerge(uniq))",
+        );
+        for grain in Grain::ALL {
+            let table = grain.table(&sql.table);
+            let read = |origin: u8| {
+                let q = format!(
+                    "SELECT {keys}, {merged} FROM {db}.{table} WHERE origin = {origin} GROUP BY {keys} ORDER BY {keys} FORMAT TSV"
+                );
+                let url = url.clone();
+                async move { common::services::ch(&url, &q).await }
+            };
+            let (folded, derived) = (read(0).await, read(1).await);
+            assert!(!derived.is_empty(), "{}: no rows derived", m.slug);
+            assert_eq!(
+                folded, derived,
+                "meter {} ({:?}): the fold's states differ from the SQL's",
+                m.slug, grain
+            );
+        }
+    }
+}
+
 /// One test per ClickHouse version for each case: `$v18` on 18.16, `$v26` on 26.9.
 macro_rules! on_both_clickhouses {
     ($($label:literal => $case:ident: $v18:ident, $v26:ident;)*) => {$(
@@ -469,6 +593,9 @@ on_both_clickhouses! {
     "watermarks" => watermarks_and_gaps:
         clickhouse_store_keeps_watermarks_and_gaps,
         clickhouse26_store_keeps_watermarks_and_gaps;
+    "fold" => fold_and_sql_agree:
+        clickhouse_fold_gives_the_states_of_the_sql,
+        clickhouse26_fold_gives_the_states_of_the_sql;
     "row limit" => row_limit_refuses:
         clickhouse_query_over_the_row_limit_is_refused_not_truncated,
         clickhouse26_query_over_the_row_limit_is_refused_not_truncated;

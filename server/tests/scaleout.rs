@@ -757,8 +757,8 @@ async fn a_meter_created_later_is_backfilled_exactly_while_ingestion_continues()
     assert_eq!(stored.trim(), N.to_string(), "raw events stay");
 }
 
-/// A value ClickHouse refuses (here a view on the events feed that cannot parse some
-/// ids, as a customer's own view might) makes those events dead letters; the sink
+/// A value ClickHouse refuses (here a CHECK constraint on `events` that wants numeric
+/// ids, as a customer's own rule might) makes those events dead letters; the sink
 /// finds them by splitting the batch, is crashed while splitting, and every other event
 /// counts exactly once.
 #[tokio::test(flavor = "multi_thread")]
@@ -770,16 +770,18 @@ async fn events_clickhouse_refuses_are_dead_lettered_and_the_rest_count_exactly_
     let url = stack.clickhouse.clone();
     stack.sink.stop();
     let db = stack.database.clone();
-    // numeric after "ev-", or ClickHouse refuses the insert (code 6, CANNOT_PARSE_TEXT)
-    let view = ch(
+    // numeric after "ev-", or ClickHouse refuses the insert (code 469, VIOLATED_CONSTRAINT)
+    let constraint = ch(
         &url,
         &format!(
-            "CREATE MATERIALIZED VIEW {db}.strict ENGINE = MergeTree ORDER BY n \
-             AS SELECT toUInt32(replaceOne(id, 'ev-', '')) AS n FROM {db}.events_feed"
+            "ALTER TABLE {db}.events ADD CONSTRAINT numeric_ids CHECK match(id, '^ev-[0-9]+$')"
         ),
     )
     .await;
-    assert!(view.trim().is_empty(), "creating the strict view: {view}");
+    assert!(
+        constraint.trim().is_empty(),
+        "adding the constraint: {constraint}"
+    );
     const GOOD: u64 = 3000;
     let poisoned: Vec<u64> = vec![17, 1500, 2999];
     let mut events: Vec<Value> = (0..GOOD).map(llm_event).collect();
@@ -810,7 +812,8 @@ async fn events_clickhouse_refuses_are_dead_lettered_and_the_rest_count_exactly_
     assert_eq!(refused.len(), 3, "{dead:#}");
     for (k, reason) in refused.iter().enumerate() {
         assert!(
-            reason.contains(&format!("default/load/ev-bad-{k}")) && reason.contains("Cannot parse"),
+            reason.contains(&format!("default/load/ev-bad-{k}"))
+                && reason.contains("VIOLATED_CONSTRAINT"),
             "{reason}"
         );
     }
@@ -902,7 +905,8 @@ async fn a_database_from_before_the_quarter_tier_upgrades_without_counting_twice
         .await
         .unwrap();
 
-    // the old release ingests (its server only produced to Kafka; the sink loads)
+    // the old release's server ingests (it only produced to Kafka); this release's
+    // sink loads, feeding the minute rollup of the old record (no quarter table yet)
     let ingest_only = server_args(&svc, &topic, &url, &database, false);
     let ingest_only: Vec<&str> = ingest_only.iter().map(String::as_str).collect();
     let server = Server::start(&[("meters.yaml", LATE_METER)], &ingest_only);
@@ -935,7 +939,7 @@ async fn a_database_from_before_the_quarter_tier_upgrades_without_counting_twice
     assert_eq!(
         counted.trim(),
         totals(BEFORE).0.to_string(),
-        "the old view counted"
+        "the minute rollup of the old record counted"
     );
 
     // upgrade: this release's server provisions the same meter

@@ -16,9 +16,12 @@
 //!    by month of insertion, and months wholly before the window are dropped (at start
 //!    and hourly), so dedup storage is bounded. `sink_log` rows older than a week are
 //!    deleted too, except each partition's latest batch.
-//! 4. insert the new rows into `events_feed`, which the meters' views read (first, so a
-//!    value a view refuses fails the batch before any of it is in `events`);
-//! 5. insert the same rows into `events` (`inserted_at = S`), then their identities into
+//! 4. **fold**: for every meter that takes the batch (cutover `T <= S`: `meters.rs`),
+//!    compute its rollup rows from the new rows in the sink, all meters in one pass
+//!    over the batch ([`crate::fold`]), and insert them into the rollups; first, like
+//!    the views this replaces (before this release each meter was a view on
+//!    `events_feed`, which the sink no longer feeds);
+//! 5. insert the new rows into `events` (`inserted_at = S`), then their identities into
 //!    `event_ids`, the dead letters into `dead_letters`;
 //! 6. the batch's **watermark** records into `watermarks` and `watermark_gaps`
 //!    (after its events: a record vouches for the events before it on its partition);
@@ -28,23 +31,27 @@
 //! `events` never holds an identity twice: rows are inserted only after dedup, and dedup
 //! sees every earlier batch because a batch begins only after the previous one is done.
 //! The rollups are a function of `events`: for a meter with cutover `T`, the backfill
-//! rows (`origin = 1`) aggregate the rows with `inserted_at < T`, the view rows
-//! (`origin = 0`) those with `inserted_at >= T`. A crash (or a failed insert — an insert
-//! ClickHouse did not acknowledge may still have been applied, to some monthly parts
-//! and not others, to some views and not others) can break that only for the batch
-//! whose `begin` has no `done`. Every crash point:
+//! rows (`origin = 1`) aggregate the rows with `inserted_at < T`, the sink's rows
+//! (`origin = 0`) those with `inserted_at >= T`: a batch begun at `S` feeds exactly the
+//! meters with `T <= S`, and the sink knows every such meter, because provisioning
+//! makes a record visible on the writer before its `T` and the sink's list, read with
+//! the writer's clock `R` first, serves only batches with `S <= R` (`meters.rs`). A
+//! crash (or a failed insert — an insert ClickHouse did not acknowledge may still have
+//! been applied, to some monthly parts and not others, to some rollups and not others)
+//! can break that only for the batch whose `begin` has no `done`. Every crash point:
 //! - before `begin` is written: nothing of the batch was applied; it is simply re-read.
 //! - after `begin`, anywhere up to `done`: on restart (or on the next attempt) the
 //!   partition's latest `sink_log` row is that `begin`, so its exact range is re-read
 //!   from Kafka and **repaired**: rows of the range already in `events` are found by
 //!   (partition, offset); the others go through dedup (treating the present ones as
-//!   seen), are fed again (split to find any row a view refuses, which becomes a dead
-//!   letter: `split.rs`) and are inserted into `events` with the same `S`; identities are (re-)inserted into
+//!   seen), are inserted into `events` with the same `S` (split to find any row
+//!   ClickHouse refuses, e.g. by a view you attached to `events`, which becomes a dead
+//!   letter: `split.rs`); identities are (re-)inserted into
 //!   `event_ids` (a repeated identity there is harmless); dead letters are replaced by
 //!   key. Then, for every provisioned meter, the view rows of each (subject, minute)
-//!   the range touches are deleted and re-derived from `events` by the view's own
-//!   SELECT (rows with `inserted_at >= T`). A subject's events all live in one Kafka
-//!   partition (the key is namespace/subject) and one partition has one sink at a time,
+//!   the range touches are deleted and re-derived from `events` by the meter's SQL
+//!   ([`crate::rollup`], rows with `inserted_at >= T`), the same states the fold
+//!   gives. A subject's events all live in one Kafka partition (the key is namespace/subject) and one partition has one sink at a time,
 //!   so no other writer adds to those keys meanwhile. Repair is idempotent: a crash
 //!   during it leaves the same `begin` and is repaired again.
 //! - after `done`, before the Kafka commit: the messages are re-read and skipped, since
@@ -62,7 +69,7 @@
 //! A failed step is classified by ClickHouse's error code (`retry.rs`): transient ones
 //! (busy, read-only, out of memory, too many parts, network) are retried with backoff
 //! for `max_retry`, then the process exits and its restart repairs the batch; a value
-//! refused in the feed splits the batch (`split.rs`); a wrong set-up (missing table or
+//! refused by ClickHouse splits the batch in its repair (`split.rs`); a wrong set-up (missing table or
 //! database, bad credentials, no grant) stops the sink at once with the fix
 //! ([`SinkError::Config`]).
 //!
@@ -73,6 +80,7 @@
 //!
 //! # Files
 //! `config.rs` settings, `stats.rs` counters, `batch.rs` decoding, `dedup.rs`,
+//! `meters.rs` (which meters a batch feeds, and their rollup inserts),
 //! `log.rs` the begin/done log, `repair.rs`, `split.rs`, `prune.rs`, `retry.rs`,
 //! `error.rs`, `failpoint.rs`, `fetch.rs` (reading Kafka ahead), `group.rs`
 //! (consumer-group membership); this file runs
@@ -80,7 +88,7 @@
 //!
 //! # Fail points
 //! `TALLY_SINK_FAILPOINT=<name>` aborts the process at that point, after skipping
-//! `TALLY_SINK_FAILPOINT_SKIP` hits (default 0): `after-begin`, `after-feed` (views
+//! `TALLY_SINK_FAILPOINT_SKIP` hits (default 0): `after-begin`, `after-feed` (rollups
 //! fed, events not inserted), `after-raw` (events inserted, no `done`), `mid-split`
 //! (a refused row found, the batch not yet stored), `mid-repair` (rows repaired,
 //! rollups not yet re-derived). Tests crash the sink with them.
@@ -92,6 +100,7 @@ mod failpoint;
 mod fetch;
 mod group;
 mod log;
+mod meters;
 mod prune;
 mod repair;
 pub mod retry;
@@ -139,6 +148,8 @@ struct Sink {
     stats: Arc<SinkStats>,
     batch_seq: u64,
     stop: Arc<AtomicBool>,
+    /// The meters each writer's batches feed ([`meters`]).
+    meters: meters::Meters,
 }
 
 /// Runs the sink until `stop` is set (then finishes the batch in hand), a transient
@@ -201,6 +212,7 @@ pub fn run(cfg: SinkConfig, stats: Arc<SinkStats>, stop: Arc<AtomicBool>) -> Sin
         stats,
         batch_seq: 0,
         stop: stop.clone(),
+        meters: meters::Meters::default(),
     };
     sink.run(&stop)
 }
@@ -547,12 +559,13 @@ impl Sink {
         let t = Instant::now();
         let prep = self.prepare(msgs, s, &HashSet::new())?;
         let prepared = t.elapsed();
-        self.rt.block_on(async {
-            // The feed first: a value a view refuses fails the batch before any of it
-            // is in `events`, so repair can split it and dead-letter just those rows.
-            self.ch
-                .insert::<EventRow>("events_feed", &prep.rows)
-                .await?;
+        let (meters, tables) = self.rt.block_on(self.meters.of_batch(&self.ch, s))?;
+        let written = self.rt.block_on(async {
+            let folded = meters::fold_all(&meters, &tables, &prep.rows);
+            let fold = t.elapsed();
+            // The rollups first, like the views they replace: "rollups fed, events not
+            // stored" is the state `after-feed` names, and repair re-derives them.
+            meters::insert_all(&self.ch, &folded).await?;
             failpoint("after-feed");
             let fed = t.elapsed();
             self.ch.insert::<EventRow>("events", &prep.rows).await?;
@@ -563,9 +576,14 @@ impl Sink {
                 .insert::<DeadLetterRow>("dead_letters", &dead_rows(&prep.dead))
                 .await?;
             self.insert_marks(&prep).await?;
-            tracing::debug!(?prepared, ?fed, ?raw, ids = ?t.elapsed(), "Batch steps (cumulative)");
+            tracing::debug!(meters = meters.len(), rollup_rows = folded.iter().map(|f| f.rows).sum::<usize>(), ?prepared, ?fold, ?fed, ?raw, ids = ?t.elapsed(), "Batch steps (cumulative)");
             Ok::<_, Error>(())
-        })?;
+        });
+        if written.is_err() {
+            // a meter may have been dropped meanwhile: read them again
+            self.meters.forget();
+        }
+        written?;
         self.log(ranges, batch, "done", s)?;
         self.finish(&prep, msgs.len(), s);
         Ok(())

@@ -11,7 +11,7 @@ use super::Sink;
 use super::batch::{Msg, dead_rows};
 use super::failpoint::failpoint;
 use super::split;
-use crate::provision::{delete_where, read_meters};
+use crate::provision::{delete_where, read_meters, rollup_tables};
 use crate::rollup::{Derivation, Grain, RollupSql};
 use crate::{DeadLetterRow, EventRow, lit};
 
@@ -39,22 +39,46 @@ impl Sink {
         ))?;
         let present: HashSet<(i32, i64)> = present.into_iter().collect();
         let mut prep = self.prepare(msgs, s, &present)?;
-        // Feed the rows not yet stored, finding any a view refuses (split.rs). Rows
-        // fed by the failed attempt are fed again; the re-derivation below makes the
-        // rollups exact either way.
+        // Store the rows not yet stored, finding any ClickHouse refuses (split.rs; e.g.
+        // a CHECK constraint you added to `events`). A failing view on `events` fails
+        // the insert after the table took the block, so once one insert failed, each
+        // later one first leaves out the rows it finds stored.
         let (rt, ch) = (&self.rt, &self.ch);
+        let mut failed_once = false;
         let isolated = split::isolate(std::mem::take(&mut prep.rows), |chunk| {
-            rt.block_on(ch.insert::<EventRow>("events_feed", chunk))
+            let stored = if failed_once {
+                stored_of(rt, ch, chunk)?
+            } else {
+                HashSet::new()
+            };
+            let rest: Vec<EventRow> = chunk
+                .iter()
+                .filter(|r| !stored.contains(&(r.kafka_partition, r.kafka_offset)))
+                .cloned()
+                .collect();
+            let out = rt.block_on(ch.insert::<EventRow>("events", &rest));
+            failed_once |= out.is_err();
+            out
         })?;
         prep.rows = isolated.inserted;
-        let refused: Vec<EventRow> = isolated
-            .refused
-            .into_iter()
-            .map(|(row, reason)| {
+        // a row refused by a view on `events` is stored all the same (ClickHouse writes
+        // the table before it pushes to its views): it counts, and is no dead letter
+        let candidates: Vec<EventRow> = isolated.refused.iter().map(|(r, _)| r.clone()).collect();
+        let stored = if candidates.is_empty() {
+            HashSet::new()
+        } else {
+            stored_of(rt, ch, &candidates)?
+        };
+        let mut refused = Vec::new();
+        for (row, reason) in isolated.refused {
+            if stored.contains(&(row.kafka_partition, row.kafka_offset)) {
+                tracing::warn!(id = %row.id, error = %reason, "A view on events refused an event ClickHouse stored; it counts");
+                prep.rows.push(row);
+            } else {
                 prep.dead.push(refused_letter(&row, &reason, msgs));
-                row
-            })
-            .collect();
+                refused.push(row);
+            }
+        }
         if !refused.is_empty() {
             tracing::warn!(
                 refused = refused.len(),
@@ -62,15 +86,14 @@ impl Sink {
             );
         }
         self.rt.block_on(async {
-            self.ch.insert::<EventRow>("events", &prep.rows).await?;
             let all: Vec<EventRow> = prep.rows.iter().chain(&prep.present).cloned().collect();
             self.insert_ids(&all, s).await?;
             self.ch
                 .insert::<DeadLetterRow>("dead_letters", &dead_rows(&prep.dead))
                 .await?;
             failpoint("mid-repair");
-            // the refused rows' keys too: a view may have taken them before another
-            // refused the insert
+            // the refused rows' keys too: the failed attempt may have fed their
+            // rollups before the insert into `events` was refused
             let touched: Vec<EventRow> = all.into_iter().chain(refused).collect();
             self.rederive(&touched).await?;
             self.insert_marks(&prep).await
@@ -83,6 +106,7 @@ impl Sink {
     /// Deletes and re-derives, for every provisioned meter, the view rows of each
     /// (subject, minute range) that `rows` touch.
     pub(super) async fn rederive(&self, rows: &[EventRow]) -> Result<()> {
+        let tables = rollup_tables(&self.ch).await?;
         for rec in read_meters(&self.ch).await? {
             let Some(meter) = rec.compile() else {
                 tracing::error!(rollup = %rec.rollup, "A provisioned meter no longer compiles; its rollup is not repaired");
@@ -109,6 +133,11 @@ impl Sink {
                     let step = grain.seconds() as u32;
                     let (lo, hi) = (lo / step * step, hi / step * step);
                     let table = grain.table(&sql.table);
+                    // a meter being dropped (its record goes first, then its tables)
+                    // or provisioned again (its new cutover clears these rows anyway)
+                    if !tables.contains(&table) {
+                        continue;
+                    }
                     delete_where(
                         &self.ch,
                         &table,
@@ -138,6 +167,39 @@ impl Sink {
         }
         Ok(())
     }
+}
+
+/// The (partition, offset) of the rows of `chunk` already in `events`.
+fn stored_of(
+    rt: &tokio::runtime::Runtime,
+    ch: &crate::Ch,
+    chunk: &[EventRow],
+) -> Result<HashSet<(i32, i64)>> {
+    // by each partition's offset range: a list of every key could outgrow the
+    // query's syntax-tree limit
+    let mut ranges: std::collections::BTreeMap<i32, (i64, i64)> = Default::default();
+    for r in chunk {
+        let e = ranges
+            .entry(r.kafka_partition)
+            .or_insert((r.kafka_offset, r.kafka_offset));
+        e.0 = e.0.min(r.kafka_offset);
+        e.1 = e.1.max(r.kafka_offset);
+    }
+    let cond = ranges
+        .iter()
+        .map(|(p, (a, b))| {
+            format!("(kafka_partition = {p} AND kafka_offset >= {a} AND kafka_offset <= {b})")
+        })
+        .collect::<Vec<_>>()
+        .join(" OR ");
+    let found: Vec<(i32, i64)> = rt.block_on(ch.fetch(
+        "find the refused rows already stored",
+        &format!(
+            "SELECT kafka_partition, kafka_offset FROM {}.events WHERE {cond}",
+            ch.db()
+        ),
+    ))?;
+    Ok(found.into_iter().collect())
 }
 
 /// The dead letter of an event ClickHouse refused, with its message as received.
