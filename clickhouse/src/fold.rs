@@ -18,7 +18,7 @@
 //! tuple (Int64s little-endian, the String length-prefixed); `groupUniqArray(String)`
 //! a VarUInt count and the strings. The `clickhouse` crate writes no aggregate states,
 //! so this module encodes them (about sixty lines).
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
 use tally_crds::{Aggregation, FilterOperator};
 use tally_meter::engine::CompiledMeter;
@@ -218,6 +218,57 @@ enum Value<'a> {
 /// A rollup row's key: subject, group values, null-group bits, bucket start.
 type RowKey<'a> = (&'a str, Vec<&'a str>, u64, u32);
 
+/// The rows of one rollup being folded: keys and states by index, found by a hash of
+/// the key without building one per event.
+#[derive(Default)]
+struct Rollup<'a> {
+    index: hashbrown::HashTable<usize>,
+    keys: Vec<RowKey<'a>>,
+    states: Vec<State<'a>>,
+}
+
+fn key_hash(subject: &str, groups: &[&str], gnull: u64, bucket: u32) -> u64 {
+    use xxhash_rust::xxh3::xxh3_64;
+    let mut h = xxh3_64(subject.as_bytes()) ^ (gnull.rotate_left(17) ^ bucket as u64);
+    for g in groups {
+        h = h.rotate_left(23).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ xxh3_64(g.as_bytes());
+    }
+    h.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+}
+
+impl<'a> Rollup<'a> {
+    /// The state of the row with this key, new if there is none yet.
+    fn state(
+        &mut self,
+        subject: &'a str,
+        groups: &[&'a str],
+        gnull: u64,
+        bucket: u32,
+    ) -> &mut State<'a> {
+        let h = key_hash(subject, groups, gnull, bucket);
+        let keys = &self.keys;
+        let found = self.index.find(h, |&i| {
+            let (s, g, n, b) = &keys[i];
+            *s == subject && *n == gnull && *b == bucket && g.as_slice() == groups
+        });
+        let i = match found {
+            Some(&i) => i,
+            None => {
+                let i = self.keys.len();
+                self.keys.push((subject, groups.to_vec(), gnull, bucket));
+                self.states.push(State::default());
+                let keys = &self.keys;
+                self.index.insert_unique(h, i, |&j| {
+                    let (s, g, n, b) = &keys[j];
+                    key_hash(s, g, *n, *b)
+                });
+                i
+            }
+        };
+        &mut self.states[i]
+    }
+}
+
 /// The rows of one rollup table, encoded.
 #[derive(Debug)]
 pub struct Folded {
@@ -260,7 +311,9 @@ impl MeterFold {
     /// The minute and quarter rollup rows of `rows` (all taken as inserted at or after
     /// the meter's cutover, `origin = 0`).
     pub fn fold(&self, rows: &[EventRow]) -> [Folded; 2] {
-        let mut minutes: HashMap<RowKey<'_>, State<'_>> = HashMap::new();
+        let mut minutes = Rollup::default();
+        // one buffer for every row's group values: a key is copied only when new
+        let mut groups: Vec<&str> = Vec::with_capacity(self.groups.len());
         for row in rows {
             if row.namespace != self.namespace || row.ty != self.ty {
                 continue;
@@ -271,7 +324,7 @@ impl MeterFold {
             if !self.filters.iter().all(|f| f.keeps(Node::at(row, &f.key))) {
                 continue;
             }
-            let mut groups = Vec::with_capacity(self.groups.len());
+            groups.clear();
             let mut gnull = 0u64;
             let mut valid = true;
             for (i, key) in self.groups.iter().enumerate() {
@@ -312,15 +365,13 @@ impl MeterFold {
                 row.id.as_str(),
             );
             minutes
-                .entry((row.subject.as_str(), groups, gnull, row.time / 60 * 60))
-                .or_default()
+                .state(&row.subject, &groups, gnull, row.time / 60 * 60)
                 .add(value, order);
         }
-        let mut quarters: HashMap<RowKey<'_>, State<'_>> = HashMap::new();
-        for ((subject, groups, gnull, minute), state) in &minutes {
+        let mut quarters = Rollup::default();
+        for ((subject, groups, gnull, minute), state) in minutes.keys.iter().zip(&minutes.states) {
             quarters
-                .entry((subject, groups.clone(), *gnull, minute / 900 * 900))
-                .or_default()
+                .state(subject, groups, *gnull, minute / 900 * 900)
                 .merge(state);
         }
         [
@@ -329,7 +380,7 @@ impl MeterFold {
         ]
     }
 
-    fn encode(&self, grain: Grain, rows: &HashMap<RowKey<'_>, State<'_>>) -> Folded {
+    fn encode(&self, grain: Grain, rows: &Rollup<'_>) -> Folded {
         let mut cols = vec!["subject".to_string()];
         cols.extend((0..self.groups.len()).map(|i| format!("g{i}")));
         cols.extend(["gnull", "minute", "origin", "cnt"].map(String::from));
@@ -345,8 +396,8 @@ impl MeterFold {
             .iter()
             .map(|c| c.to_string()),
         );
-        let mut b = Vec::with_capacity(rows.len() * 64);
-        for ((subject, groups, gnull, bucket), s) in rows {
+        let mut b = Vec::with_capacity(rows.keys.len() * 64);
+        for ((subject, groups, gnull, bucket), s) in rows.keys.iter().zip(&rows.states) {
             string(&mut b, subject);
             for g in groups {
                 string(&mut b, g);
@@ -377,7 +428,7 @@ impl MeterFold {
             table: grain.table(&self.table),
             columns: cols.join(", "),
             body: b,
-            rows: rows.len(),
+            rows: rows.keys.len(),
         }
     }
 }

@@ -18,7 +18,9 @@
 //!
 //! ClickHouse: TALLY_BENCH_CLICKHOUSE (default 26.9 on :8124; :8123 is 18.16).
 //! Sizes: TALLY_BENCH_EVENTS (200000), TALLY_BENCH_SUBJECTS (1000), TALLY_BENCH_DAYS (30);
-//! TALLY_BENCH_SKIP_QUERY=1 skips part 3 (about 5 minutes).
+//! TALLY_BENCH_METERS (0,1,10,100) the meter counts of part 2; TALLY_BENCH_SKIP_QUERY=1
+//! skips part 3 (about 5 minutes); RUST_LOG=tally_clickhouse::sink=debug logs the sink's
+//! steps per batch.
 mod common;
 
 use std::sync::Arc;
@@ -307,6 +309,10 @@ async fn main() {
     let kafka_addr = std::env::var("TALLY_BENCH_KAFKA").unwrap_or_else(|_| "127.0.0.1:9092".into());
     let url =
         std::env::var("TALLY_BENCH_CLICKHOUSE").unwrap_or_else(|_| "http://127.0.0.1:8124".into());
+    // RUST_LOG=tally_clickhouse::sink=debug shows the sink's steps per batch
+    if std::env::var_os("RUST_LOG").is_some() {
+        tally_runtime::telemetry::init();
+    }
     let n = env("TALLY_BENCH_EVENTS", 200_000) / 500 * 500;
     println!(
         "tally scale-out benchmark ({n} events; Kafka {kafka_addr}, ClickHouse {url}; {} cores)",
@@ -356,7 +362,12 @@ async fn main() {
     println!("raw limit: rdkafka consume (sink's settings):     {consume:>10.0} events/s");
     let raw_ins = raw_insert(&url, &rows).await;
     println!("raw limit: ClickHouse insert into events (50k):   {raw_ins:>10.0} rows/s");
-    for meters in [0, 1, 10, 100] {
+    let counts: Vec<usize> = std::env::var("TALLY_BENCH_METERS")
+        .unwrap_or_else(|_| "0,1,10,100".into())
+        .split(',')
+        .filter_map(|c| c.trim().parse().ok())
+        .collect();
+    for meters in counts {
         // the raw-produce topic holds the n envelopes; each run reads it with its own group
         let (sink, applying) = sink_rate(&raw_kafka, &url, meters, n as u64).await;
         let own = ceiling(&url, meters, &rows).await;

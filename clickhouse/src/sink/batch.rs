@@ -1,4 +1,6 @@
 //! One batch's messages: what was read from Kafka, decoded into rows or dead letters.
+use std::sync::Mutex;
+
 use tally_crds::{Envelope, Message};
 use tally_meter::store::DeadLetter;
 
@@ -11,14 +13,69 @@ fn memchr_watermark(payload: &[u8]) -> bool {
     payload.windows(11).any(|w| w == b"\"watermark\"")
 }
 
-#[derive(Clone, Debug)]
+/// A message as read from Kafka, and its decoding when the fetch thread made it ahead
+/// of the batch ([`Msg::read`]).
+#[derive(Debug)]
 pub(super) struct Msg {
     pub(super) partition: i32,
     pub(super) offset: i64,
     pub(super) payload: Vec<u8>,
+    decoded: Mutex<Option<Box<std::result::Result<Item, DeadLetter>>>>,
+}
+
+/// A copy carries no decoding (a repair decodes again).
+impl Clone for Msg {
+    fn clone(&self) -> Msg {
+        Msg::new(self.partition, self.offset, self.payload.clone())
+    }
+}
+
+impl Msg {
+    /// A message, to be decoded with its batch.
+    pub(super) fn new(partition: i32, offset: i64, payload: Vec<u8>) -> Msg {
+        Msg {
+            partition,
+            offset,
+            payload,
+            decoded: Mutex::new(None),
+        }
+    }
+
+    /// A message decoded now, while an earlier batch is applied: decoding does not
+    /// depend on the batch but for its `S` and the dead letters' time, which
+    /// [`Msg::decoded`] fills in.
+    pub(super) fn read(partition: i32, offset: i64, payload: Vec<u8>) -> Msg {
+        let m = Msg::new(partition, offset, payload);
+        let item = decode(&m, 0, 0);
+        *m.decoded.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(item));
+        m
+    }
+
+    /// The message decoded for a batch begun at `s` (ClickHouse seconds) at `now`: the
+    /// decoding made ahead if there is one (taken), else made now.
+    pub(super) fn decoded(&self, s: i64, now: i64) -> std::result::Result<Item, DeadLetter> {
+        let ahead = self
+            .decoded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        match ahead.map(|b| *b) {
+            Some(Ok(Item::Event(mut d))) => {
+                d.row.inserted_at = s.clamp(0, u32::MAX as i64) as u32;
+                Ok(Item::Event(d))
+            }
+            Some(Err(mut dead)) => {
+                dead.at = now as u32;
+                Err(dead)
+            }
+            Some(mark) => mark,
+            None => decode(self, s, now),
+        }
+    }
 }
 
 /// A decoded message: its row and identity hashes.
+#[derive(Debug)]
 pub(super) struct Decoded {
     pub(super) row: EventRow,
     pub(super) h64: u64,
@@ -28,6 +85,7 @@ pub(super) struct Decoded {
 /// A decoded message: an event, or a source's watermark.
 // events are nearly every message: boxing them would allocate once per event
 #[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
 pub(super) enum Item {
     Event(Decoded),
     Mark(WatermarkRow, Vec<GapRow>),

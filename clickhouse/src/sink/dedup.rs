@@ -8,7 +8,7 @@ use tally_meter::Result;
 use tally_meter::store::DeadLetter;
 
 use super::Sink;
-use super::batch::{Decoded, Item, Msg, Prepared, decode};
+use super::batch::{Decoded, Item, Msg, Prepared};
 use crate::EventRow;
 
 #[derive(Clone, Debug, Serialize, Deserialize, clickhouse::Row)]
@@ -114,7 +114,7 @@ impl Sink {
             let parts: Vec<_> = msgs
                 .chunks(per)
                 .map(|chunk| {
-                    scope.spawn(move || chunk.iter().map(|m| decode(m, s, now)).collect::<Vec<_>>())
+                    scope.spawn(move || chunk.iter().map(|m| m.decoded(s, now)).collect::<Vec<_>>())
                 })
                 .collect();
             parts

@@ -1,5 +1,5 @@
-//! Reading Kafka on a thread of its own, so the next batch is collected while this one
-//! is applied.
+//! Reading Kafka on a thread of its own, so the next batch is collected (and decoded:
+//! [`Msg::read`]) while this one is applied.
 //!
 //! The fetch thread only polls the consumer and hands messages over (a bounded
 //! channel, at most one batch ahead). Everything that decides (routing, seeking, the
@@ -112,11 +112,12 @@ fn fetch(
     while !quit.load(Ordering::SeqCst) {
         let item = match consumer.poll(Duration::from_millis(100)) {
             None => continue,
-            Some(Ok(m)) => Ok(Msg {
-                partition: m.partition(),
-                offset: m.offset(),
-                payload: m.payload().unwrap_or_default().to_vec(),
-            }),
+            // decoded here, so decoding overlaps the batch being applied
+            Some(Ok(m)) => Ok(Msg::read(
+                m.partition(),
+                m.offset(),
+                m.payload().unwrap_or_default().to_vec(),
+            )),
             Some(Err(e)) => Err(e.to_string()),
         };
         let mut item = Some(item);

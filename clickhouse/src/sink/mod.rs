@@ -18,11 +18,10 @@
 //!    deleted too, except each partition's latest batch.
 //! 4. **fold**: for every meter that takes the batch (cutover `T <= S`: `meters.rs`),
 //!    compute its rollup rows from the new rows in the sink, all meters in one pass
-//!    over the batch ([`crate::fold`]), and insert them into the rollups; first, like
-//!    the views this replaces (before this release each meter was a view on
+//!    over the batch ([`crate::fold`]) (before this release each meter was a view on
 //!    `events_feed`, which the sink no longer feeds);
-//! 5. insert the new rows into `events` (`inserted_at = S`), then their identities into
-//!    `event_ids`, the dead letters into `dead_letters`;
+//! 5. insert the rollup rows, then the new rows into `events` (`inserted_at = S`),
+//!    then their identities into `event_ids`, the dead letters into `dead_letters`;
 //! 6. the batch's **watermark** records into `watermarks` and `watermark_gaps`
 //!    (after its events: a record vouches for the events before it on its partition);
 //! 7. **done**: a `done` row per partition; then commit the offsets to Kafka (advisory).
@@ -564,7 +563,9 @@ impl Sink {
             let folded = meters::fold_all(&meters, &tables, &prep.rows);
             let fold = t.elapsed();
             // The rollups first, like the views they replace: "rollups fed, events not
-            // stored" is the state `after-feed` names, and repair re-derives them.
+            // stored" is the state `after-feed` names, and repair re-derives them. The
+            // identities only after the events: a repair takes a stored identity for
+            // a duplicate.
             meters::insert_all(&self.ch, &folded).await?;
             failpoint("after-feed");
             let fed = t.elapsed();
@@ -575,8 +576,9 @@ impl Sink {
             self.ch
                 .insert::<DeadLetterRow>("dead_letters", &dead_rows(&prep.dead))
                 .await?;
+            // after the events: a watermark vouches for the events before it
             self.insert_marks(&prep).await?;
-            tracing::debug!(meters = meters.len(), rollup_rows = folded.iter().map(|f| f.rows).sum::<usize>(), ?prepared, ?fold, ?fed, ?raw, ids = ?t.elapsed(), "Batch steps (cumulative)");
+            tracing::debug!(meters = meters.len(), rollup_rows = folded.iter().map(|f| f.rows).sum::<usize>(), ?prepared, ?fold, ?fed, ?raw, all = ?t.elapsed(), "Batch steps (cumulative)");
             Ok::<_, Error>(())
         });
         if written.is_err() {
