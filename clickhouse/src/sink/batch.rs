@@ -4,7 +4,7 @@ use std::sync::Mutex;
 use tally_crds::{Envelope, Message};
 use tally_meter::store::DeadLetter;
 
-use super::dedup::identity_key;
+use super::dedup::{Looked, identity_key};
 use crate::watermarks::{self, GapRow, WatermarkRow};
 use crate::{DeadLetterRow, EventRow};
 
@@ -20,10 +20,12 @@ pub(super) struct Msg {
     pub(super) partition: i32,
     pub(super) offset: i64,
     pub(super) payload: Vec<u8>,
+    /// The consumer's rebalances counted when it was read (0 when not read ahead).
+    pub(super) rebalances: u64,
     decoded: Mutex<Option<Box<std::result::Result<Item, DeadLetter>>>>,
 }
 
-/// A copy carries no decoding (a repair decodes again).
+/// A copy carries no decoding and no look-up (a repair decodes and looks up again).
 impl Clone for Msg {
     fn clone(&self) -> Msg {
         Msg::new(self.partition, self.offset, self.payload.clone())
@@ -37,6 +39,7 @@ impl Msg {
             partition,
             offset,
             payload,
+            rebalances: 0,
             decoded: Mutex::new(None),
         }
     }
@@ -44,11 +47,22 @@ impl Msg {
     /// A message decoded now, while an earlier batch is applied: decoding does not
     /// depend on the batch but for its `S` and the dead letters' time, which
     /// [`Msg::decoded`] fills in.
-    pub(super) fn read(partition: i32, offset: i64, payload: Vec<u8>) -> Msg {
-        let m = Msg::new(partition, offset, payload);
+    pub(super) fn read(partition: i32, offset: i64, payload: Vec<u8>, rebalances: u64) -> Msg {
+        let mut m = Msg::new(partition, offset, payload);
+        m.rebalances = rebalances;
         let item = decode(&m, 0, 0);
         *m.decoded.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(item));
         m
+    }
+
+    /// Calls `f` with the event decoded ahead, if the message is one.
+    pub(super) fn with_event(&self, f: impl FnOnce(&mut Decoded)) {
+        let mut ahead = self.decoded.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(item) = ahead.as_deref_mut()
+            && let Ok(Item::Event(d)) = item
+        {
+            f(d);
+        }
     }
 
     /// The message decoded for a batch begun at `s` (ClickHouse seconds) at `now`: the
@@ -80,6 +94,8 @@ pub(super) struct Decoded {
     pub(super) row: EventRow,
     pub(super) h64: u64,
     pub(super) h128: u128,
+    /// What a look-up ahead of the batch found ([`super::dedup::look_ahead`]).
+    pub(super) looked: Option<Looked>,
 }
 
 /// A decoded message: an event, or a source's watermark.
@@ -111,6 +127,7 @@ pub(super) fn decode(m: &Msg, s: i64, now: i64) -> std::result::Result<Item, Dea
                 h64: xxhash_rust::xxh3::xxh3_64(&key),
                 h128: xxhash_rust::xxh3::xxh3_128(&key),
                 row: EventRow::new(&ns, &ev, ingested, s, m.partition, m.offset),
+                looked: None,
             }))
         }
         Ok(Message::Watermark(ns, mark)) => {

@@ -1,6 +1,6 @@
 //! Dedup by (namespace, source, id): within the batch, against recent identities in
 //! memory, and against `event_ids` in ClickHouse for the rest.
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
@@ -9,7 +9,7 @@ use tally_meter::store::DeadLetter;
 
 use super::Sink;
 use super::batch::{Decoded, Item, Msg, Prepared};
-use crate::EventRow;
+use crate::{Ch, EventRow};
 
 #[derive(Clone, Debug, Serialize, Deserialize, clickhouse::Row)]
 struct IdRow {
@@ -41,42 +41,162 @@ pub(super) fn hash128(ns: &str, source: &str, id: &str) -> u128 {
     xxhash_rust::xxh3::xxh3_128(&identity_key(ns, source, id))
 }
 
-/// Recent identities, bounded; oldest forgotten first.
+/// Recent identities, bounded; oldest forgotten first. Each is tagged with the number of
+/// the batch that stored it (batches count from 1 in this process), so a look-up made
+/// ahead knows whether memory still covers what it could not see
+/// ([`Looked::valid`]).
 #[derive(Debug)]
 pub(super) struct RecentIds {
-    set: HashSet<u128>,
-    order: VecDeque<(u128, i64)>,
+    pub(super) set: HashSet<u128>,
+    order: VecDeque<(u128, i64, u64)>,
     capacity: usize,
+    /// The newest batch some of whose identities were forgotten for want of room.
+    evicted: u64,
 }
 
 impl RecentIds {
     pub(super) fn new(bytes: usize) -> RecentIds {
-        // a set entry (16 B + hash table overhead) plus a queue entry (24 B): ~64 B
+        // a set entry (16 B + hash table overhead) plus a queue entry (32 B): ~72 B
         RecentIds {
             set: HashSet::new(),
             order: VecDeque::new(),
-            capacity: (bytes / 64).max(1),
+            capacity: (bytes / 72).max(1),
+            evicted: 0,
         }
     }
 
-    pub(super) fn insert(&mut self, h: u128, at: i64) {
+    /// Remembers identity `h`, stored at `at` (ClickHouse seconds) by batch `batch`.
+    pub(super) fn insert(&mut self, h: u128, at: i64, batch: u64) {
         if self.set.insert(h) {
-            self.order.push_back((h, at));
+            self.order.push_back((h, at, batch));
             while self.order.len() > self.capacity {
-                if let Some((old, _)) = self.order.pop_front() {
+                if let Some((old, _, b)) = self.order.pop_front() {
                     self.set.remove(&old);
+                    self.evicted = self.evicted.max(b);
                 }
             }
         }
     }
 
+    /// Forgets identities stored before `before` (outside the dedup window: they are
+    /// no duplicates' originals any more, here or in `event_ids`).
     pub(super) fn expire(&mut self, before: i64) {
-        while self.order.front().is_some_and(|(_, at)| *at < before) {
-            if let Some((old, _)) = self.order.pop_front() {
+        while self.order.front().is_some_and(|(_, at, _)| *at < before) {
+            if let Some((old, _, _)) = self.order.pop_front() {
                 self.set.remove(&old);
             }
         }
     }
+}
+
+/// What a look-up made ahead of the batch, on the fetch thread, found of one identity
+/// ([`look_ahead`]).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Looked {
+    /// The batches finished before the look-up was sent: their identities were in
+    /// `event_ids` for it to see.
+    pub(super) finished: u64,
+    /// The consumer's rebalances counted when the message was read.
+    pub(super) rebalances: u64,
+    /// When the identity was stored (`ingested`), if it was.
+    pub(super) stored: Option<u32>,
+}
+
+impl Looked {
+    /// Whether the look-up, with this sink's memory, still answers for a batch now: no
+    /// rebalance since the message was read (another sink may have stored identities of
+    /// a partition that was away meanwhile), and memory still holds every identity
+    /// stored by a batch the look-up could not see.
+    pub(super) fn valid(&self, recent: &RecentIds, rebalances: u64) -> bool {
+        self.rebalances == rebalances && recent.evicted <= self.finished
+    }
+}
+
+/// The identities among `hashes` (xxh3-64 of the identity key) stored in `event_ids`
+/// since `window_start`: (namespace, source, id, ingested). Hash hits are to be
+/// confirmed on the strings by the caller.
+pub(super) async fn stored_identities(
+    ch: &Ch,
+    hashes: &[u64],
+    window_start: i64,
+) -> Result<Vec<(String, String, String, u32)>> {
+    let mut found = Vec::new();
+    // one array literal parses ~6x faster than an IN list of the same numbers and is one
+    // syntax-tree node (ClickHouse caps a query at 50,000)
+    for chunk in hashes.chunks(100_000) {
+        let list = chunk
+            .iter()
+            .map(|h| h.to_string())
+            .collect::<Vec<_>>()
+            .join(",");
+        found.extend(
+            ch.fetch::<(String, String, String, u32)>(
+                "look up stored identities",
+                &format!(
+                    "SELECT namespace, source, id, toUInt32(max(ingested)) FROM {}.event_ids \
+                     WHERE h IN (SELECT arrayJoin([{list}])) AND ingested >= toDateTime({}) \
+                     GROUP BY namespace, source, id",
+                    ch.db(),
+                    window_start.max(0)
+                ),
+            )
+            .await?,
+        );
+    }
+    Ok(found)
+}
+
+/// Identities found stored, by hash.
+struct Found(HashMap<u64, Vec<(String, String, String, u32)>>);
+
+impl Found {
+    fn new(rows: Vec<(String, String, String, u32)>) -> Found {
+        let mut by_hash: HashMap<u64, Vec<_>> = HashMap::new();
+        for r in rows {
+            by_hash.entry(hash64(&r.0, &r.1, &r.2)).or_default().push(r);
+        }
+        Found(by_hash)
+    }
+
+    /// When `d`'s identity was stored, if it was (the hash confirmed on the strings).
+    fn stored(&self, d: &Decoded) -> Option<u32> {
+        let r = &d.row;
+        self.0.get(&d.h64)?.iter().find_map(|(ns, source, id, at)| {
+            (*ns == r.namespace && *source == r.source && *id == r.id).then_some(*at)
+        })
+    }
+}
+
+/// Looks up, ahead of their batch, the identities of the events among `msgs` (read from
+/// Kafka, decoded) stored since `window_start`; each event's decoding is given what was
+/// found ([`Looked`]). `finished` is the count of the sink's finished batches, read
+/// before the look-up is sent.
+pub(super) async fn look_ahead(
+    ch: &Ch,
+    msgs: &[Msg],
+    window_start: i64,
+    finished: u64,
+) -> Result<()> {
+    let mut hashes = Vec::new();
+    for m in msgs {
+        m.with_event(|d| hashes.push(d.h64));
+    }
+    if hashes.is_empty() {
+        return Ok(());
+    }
+    hashes.sort_unstable();
+    hashes.dedup();
+    let found = Found::new(stored_identities(ch, &hashes, window_start).await?);
+    for m in msgs {
+        m.with_event(|d| {
+            d.looked = Some(Looked {
+                finished,
+                rebalances: m.rebalances,
+                stored: found.stored(d),
+            });
+        });
+    }
+    Ok(())
 }
 
 impl Sink {
@@ -135,40 +255,36 @@ impl Sink {
                 Err(dead) => Some(Err(dead)),
             })
             .collect();
-        // identities that need a ClickHouse lookup: not present, not in memory
+        // identities that need a ClickHouse look-up: not present, not in memory, not
+        // looked up ahead (or no longer validly: Looked::valid)
+        let rebalances = self.rebalances();
         let mut ask: HashSet<u64> = HashSet::new();
+        let mut ahead = 0usize;
         for d in decoded.iter().flatten() {
-            if !present.contains(&(d.row.kafka_partition, d.row.kafka_offset))
-                && !self.recent.set.contains(&d.h128)
+            if present.contains(&(d.row.kafka_partition, d.row.kafka_offset))
+                || self.recent.set.contains(&d.h128)
             {
-                ask.insert(d.h64);
+                continue;
+            }
+            match d.looked {
+                Some(l) if l.valid(&self.recent, rebalances) => ahead += 1,
+                _ => {
+                    ask.insert(d.h64);
+                }
             }
         }
         let decoded_in = t0.elapsed();
-        let mut stored_before: HashSet<(String, String, String)> = HashSet::new();
+        let mut found = Found(HashMap::new());
         if !ask.is_empty() {
             let hashes: Vec<u64> = ask.into_iter().collect();
-            // one array literal parses ~6x faster than an IN list of the same numbers and
-            // is one syntax-tree node (ClickHouse caps a query at 50,000)
-            for chunk in hashes.chunks(100_000) {
-                self.stats.lookups.inc();
-                let list = chunk
-                    .iter()
-                    .map(|h| h.to_string())
-                    .collect::<Vec<_>>()
-                    .join(",");
-                let found: Vec<(String, String, String)> = self.rt.block_on(self.ch.fetch(
-                    "look up stored identities",
-                    &format!(
-                        "SELECT namespace, source, id FROM {}.event_ids WHERE h IN (SELECT arrayJoin([{list}])) AND ingested >= toDateTime({})",
-                        self.ch.db(),
-                        window_start.max(0)
-                    ),
-                ))?;
-                stored_before.extend(found);
-            }
+            self.stats.lookups.inc();
+            found = Found::new(self.rt.block_on(stored_identities(
+                &self.ch,
+                &hashes,
+                window_start,
+            ))?);
         }
-        tracing::debug!(?decoded_in, looked_up = ?t0.elapsed(), "Decoded and looked up");
+        tracing::debug!(?decoded_in, looked_up = ?t0.elapsed(), ahead, "Decoded and looked up");
         let mut seen: HashSet<u128> = HashSet::new();
         let (mut rows, mut kept_present, mut dead, mut duplicates) =
             (Vec::new(), Vec::new(), Vec::new(), 0u64);
@@ -185,14 +301,13 @@ impl Sink {
                 kept_present.push(d.row);
                 continue;
             }
-            let id = (
-                d.row.namespace.clone(),
-                d.row.source.clone(),
-                d.row.id.clone(),
-            );
+            let stored = match d.looked {
+                Some(l) if l.valid(&self.recent, rebalances) => l.stored,
+                _ => found.stored(&d),
+            };
             if seen.contains(&d.h128)
                 || self.recent.set.contains(&d.h128)
-                || stored_before.contains(&id)
+                || stored.is_some_and(|at| i64::from(at) >= window_start)
             {
                 duplicates += 1;
                 continue;
@@ -208,5 +323,61 @@ impl Sink {
             marks,
             gaps,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn looked(finished: u64, rebalances: u64) -> Looked {
+        Looked {
+            finished,
+            rebalances,
+            stored: None,
+        }
+    }
+
+    #[test]
+    fn a_look_up_ahead_holds_while_memory_keeps_the_batches_it_could_not_see() {
+        // room for 4 identities (72 B each)
+        let mut recent = RecentIds::new(4 * 72);
+        for h in 0..4u128 {
+            recent.insert(h, 100, 1 + (h as u64) / 2); // batches 1 and 2
+        }
+        // sent after batch 1 finished: batch 2 is in memory
+        assert!(looked(1, 0).valid(&recent, 0));
+        // batch 3 pushes out two identities of batch 1
+        recent.insert(10, 101, 3);
+        recent.insert(11, 101, 3);
+        assert!(recent.evicted == 1 && !recent.set.contains(&0));
+        assert!(looked(1, 0).valid(&recent, 0), "batch 1 was visible to it");
+        assert!(
+            !looked(0, 0).valid(&recent, 0),
+            "batch 1 is neither seen nor kept"
+        );
+        // batch 4 pushes out identities of batch 2
+        recent.insert(12, 102, 4);
+        recent.insert(13, 102, 4);
+        assert_eq!(recent.evicted, 2);
+        assert!(!looked(1, 0).valid(&recent, 0));
+        assert!(looked(2, 0).valid(&recent, 0));
+    }
+
+    #[test]
+    fn a_look_up_ahead_is_void_after_a_rebalance() {
+        let recent = RecentIds::new(1 << 20);
+        assert!(looked(0, 3).valid(&recent, 3));
+        assert!(!looked(0, 3).valid(&recent, 4));
+    }
+
+    #[test]
+    fn expiry_by_time_does_not_void_look_ups() {
+        let mut recent = RecentIds::new(1 << 20);
+        recent.insert(1, 100, 1);
+        recent.insert(2, 200, 2);
+        recent.expire(150);
+        assert!(!recent.set.contains(&1) && recent.set.contains(&2));
+        assert!(looked(0, 0).valid(&recent, 0));
     }
 }

@@ -12,7 +12,9 @@
 //!    recent identities (bounded by `dedup_memory_bytes`, oldest evicted first), and for
 //!    identities not in memory, one lookup per batch in `event_ids` (ordered by the
 //!    identity hash, so the lookup reads only matching granules) limited to the dedup
-//!    window. Hash matches are confirmed on the full strings. `event_ids` is partitioned
+//!    window. Hash matches are confirmed on the full strings. On one server the look-up
+//!    is made ahead, on the fetch thread, while the previous batch is written (below).
+//!    `event_ids` is partitioned
 //!    by month of insertion, and months wholly before the window are dropped (at start
 //!    and hourly), so dedup storage is bounded. `sink_log` rows older than a week are
 //!    deleted too, except each partition's latest batch.
@@ -20,15 +22,23 @@
 //!    compute its rollup rows from the new rows in the sink, all meters in one pass
 //!    over the batch ([`crate::fold`]) (before this release each meter was a view on
 //!    `events_feed`, which the sink no longer feeds);
-//! 5. insert the rollup rows, then the new rows into `events` (`inserted_at = S`),
-//!    then their identities into `event_ids`, the dead letters into `dead_letters`;
-//! 6. the batch's **watermark** records into `watermarks` and `watermark_gaps`
-//!    (after its events: a record vouches for the events before it on its partition);
-//! 7. **done**: a `done` row per partition; then commit the offsets to Kafka (advisory).
+//! 5. two chains at once: the new rows into `events` (`inserted_at = S`), then their
+//!    identities into `event_ids`, the dead letters into `dead_letters` and the
+//!    batch's **watermark** records into `watermarks` and `watermark_gaps` (after its
+//!    events: a record vouches for the events before it on its partition); and, as
+//!    soon as the fold (on threads of its own, beside the `events` insert) is done,
+//!    the rollup rows;
+//! 6. **done**: a `done` row per partition; then commit the offsets to Kafka (advisory).
 //!
 //! # Why every event counts exactly once
 //! `events` never holds an identity twice: rows are inserted only after dedup, and dedup
 //! sees every earlier batch because a batch begins only after the previous one is done.
+//! A look-up made ahead (`fetch.rs`) cannot see the batches still being written when it
+//! was sent; it counts the sink's finished batches first, and the sink's memory holds
+//! the identities of every later batch (each tagged with its batch's number), so the
+//! batch uses it only while memory has dropped none of those, and only if no
+//! rebalance happened since its messages were read (a partition away meanwhile may
+//! have been written by another sink). Otherwise the batch looks up again itself.
 //! The rollups are a function of `events`: for a meter with cutover `T`, the backfill
 //! rows (`origin = 1`) aggregate the rows with `inserted_at < T`, the sink's rows
 //! (`origin = 0`) those with `inserted_at >= T`: a batch begun at `S` feeds exactly the
@@ -108,7 +118,7 @@ mod stats;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
@@ -149,6 +159,8 @@ struct Sink {
     stop: Arc<AtomicBool>,
     /// The meters each writer's batches feed ([`meters`]).
     meters: meters::Meters,
+    /// Batches finished (all their inserts acknowledged), for look-ups made ahead.
+    finished: Arc<AtomicU64>,
 }
 
 /// Runs the sink until `stop` is set (then finishes the batch in hand), a transient
@@ -212,6 +224,7 @@ pub fn run(cfg: SinkConfig, stats: Arc<SinkStats>, stop: Arc<AtomicBool>) -> Sin
         batch_seq: 0,
         stop: stop.clone(),
         meters: meters::Meters::default(),
+        finished: Arc::new(AtomicU64::new(0)),
     };
     sink.run(&stop)
 }
@@ -262,7 +275,17 @@ impl Sink {
         // at start, then hourly
         let mut last_prune = Instant::now() - Duration::from_secs(3600);
         // the next batch is read from Kafka while this one is applied (fetch.rs)
-        let fetcher = Fetcher::spawn(self.consumer.clone(), self.cfg.batch_rows);
+        // on one server its identities are looked up there too, ahead of the batch
+        let look = match Ch::new(&self.cfg.clickhouse) {
+            Ok(ch) if self.shards.is_empty() => Some(fetch::LookAhead {
+                ch,
+                finished: self.finished.clone(),
+                window_secs: self.cfg.dedup_window.as_secs() as i64,
+                stats: self.stats.clone(),
+            }),
+            _ => None,
+        };
+        let fetcher = Fetcher::spawn(self.consumer.clone(), self.cfg.batch_rows, look);
         let consumer = self.consumer.clone();
         loop {
             if let group::Membership::Rejoin(waited) =
@@ -442,6 +465,11 @@ impl Sink {
         Ok(Some(msg))
     }
 
+    /// The consumer's rebalances so far.
+    fn rebalances(&self) -> u64 {
+        self.consumer.context().count()
+    }
+
     /// [`retrying`] with this sink's `max_retry` and stop flag.
     fn with_retry<T>(
         &mut self,
@@ -559,27 +587,43 @@ impl Sink {
         let prep = self.prepare(msgs, s, &HashSet::new())?;
         let prepared = t.elapsed();
         let (meters, tables) = self.rt.block_on(self.meters.of_batch(&self.ch, s))?;
-        let written = self.rt.block_on(async {
-            let folded = meters::fold_all(&meters, &tables, &prep.rows);
-            let fold = t.elapsed();
-            // The rollups first, like the views they replace: "rollups fed, events not
-            // stored" is the state `after-feed` names, and repair re-derives them. The
-            // identities only after the events: a repair takes a stored identity for
-            // a duplicate.
-            meters::insert_all(&self.ch, &folded).await?;
-            failpoint("after-feed");
-            let fed = t.elapsed();
-            self.ch.insert::<EventRow>("events", &prep.rows).await?;
-            failpoint("after-raw");
-            let raw = t.elapsed();
-            self.insert_ids(&prep.rows, s).await?;
-            self.ch
-                .insert::<DeadLetterRow>("dead_letters", &dead_rows(&prep.dead))
-                .await?;
-            // after the events: a watermark vouches for the events before it
-            self.insert_marks(&prep).await?;
-            tracing::debug!(meters = meters.len(), rollup_rows = folded.iter().map(|f| f.rows).sum::<usize>(), ?prepared, ?fold, ?fed, ?raw, all = ?t.elapsed(), "Batch steps (cumulative)");
-            Ok::<_, Error>(())
+        let (rows, ch) = (&prep.rows, &self.ch);
+        // Two chains at once: the events, then their identities (only after the events:
+        // a repair takes a stored identity for a duplicate), the dead letters and the
+        // watermarks (after the events they vouch for); and the fold (on threads of
+        // its own), then the rollups. A crash or failure anywhere leaves a state the
+        // repair mends: it re-derives the rollups of every key the range touches.
+        let written = std::thread::scope(|scope| {
+            let (tx, rx) = futures_channel::oneshot::channel();
+            let (meters, tables) = (&meters, &tables);
+            scope.spawn(move || {
+                let _ = tx.send(meters::fold_all(meters, tables, rows));
+            });
+            self.rt.block_on(async {
+                let rollups = async {
+                    let folded = rx.await.map_err(|_| {
+                        Error::Unavailable("folding the batch's rollups ended".into())
+                    })?;
+                    let fold = t.elapsed();
+                    meters::insert_all(ch, &folded).await?;
+                    failpoint("after-feed");
+                    let rollup_rows = folded.iter().map(|f| f.rows).sum::<usize>();
+                    Ok::<_, Error>((fold, t.elapsed(), rollup_rows))
+                };
+                let events = async {
+                    ch.insert::<EventRow>("events", rows).await?;
+                    failpoint("after-raw");
+                    let raw = t.elapsed();
+                    self.insert_ids(rows, s).await?;
+                    ch.insert::<DeadLetterRow>("dead_letters", &dead_rows(&prep.dead))
+                        .await?;
+                    self.insert_marks(&prep).await?;
+                    Ok::<_, Error>(raw)
+                };
+                let ((fold, fed, rollup_rows), raw) = futures::try_join!(rollups, events)?;
+                tracing::debug!(meters = meters.len(), rollup_rows, ?prepared, ?fold, ?fed, ?raw, all = ?t.elapsed(), "Batch steps (since the batch began)");
+                Ok::<_, Error>(())
+            })
         });
         if written.is_err() {
             // a meter may have been dropped meanwhile: read them again
@@ -609,10 +653,13 @@ impl Sink {
     }
 
     fn finish(&mut self, prep: &Prepared, messages: usize, s: i64) {
+        // after every insert of the batch: a look-up ahead that read this count saw them
+        let batch = self.finished.load(Ordering::SeqCst) + 1;
         for r in prep.rows.iter().chain(&prep.present) {
             self.recent
-                .insert(hash128(&r.namespace, &r.source, &r.id), s);
+                .insert(hash128(&r.namespace, &r.source, &r.id), s, batch);
         }
+        self.finished.store(batch, Ordering::SeqCst);
         self.stats.stored.inc_by(prep.rows.len() as u64);
         self.stats.duplicates.inc_by(prep.duplicates);
         self.stats.dead_letters.inc_by(prep.dead.len() as u64);
