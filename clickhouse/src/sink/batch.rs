@@ -14,7 +14,7 @@ fn memchr_watermark(payload: &[u8]) -> bool {
 }
 
 /// A message as read from Kafka, and its decoding when the fetch thread made it ahead
-/// of the batch ([`Msg::read`]).
+/// of the batch ([`decode_ahead`]).
 #[derive(Debug)]
 pub(super) struct Msg {
     pub(super) partition: i32,
@@ -44,14 +44,11 @@ impl Msg {
         }
     }
 
-    /// A message decoded now, while an earlier batch is applied: decoding does not
-    /// depend on the batch but for its `S` and the dead letters' time, which
-    /// [`Msg::decoded`] fills in.
+    /// A message read ahead of its batch, with the consumer's rebalance count then; to
+    /// be decoded ahead ([`decode_ahead`]).
     pub(super) fn read(partition: i32, offset: i64, payload: Vec<u8>, rebalances: u64) -> Msg {
         let mut m = Msg::new(partition, offset, payload);
         m.rebalances = rebalances;
-        let item = decode(&m, 0, 0);
-        *m.decoded.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(item));
         m
     }
 
@@ -86,6 +83,24 @@ impl Msg {
             None => decode(self, s, now),
         }
     }
+}
+
+/// Decodes `msgs` now, while an earlier batch is applied, spread over the cores:
+/// decoding does not depend on the batch but for its `S` and the dead letters' time,
+/// which [`Msg::decoded`] fills in.
+pub(super) fn decode_ahead(msgs: &[Msg]) {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let per = msgs.len().div_ceil(threads).max(1);
+    std::thread::scope(|scope| {
+        for chunk in msgs.chunks(per) {
+            scope.spawn(move || {
+                for m in chunk {
+                    let item = decode(m, 0, 0);
+                    *m.decoded.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(item));
+                }
+            });
+        }
+    });
 }
 
 /// A decoded message: its row and identity hashes.

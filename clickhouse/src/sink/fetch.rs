@@ -1,5 +1,5 @@
 //! Reading Kafka on a thread of its own, so the next batch is collected (and decoded:
-//! [`Msg::read`]) while this one is applied.
+//! [`super::batch::decode_ahead`]) while this one is applied.
 //!
 //! The fetch thread only polls the consumer and hands messages over (a bounded
 //! channel, at most one batch ahead). Everything that decides (routing, seeking, the
@@ -27,7 +27,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::message::Message;
 use rdkafka::{ClientContext, TopicPartitionList};
 
-use super::batch::Msg;
+use super::batch::{Msg, decode_ahead};
 use super::dedup::look_ahead;
 use super::stats::SinkStats;
 use crate::Ch;
@@ -172,7 +172,6 @@ fn fetch(
             Duration::from_millis(10)
         };
         let error = match consumer.poll(wait) {
-            // decoded here, so decoding overlaps the batch being applied
             Some(Ok(m)) => {
                 read.push(Msg::read(
                     m.partition(),
@@ -189,6 +188,8 @@ fn fetch(
             None if read.is_empty() => continue,
             None => None,
         };
+        // decoded here, so decoding overlaps the batch being applied
+        decode_ahead(&read);
         if let (Some(look), Some(rt)) = (look, &rt) {
             look_up(rt, look, &read);
         }
