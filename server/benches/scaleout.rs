@@ -23,6 +23,11 @@
 //! steps per batch.
 mod common;
 
+/// The allocator of the `tally-server` binary (src/main.rs), so the sink runs here as
+/// it runs there.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -40,6 +45,105 @@ use tally_meter::store::Store;
 use tally_server::api::{self, AppState, Limits, parse_query};
 use tally_server::catalog::Catalog;
 use tally_server::metrics::Metrics;
+
+/// CPU seconds used so far by the processes that share the machine's cores in this
+/// benchmark: this one (the sink runs in it), the broker and ClickHouse (their PIDs
+/// from the PID files of `make services`, in TALLY_BENCH_SERVICES, default
+/// `.services` of the workspace). Printed per phase, so the end-to-end ratio can be
+/// read against what the cores could give.
+#[derive(Clone, Copy, Default)]
+struct Cpu {
+    bench: f64,
+    broker: f64,
+    clickhouse: f64,
+    wall: Option<Instant>,
+}
+
+struct Procs {
+    broker: Option<u32>,
+    clickhouse: Option<u32>,
+}
+
+impl Procs {
+    fn find(url: &str) -> Procs {
+        let dir = std::env::var("TALLY_BENCH_SERVICES")
+            .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../.services").into());
+        let pid = |name: &str| {
+            std::fs::read_to_string(format!("{dir}/{name}.pid"))
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+        };
+        let ch = if url.contains(":8123") {
+            "clickhouse"
+        } else {
+            "clickhouse26"
+        };
+        let procs = Procs {
+            broker: pid("tansu"),
+            clickhouse: pid(ch),
+        };
+        if procs.broker.is_none() || procs.clickhouse.is_none() {
+            println!("(CPU of the broker or ClickHouse not measured: no PID file in {dir})");
+        }
+        procs
+    }
+
+    fn now(&self) -> Cpu {
+        Cpu {
+            bench: cpu_secs("self"),
+            broker: self.broker.map_or(0.0, |p| cpu_secs(&p.to_string())),
+            clickhouse: self.clickhouse.map_or(0.0, |p| cpu_secs(&p.to_string())),
+            wall: Some(Instant::now()),
+        }
+    }
+}
+
+impl Cpu {
+    /// "wall W s; CPU s: bench B, broker K, ClickHouse C (of 2W on 2 cores)".
+    fn since(&self, start: &Cpu) -> String {
+        let wall = match (self.wall, start.wall) {
+            (Some(a), Some(b)) => (a - b).as_secs_f64(),
+            _ => 0.0,
+        };
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        format!(
+            "wall {wall:.1} s; CPU s: this process {:.1}, broker {:.1}, ClickHouse {:.1} (of {:.1} on {cores} cores)",
+            self.bench - start.bench,
+            self.broker - start.broker,
+            self.clickhouse - start.clickhouse,
+            wall * cores
+        )
+    }
+}
+
+/// User + system CPU seconds of process `pid` ("self" for this one), 0 if unreadable.
+fn cpu_secs(pid: &str) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // the fields after the command name (which may hold spaces) in parentheses:
+    // state is field 3, utime 14, stime 15
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return 0.0;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / clock_ticks()
+}
+
+/// The kernel's clock ticks per second (`getconf CLK_TCK`; 100 if that fails).
+fn clock_ticks() -> f64 {
+    static HZ: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *HZ.get_or_init(|| {
+        std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+            .filter(|hz: &f64| *hz > 0.0)
+            .unwrap_or(100.0)
+    })
+}
 
 fn unique(prefix: &str) -> String {
     format!(
@@ -116,7 +220,13 @@ async fn http_ingest(kafka: &KafkaConfig, ch: Ch, n: usize) -> f64 {
 /// Sink rows/s from `topic` (holding `n` messages) into a fresh database with `meters`:
 /// end to end (from the first message), and counting only the time spent applying
 /// batches (what the sink itself costs, without waiting for Kafka).
-async fn sink_rate(kafka: &KafkaConfig, url: &str, meters: usize, n: u64) -> (f64, f64) {
+async fn sink_rate(
+    kafka: &KafkaConfig,
+    url: &str,
+    meters: usize,
+    n: u64,
+    procs: &Procs,
+) -> (f64, f64, String) {
     let db = unique(&format!("bench_sink{meters}"));
     let cfg = ch_config(url, &db);
     let ch = Ch::new(&cfg).unwrap();
@@ -129,18 +239,22 @@ async fn sink_rate(kafka: &KafkaConfig, url: &str, meters: usize, n: u64) -> (f6
         Arc::new(AtomicBool::new(false)),
         Arc::new(SinkStats::default()),
     );
-    let start = Instant::now();
+    let mut cpu = None;
     let thread = {
         let (stop, stats) = (stop.clone(), stats.clone());
         std::thread::spawn(move || tally_clickhouse::sink::run(sink, stats, stop))
     };
     while stats.applied.get() < n {
+        // CPU from about the first message, as the rate
+        if cpu.is_none() && stats.first_message_ms.load(Ordering::SeqCst) > 0 {
+            cpu = Some(procs.now());
+        }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     // from the first message, so joining the consumer group is not counted
     let first = stats.first_message_ms.load(Ordering::SeqCst) as i64;
     let elapsed = (chrono::Utc::now().timestamp_millis() - first).max(1) as f64 / 1e3;
-    let _ = start;
+    let used = procs.now().since(&cpu.unwrap_or_default());
     let rate = n as f64 / elapsed;
     let applying = n as f64 / (stats.apply_micros.get().max(1) as f64 / 1e6);
     stop.store(true, Ordering::SeqCst);
@@ -148,57 +262,68 @@ async fn sink_rate(kafka: &KafkaConfig, url: &str, meters: usize, n: u64) -> (f6
     ch.exec("drop", &format!("DROP DATABASE {db}"))
         .await
         .unwrap();
-    (rate, applying)
+    (rate, applying, used)
 }
 
 /// Raw consume: reads the `n` messages of `topic` with a fresh group (the sink's
 /// consumer settings), from the first message to the last.
-fn raw_consume(kafka: &KafkaConfig, n: usize) -> f64 {
+fn raw_consume(kafka: &KafkaConfig, n: usize, procs: &Procs) -> (f64, String) {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     let c: BaseConsumer = kafka
         .consumer_settings(&unique("bench_consume"))
         .create()
         .unwrap();
     c.subscribe(&[&kafka.topic]).unwrap();
-    let (mut got, mut first) = (0, None);
+    let (mut got, mut first, mut cpu) = (0, None, Cpu::default());
     while got < n {
         if let Some(Ok(_)) = c.poll(Duration::from_millis(100)) {
-            first.get_or_insert_with(Instant::now);
+            first.get_or_insert_with(|| {
+                cpu = procs.now();
+                Instant::now()
+            });
             got += 1;
         }
     }
-    n as f64 / first.unwrap().elapsed().as_secs_f64()
+    let rate = n as f64 / first.unwrap().elapsed().as_secs_f64();
+    (rate, procs.now().since(&cpu))
 }
 
 /// A bare client inserting `rows` in 50k batches into each of `tables` in turn, in a
-/// fresh database with `meters` provisioned: rows/s.
-async fn bare_insert(url: &str, meters: usize, tables: &[&str], rows: &[EventRow]) -> f64 {
+/// fresh database with `meters` provisioned: rows/s, and the CPU it took.
+async fn bare_insert(
+    url: &str,
+    meters: usize,
+    tables: &[&str],
+    rows: &[EventRow],
+    procs: &Procs,
+) -> (f64, String) {
     let db = unique(&format!("bench_bare{meters}"));
     let ch = Ch::new(&ch_config(url, &db)).unwrap();
     ch.ensure_schema().await.unwrap();
     let list: Vec<_> = (0..meters).map(meter).collect();
     provision::provision(&ch, &list, &cutover()).await.unwrap();
-    let start = Instant::now();
+    let (start, cpu) = (Instant::now(), procs.now());
     for chunk in rows.chunks(50_000) {
         for table in tables {
             ch.insert::<EventRow>(table, chunk).await.unwrap();
         }
     }
     let rate = rows.len() as f64 / start.elapsed().as_secs_f64();
+    let used = procs.now().since(&cpu);
     ch.exec("drop", &format!("DROP DATABASE {db}"))
         .await
         .unwrap();
-    rate
+    (rate, used)
 }
 
 /// ClickHouse's own ceiling for the sink's work with `meters`: the same rows into
 /// `events_feed` (through every meter's views) and into `events`.
-async fn ceiling(url: &str, meters: usize, rows: &[EventRow]) -> f64 {
-    bare_insert(url, meters, &["events_feed", "events"], rows).await
+async fn ceiling(url: &str, meters: usize, rows: &[EventRow], procs: &Procs) -> (f64, String) {
+    bare_insert(url, meters, &["events_feed", "events"], rows, procs).await
 }
 
-async fn raw_insert(url: &str, rows: &[EventRow]) -> f64 {
-    bare_insert(url, 0, &["events"], rows).await
+async fn raw_insert(url: &str, rows: &[EventRow], procs: &Procs) -> (f64, String) {
+    bare_insert(url, 0, &["events"], rows, procs).await
 }
 
 async fn query_bench(url: &str, subjects: usize, days: usize) {
@@ -353,15 +478,16 @@ async fn main() {
             EventRow::new(&ns, &ev, at, 0, (i % 8) as i32, i as i64)
         })
         .collect();
-    let consume = {
-        let k = raw_kafka.clone();
-        tokio::task::spawn_blocking(move || raw_consume(&k, n))
+    let procs = Arc::new(Procs::find(&url));
+    let (consume, used) = {
+        let (k, procs) = (raw_kafka.clone(), procs.clone());
+        tokio::task::spawn_blocking(move || raw_consume(&k, n, &procs))
             .await
             .unwrap()
     };
-    println!("raw limit: rdkafka consume (sink's settings):     {consume:>10.0} events/s");
-    let raw_ins = raw_insert(&url, &rows).await;
-    println!("raw limit: ClickHouse insert into events (50k):   {raw_ins:>10.0} rows/s");
+    println!("raw limit: rdkafka consume (sink's settings):     {consume:>10.0} events/s ({used})");
+    let (raw_ins, used) = raw_insert(&url, &rows, &procs).await;
+    println!("raw limit: ClickHouse insert into events (50k):   {raw_ins:>10.0} rows/s ({used})");
     let counts: Vec<usize> = std::env::var("TALLY_BENCH_METERS")
         .unwrap_or_else(|_| "0,1,10,100".into())
         .split(',')
@@ -369,8 +495,8 @@ async fn main() {
         .collect();
     for meters in counts {
         // the raw-produce topic holds the n envelopes; each run reads it with its own group
-        let (sink, applying) = sink_rate(&raw_kafka, &url, meters, n as u64).await;
-        let own = ceiling(&url, meters, &rows).await;
+        let (sink, applying, used) = sink_rate(&raw_kafka, &url, meters, n as u64, &procs).await;
+        let (own, own_used) = ceiling(&url, meters, &rows, &procs).await;
         println!(
             "sink, {meters:>3} meters:                              {sink:>10.0} rows/s = {:.2}x raw insert, {:.2}x raw consume; applying alone {applying:.0} rows/s = {:.2}x raw insert, {:.2}x ClickHouse's ceiling with the same views ({own:.0} rows/s)",
             sink / raw_ins,
@@ -378,6 +504,8 @@ async fn main() {
             applying / raw_ins,
             applying / own
         );
+        println!("  sink, end to end: {used}");
+        println!("  ceiling: {own_used}");
     }
     if std::env::var_os("TALLY_BENCH_SKIP_QUERY").is_some() {
         println!("query benchmark skipped (TALLY_BENCH_SKIP_QUERY)");

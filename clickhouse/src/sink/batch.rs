@@ -85,18 +85,30 @@ impl Msg {
     }
 }
 
-/// Decodes `msgs` now, while an earlier batch is applied, spread over the cores:
-/// decoding does not depend on the batch but for its `S` and the dead letters' time,
-/// which [`Msg::decoded`] fills in.
+/// Decodes those of `msgs` not decoded yet, spread over the cores: on the fetch thread
+/// while an earlier batch is applied, and for a batch, what was not (a repair's
+/// copies). Decoding does not depend on the batch but for its `S` and the dead
+/// letters' time, which [`Msg::decoded`] fills in.
 pub(super) fn decode_ahead(msgs: &[Msg]) {
+    let undecoded = |m: &Msg| {
+        m.decoded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_none()
+    };
+    if !msgs.iter().any(undecoded) {
+        return;
+    }
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let per = msgs.len().div_ceil(threads).max(1);
     std::thread::scope(|scope| {
         for chunk in msgs.chunks(per) {
             scope.spawn(move || {
                 for m in chunk {
-                    let item = decode(m, 0, 0);
-                    *m.decoded.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(item));
+                    let mut slot = m.decoded.lock().unwrap_or_else(|e| e.into_inner());
+                    if slot.is_none() {
+                        *slot = Some(Box::new(decode(m, 0, 0)));
+                    }
                 }
             });
         }

@@ -5,10 +5,9 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 use tally_meter::Result;
-use tally_meter::store::DeadLetter;
 
 use super::Sink;
-use super::batch::{Decoded, Item, Msg, Prepared};
+use super::batch::{Decoded, Item, Msg, Prepared, decode_ahead};
 use crate::{Ch, EventRow};
 
 #[derive(Clone, Debug, Serialize, Deserialize, clickhouse::Row)]
@@ -227,53 +226,29 @@ impl Sink {
         let window_start = s - self.cfg.dedup_window.as_secs() as i64;
         self.recent.expire(window_start);
         let t0 = Instant::now();
-        // decoding, validation and flattening are pure: spread them over the cores
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let per = msgs.len().div_ceil(threads).max(1);
-        let items: Vec<std::result::Result<Item, DeadLetter>> = std::thread::scope(|scope| {
-            let parts: Vec<_> = msgs
-                .chunks(per)
-                .map(|chunk| {
-                    scope.spawn(move || chunk.iter().map(|m| m.decoded(s, now)).collect::<Vec<_>>())
-                })
-                .collect();
-            parts
-                .into_iter()
-                .flat_map(|p| p.join().expect("decoding does not panic"))
-                .collect()
-        });
-        let (mut marks, mut gaps) = (Vec::new(), Vec::new());
-        let decoded: Vec<std::result::Result<Decoded, DeadLetter>> = items
-            .into_iter()
-            .filter_map(|item| match item {
-                Ok(Item::Event(d)) => Some(Ok(d)),
-                Ok(Item::Mark(m, g)) => {
-                    marks.push(m);
-                    gaps.extend(g);
-                    None
-                }
-                Err(dead) => Some(Err(dead)),
-            })
-            .collect();
+        // decoded on the fetch thread as a rule; what was not is decoded now
+        decode_ahead(msgs);
+        let decoded_in = t0.elapsed();
         // identities that need a ClickHouse look-up: not present, not in memory, not
         // looked up ahead (or no longer validly: Looked::valid)
         let rebalances = self.rebalances();
         let mut ask: HashSet<u64> = HashSet::new();
         let mut ahead = 0usize;
-        for d in decoded.iter().flatten() {
-            if present.contains(&(d.row.kafka_partition, d.row.kafka_offset))
-                || self.recent.set.contains(&d.h128)
-            {
-                continue;
-            }
-            match d.looked {
-                Some(l) if l.valid(&self.recent, rebalances) => ahead += 1,
-                _ => {
-                    ask.insert(d.h64);
+        for m in msgs {
+            m.with_event(|d| {
+                if present.contains(&(d.row.kafka_partition, d.row.kafka_offset))
+                    || self.recent.set.contains(&d.h128)
+                {
+                    return;
                 }
-            }
+                match d.looked {
+                    Some(l) if l.valid(&self.recent, rebalances) => ahead += 1,
+                    _ => {
+                        ask.insert(d.h64);
+                    }
+                }
+            });
         }
-        let decoded_in = t0.elapsed();
         let mut found = Found(HashMap::new());
         if !ask.is_empty() {
             let hashes: Vec<u64> = ask.into_iter().collect();
@@ -285,12 +260,19 @@ impl Sink {
             ))?);
         }
         tracing::debug!(?decoded_in, looked_up = ?t0.elapsed(), ahead, "Decoded and looked up");
-        let mut seen: HashSet<u128> = HashSet::new();
+        // one pass in offset order, each row moved once into what it becomes
+        let mut seen: HashSet<u128> = HashSet::with_capacity(msgs.len());
         let (mut rows, mut kept_present, mut dead, mut duplicates) =
-            (Vec::new(), Vec::new(), Vec::new(), 0u64);
-        for d in decoded {
-            let d = match d {
-                Ok(d) => d,
+            (Vec::with_capacity(msgs.len()), Vec::new(), Vec::new(), 0u64);
+        let (mut marks, mut gaps) = (Vec::new(), Vec::new());
+        for m in msgs {
+            let d = match m.decoded(s, now) {
+                Ok(Item::Event(d)) => d,
+                Ok(Item::Mark(mark, g)) => {
+                    marks.push(mark);
+                    gaps.extend(g);
+                    continue;
+                }
                 Err(letter) => {
                     dead.push(letter);
                     continue;

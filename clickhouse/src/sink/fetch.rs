@@ -24,6 +24,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::{ClientContext, TopicPartitionList};
 
@@ -98,9 +99,19 @@ pub(super) struct LookAhead {
     pub(super) stats: Arc<SinkStats>,
 }
 
+/// What the fetch thread hands over, in the order it was read.
+pub(super) enum Fetched {
+    Msg(Msg),
+    /// The partition's end was reached: nothing more of it for now (Kafka's partition
+    /// EOF), so a batch need not wait for more of it ([`super::Sink`]).
+    CaughtUp(i32),
+    /// A consumer error, to log.
+    Error(String),
+}
+
 /// The fetch thread; stops (and is joined) on drop.
 pub(super) struct Fetcher {
-    pub(super) rx: Receiver<Result<Msg, String>>,
+    pub(super) rx: Receiver<Fetched>,
     quit: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
@@ -144,7 +155,7 @@ const LOOK_AHEAD_ROWS: usize = 10_000;
 
 fn fetch(
     consumer: &BaseConsumer<RebalanceLog>,
-    tx: &SyncSender<Result<Msg, String>>,
+    tx: &SyncSender<Fetched>,
     quit: &AtomicBool,
     look: Option<&LookAhead>,
     ahead: usize,
@@ -171,7 +182,7 @@ fn fetch(
         } else {
             Duration::from_millis(10)
         };
-        let error = match consumer.poll(wait) {
+        let (error, caught_up) = match consumer.poll(wait) {
             Some(Ok(m)) => {
                 read.push(Msg::read(
                     m.partition(),
@@ -182,26 +193,26 @@ fn fetch(
                 if read.len() < chunk {
                     continue;
                 }
-                None
+                (None, None)
             }
-            Some(Err(e)) => Some(e.to_string()),
+            Some(Err(KafkaError::PartitionEOF(p))) => (None, Some(p)),
+            Some(Err(e)) => (Some(e.to_string()), None),
             None if read.is_empty() => continue,
-            None => None,
+            None => (None, None),
         };
-        // decoded here, so decoding overlaps the batch being applied
-        decode_ahead(&read);
-        if let (Some(look), Some(rt)) = (look, &rt) {
-            look_up(rt, look, &read);
+        if !read.is_empty() {
+            // decoded here, so decoding overlaps the batch being applied
+            decode_ahead(&read);
+            if let (Some(look), Some(rt)) = (look, &rt) {
+                look_up(rt, look, &read);
+            }
         }
-        for m in read.drain(..) {
-            if !send(tx, quit, Ok(m)) {
+        let items = read.drain(..).map(Fetched::Msg);
+        let items = items.chain(error.map(Fetched::Error));
+        for item in items.chain(caught_up.map(Fetched::CaughtUp)) {
+            if !send(tx, quit, item) {
                 return;
             }
-        }
-        if let Some(e) = error
-            && !send(tx, quit, Err(e))
-        {
-            return;
         }
     }
 }
@@ -235,11 +246,7 @@ fn look_up(rt: &tokio::runtime::Runtime, look: &LookAhead, msgs: &[Msg]) {
 
 /// Hands `item` to the sink's thread, waiting while the channel is full (polling stops
 /// meanwhile; heartbeats go on in librdkafka's own threads); false when the fetch ends.
-fn send(
-    tx: &SyncSender<Result<Msg, String>>,
-    quit: &AtomicBool,
-    item: Result<Msg, String>,
-) -> bool {
+fn send(tx: &SyncSender<Fetched>, quit: &AtomicBool, item: Fetched) -> bool {
     let mut item = Some(item);
     while let Some(i) = item.take() {
         match tx.try_send(i) {

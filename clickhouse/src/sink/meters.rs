@@ -104,25 +104,12 @@ pub(super) fn fold_all(
         return Vec::new();
     }
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let per = meters.len().div_ceil(threads).max(1);
-    std::thread::scope(|scope| {
-        let parts: Vec<_> = meters
-            .chunks(per)
-            .map(|chunk| {
-                scope.spawn(move || {
-                    chunk
-                        .iter()
-                        .flat_map(|m| m.fold(rows))
-                        .filter(|f| f.rows > 0 && tables.contains(&f.table))
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        parts
-            .into_iter()
-            .flat_map(|p| p.join().expect("folding does not panic"))
-            .collect()
-    })
+    let meters: Vec<&MeterFold> = meters.iter().map(|m| m.as_ref()).collect();
+    crate::fold::fold_many(&meters, rows, threads)
+        .into_iter()
+        .flatten()
+        .filter(|f| f.rows > 0 && tables.contains(&f.table))
+        .collect()
 }
 
 /// Inserts the folded rows, a few tables at a time.

@@ -2,10 +2,12 @@
 //! once.
 //!
 //! # One batch
-//! Messages are collected up to `batch_rows` / `batch_bytes` / `batch_wait`, then:
+//! Messages are collected up to `batch_rows` / `batch_bytes` / `batch_wait` (or, once
+//! every partition is read to its end, as soon as the batch holds a quarter of
+//! `batch_rows`: `EARLY_BATCH_PARTS`), then:
 //! 1. **begin**: read ClickHouse's clock `S`, write a `begin` row per Kafka partition
-//!    `(partition, first offset, last offset, S)` to `sink_log`. If writing it took longer
-//!    than `grace` after reading the clock, write a new `begin` with a fresh `S` (the
+//!    `(partition, first offset, last offset, S)` to `sink_log`. If asking the clock and
+//!    writing the row took longer than `grace`, write a new `begin` with a fresh `S` (the
 //!    cutover argument of [`crate::provision`] needs that bound).
 //! 2. decode; undecodable or invalid messages become **dead letters** (never retried).
 //! 3. **dedup** by (namespace, source, id): within the batch, against an in-memory set of
@@ -129,7 +131,7 @@ pub use self::config::SinkConfig;
 use self::dedup::{RecentIds, hash128};
 pub use self::error::{SinkError, SinkResult};
 use self::failpoint::failpoint;
-use self::fetch::{Fetcher, RebalanceLog};
+use self::fetch::{Fetched, Fetcher, RebalanceLog};
 use self::log::PartState;
 pub use self::stats::SinkStats;
 use crate::cluster::PartitionShards;
@@ -161,7 +163,14 @@ struct Sink {
     meters: meters::Meters,
     /// Batches finished (all their inserts acknowledged), for look-ups made ahead.
     finished: Arc<AtomicU64>,
+    /// Owned partitions read to their end, with no message of theirs since.
+    caught_up: HashSet<i32>,
 }
+
+/// A batch goes before `batch_wait` when every partition is read to its end and it
+/// holds at least this part of `batch_rows`: the tail of a burst is applied at once,
+/// while a trickle still waits to make inserts of a fair size.
+const EARLY_BATCH_PARTS: usize = 4;
 
 /// Runs the sink until `stop` is set (then finishes the batch in hand), a transient
 /// failure outlasts `max_retry`, or ClickHouse says the set-up is wrong. Blocking: run
@@ -186,6 +195,8 @@ pub fn run(cfg: SinkConfig, stats: Arc<SinkStats>, stop: Arc<AtomicBool>) -> Sin
     let consumer: BaseConsumer<RebalanceLog> = cfg
         .kafka
         .consumer_settings(&cfg.group)
+        // tells the fetch thread when a partition is read to its end (an early batch)
+        .set("enable.partition.eof", "true")
         .create_with_context(RebalanceLog::default())
         .map_err(error::kafka("create the Kafka consumer"))?;
     let consumer = Arc::new(consumer);
@@ -225,8 +236,17 @@ pub fn run(cfg: SinkConfig, stats: Arc<SinkStats>, stop: Arc<AtomicBool>) -> Sin
         stop: stop.clone(),
         meters: meters::Meters::default(),
         finished: Arc::new(AtomicU64::new(0)),
+        caught_up: HashSet::new(),
     };
     sink.run(&stop)
+}
+
+/// Frees `value` on a thread of its own, off the batch's path: a batch's rows are some
+/// half a million heap blocks (about 20 ms to free). Freed here if no thread starts.
+fn drop_later<T: Send + 'static>(value: T) {
+    let _ = std::thread::Builder::new()
+        .name("tally-sink-free".into())
+        .spawn(move || drop(value));
 }
 
 /// Runs `f` until it succeeds: transient failures are retried with backoff (at least
@@ -341,7 +361,8 @@ impl Sink {
             let _working = consumer.context().working();
             self.handle_rebalances(&mut batch);
             match fetched {
-                Some(Ok(msg)) if self.owned.contains(&msg.partition) => {
+                Some(Fetched::Msg(msg)) if self.owned.contains(&msg.partition) => {
+                    self.caught_up.remove(&msg.partition);
                     if self.stats.first_message_ms.load(Ordering::Relaxed) == 0 {
                         let now = chrono::Utc::now().timestamp_millis() as u64;
                         self.stats.first_message_ms.store(now, Ordering::Relaxed);
@@ -354,12 +375,20 @@ impl Sink {
                         batch.push(msg);
                     }
                 }
-                Some(Ok(_)) => {} // of a partition revoked meanwhile
-                Some(Err(e)) => tracing::warn!(error = %e, "Kafka consumer error"),
+                Some(Fetched::CaughtUp(p)) if self.owned.contains(&p) => {
+                    self.caught_up.insert(p);
+                }
+                // of a partition revoked meanwhile
+                Some(Fetched::Msg(_) | Fetched::CaughtUp(_)) => {}
+                Some(Fetched::Error(e)) => tracing::warn!(error = %e, "Kafka consumer error"),
                 None => {}
             }
             let full = batch.len() >= self.cfg.batch_rows || bytes >= self.cfg.batch_bytes;
-            if !batch.is_empty() && (full || first_at.elapsed() >= self.cfg.batch_wait) {
+            // every partition read to its end: waiting out `batch_wait` brings nothing
+            // more, so a batch of a fair size (an insert ClickHouse takes well) goes now
+            let idle = self.owned.iter().all(|p| self.caught_up.contains(p))
+                && batch.len() >= self.cfg.batch_rows.div_ceil(EARLY_BATCH_PARTS);
+            if !batch.is_empty() && (full || idle || first_at.elapsed() >= self.cfg.batch_wait) {
                 tracing::debug!(
                     messages = batch.len(),
                     collect_ms = first_at.elapsed().as_millis() as u64,
@@ -382,6 +411,7 @@ impl Sink {
             // partition's next message arrives, and unapplied messages are re-read.
             for p in parts {
                 self.parts.remove(&p);
+                self.caught_up.remove(&p);
                 batch.retain(|m| m.partition != p);
                 if assigned {
                     self.owned.insert(p);
@@ -539,26 +569,35 @@ impl Sink {
         let ranges = Self::ranges(&msgs);
         self.batch_seq += 1;
         let batch = (chrono::Utc::now().timestamp_micros() as u64) ^ self.batch_seq;
+        let began = Instant::now();
         let s = self.with_retry("begin a batch", |sink| {
             loop {
+                let asked = Instant::now();
                 let s = sink.rt.block_on(sink.ch.now())?;
                 sink.log(&ranges, batch, "begin", s)?;
-                let now = sink.rt.block_on(sink.ch.now())?;
-                if now - s <= sink.cfg.grace_secs {
+                // `S` is ClickHouse's clock in whole seconds, read after `asked`, so when
+                // the record was written the clock showed less than S + 1 s plus the time
+                // since `asked` (the clocks run at the same rate): for a batch with
+                // S < T, less than T + that time, which provisioning's wait until T +
+                // grace covers (one query fewer than reading the clock again)
+                let took = asked.elapsed();
+                if took <= Duration::from_secs(sink.cfg.grace_secs.max(0) as u64) {
                     return Ok(s);
                 }
                 tracing::warn!(
-                    secs = now - s,
+                    secs = took.as_secs_f64(),
                     "Writing the batch's begin record was slow; beginning again"
                 );
             }
         })?;
         failpoint("after-begin");
+        let began = began.elapsed();
         let started = Instant::now();
         let first = self.write_batch(&msgs, s, batch, &ranges);
         tracing::debug!(
             messages = msgs.len(),
             ms = started.elapsed().as_millis() as u64,
+            begin_ms = began.as_millis() as u64,
             ok = first.is_ok(),
             "Applied a batch"
         );
@@ -573,6 +612,7 @@ impl Sink {
                 st.next = end + 1;
             }
         }
+        drop_later(msgs);
         Ok(())
     }
 
@@ -597,31 +637,35 @@ impl Sink {
             let (tx, rx) = futures_channel::oneshot::channel();
             let (meters, tables) = (&meters, &tables);
             scope.spawn(move || {
-                let _ = tx.send(meters::fold_all(meters, tables, rows));
+                let took = Instant::now();
+                let folded = meters::fold_all(meters, tables, rows);
+                let _ = tx.send((folded, took.elapsed()));
             });
             self.rt.block_on(async {
                 let rollups = async {
-                    let folded = rx.await.map_err(|_| {
+                    let (folded, fold_took) = rx.await.map_err(|_| {
                         Error::Unavailable("folding the batch's rollups ended".into())
                     })?;
                     let fold = t.elapsed();
                     meters::insert_all(ch, &folded).await?;
                     failpoint("after-feed");
                     let rollup_rows = folded.iter().map(|f| f.rows).sum::<usize>();
-                    Ok::<_, Error>((fold, t.elapsed(), rollup_rows))
+                    Ok::<_, Error>((fold, fold_took, t.elapsed(), rollup_rows))
                 };
                 let events = async {
                     ch.insert::<EventRow>("events", rows).await?;
                     failpoint("after-raw");
                     let raw = t.elapsed();
                     self.insert_ids(rows, s).await?;
+                    let ids = t.elapsed();
                     ch.insert::<DeadLetterRow>("dead_letters", &dead_rows(&prep.dead))
                         .await?;
                     self.insert_marks(&prep).await?;
-                    Ok::<_, Error>(raw)
+                    Ok::<_, Error>((raw, ids))
                 };
-                let ((fold, fed, rollup_rows), raw) = futures::try_join!(rollups, events)?;
-                tracing::debug!(meters = meters.len(), rollup_rows, ?prepared, ?fold, ?fed, ?raw, all = ?t.elapsed(), "Batch steps (since the batch began)");
+                let ((fold, fold_took, fed, rollup_rows), (raw, ids)) =
+                    futures::try_join!(rollups, events)?;
+                tracing::debug!(meters = meters.len(), rollup_rows, ?prepared, ?fold_took, ?fold, ?fed, ?raw, ?ids, all = ?t.elapsed(), "Batch steps (since the batch began)");
                 Ok::<_, Error>(())
             })
         });
@@ -630,8 +674,12 @@ impl Sink {
             self.meters.forget();
         }
         written?;
+        let logged = Instant::now();
         self.log(ranges, batch, "done", s)?;
+        let logged = logged.elapsed();
         self.finish(&prep, msgs.len(), s);
+        tracing::debug!(?logged, finished = ?t.elapsed(), "Batch done");
+        drop_later(prep);
         Ok(())
     }
 
