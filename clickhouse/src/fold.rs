@@ -569,16 +569,7 @@ mod tests {
 
     #[test]
     fn a_negative_index_is_resolved_with_the_array_length() {
-        let data = serde_json::json!({"a": [{"b": 1}, {"b": 7}]});
-        let flat = crate::Flat::of(data.as_object().unwrap());
-        let row = EventRow {
-            data_paths: flat.paths,
-            data_kinds: flat.kinds,
-            data_strs: flat.strs,
-            data_nums: flat.nums,
-            data_num_ok: flat.num_ok,
-            ..test_row()
-        };
+        let row = row_of(serde_json::json!({"a": [{"b": 1}, {"b": 7}]}));
         let key = Key::of(&SingularPath::parse("$.a[-1].b").unwrap());
         let n = Node::at(&row, &key);
         assert_eq!((n.kind, n.num), (2, 7.0));
@@ -611,19 +602,10 @@ mod tests {
             meter(r#"{"eventType": "other", "aggregation": "MAX", "valueProperty": "$.n"}"#),
         ];
         let rows: Vec<EventRow> = (0..2_000)
-            .map(|i| {
-                let data = serde_json::json!({"n": i % 7, "g": format!("g{}", i % 3)});
-                let flat = crate::Flat::of(data.as_object().unwrap());
-                EventRow {
-                    subject: format!("s{}", i % 11),
-                    time: 1_700_000_000 + i * 7,
-                    data_paths: flat.paths,
-                    data_kinds: flat.kinds,
-                    data_strs: flat.strs,
-                    data_nums: flat.nums,
-                    data_num_ok: flat.num_ok,
-                    ..test_row()
-                }
+            .map(|i| EventRow {
+                subject: format!("s{}", i % 11),
+                time: 1_700_000_000 + i * 7,
+                ..row_of(serde_json::json!({"n": i % 7, "g": format!("g{}", i % 3)}))
             })
             .collect();
         let refs: Vec<&MeterFold> = meters.iter().collect();
@@ -642,6 +624,19 @@ mod tests {
             }
         }
         assert!(meters[0].fold(&rows)[0].rows > 0, "the test folds rows");
+    }
+
+    /// A row of [`test_row`] with `data` flattened.
+    fn row_of(data: serde_json::Value) -> EventRow {
+        let flat = crate::Flat::of(data.as_object().unwrap());
+        EventRow {
+            data_paths: flat.paths,
+            data_kinds: flat.kinds,
+            data_strs: flat.strs,
+            data_nums: flat.nums,
+            data_num_ok: flat.num_ok,
+            ..test_row()
+        }
     }
 
     fn test_row() -> EventRow {

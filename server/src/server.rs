@@ -140,7 +140,8 @@ pub struct SinkArgs {
     /// Insert a batch at this many payload bytes.
     #[arg(long, env = "TALLY_SINK_BATCH_BYTES", default_value_t = 32 << 20)]
     pub batch_bytes: usize,
-    /// Insert a non-empty batch after this many milliseconds.
+    /// Insert a non-empty batch after this many milliseconds (sooner once every
+    /// partition is read to its end and the batch holds a quarter of --batch-rows).
     #[arg(long, env = "TALLY_SINK_BATCH_MS", default_value_t = 1000)]
     pub batch_ms: u64,
     /// Deduplicate by (namespace, source, id) within this many days of ingestion.

@@ -854,6 +854,35 @@ async fn a_refused_clickhouse_login_stops_the_sink_at_once_naming_the_flag() {
     }
 }
 
+/// A burst's tail is applied as soon as every partition is read to its end (not after
+/// `--batch-ms`) when the batch holds a quarter of `--batch-rows`; a smaller batch
+/// still waits out `--batch-ms`, so a trickle makes inserts of a fair size.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_goes_early_once_kafka_is_read_to_its_end_unless_it_is_small() {
+    let extra = ["--batch-rows", "400", "--batch-ms", "120000"];
+    let Some(mut stack) = Stack::on_shared("early batch test", METERS, &extra) else {
+        return;
+    };
+    // 300 events (over a quarter of 400): all applied long before the 120 s wait
+    let started = Instant::now();
+    stack.send(0..300, 300).await;
+    stack.drained(Duration::from_secs(60)).await;
+    eprintln!(
+        "300 events applied {:?} after they were sent",
+        started.elapsed()
+    );
+    assert_eq!(stack.done().await, 300);
+    // 20 more (under a quarter): they wait for --batch-ms
+    stack.send(300..320, 20).await;
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    assert_eq!(stack.produced(), 320, "the 20 events are in Kafka");
+    assert_eq!(
+        stack.done().await,
+        300,
+        "a batch of 20 (under a quarter of --batch-rows) went before --batch-ms"
+    );
+}
+
 /// A database provisioned by a release before the fifteen-minute tier: the meter's
 /// minute rollup and view (the SQL that release ran, which this one still generates),
 /// and its record. This release's provisioning must take it over without counting the

@@ -309,8 +309,6 @@ impl SinkProcess {
             topic,
             "--group",
             database,
-            "--batch-ms",
-            "200",
             "--cutover-grace-secs",
             "1",
             "--max-retry-secs",
@@ -321,6 +319,9 @@ impl SinkProcess {
         .collect();
         // port 0: the sink announces the port it got (SinkProcess::metrics_url)
         args.extend(["--metrics-listen".to_string(), "127.0.0.1:0".to_string()]);
+        if !extra.contains(&"--batch-ms") {
+            args.extend(["--batch-ms".to_string(), "200".to_string()]);
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
         let mut s = SinkProcess {
             child: None,
