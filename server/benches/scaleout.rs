@@ -274,18 +274,17 @@ fn raw_consume(kafka: &KafkaConfig, n: usize, procs: &Procs) -> (f64, String) {
         .create()
         .unwrap();
     c.subscribe(&[&kafka.topic]).unwrap();
-    let (mut got, mut first, mut cpu) = (0, None, Cpu::default());
+    // CPU and wall time from the first message
+    let (mut got, mut first) = (0, None);
     while got < n {
         if let Some(Ok(_)) = c.poll(Duration::from_millis(100)) {
-            first.get_or_insert_with(|| {
-                cpu = procs.now();
-                Instant::now()
-            });
+            first.get_or_insert_with(|| procs.now());
             got += 1;
         }
     }
-    let rate = n as f64 / first.unwrap().elapsed().as_secs_f64();
-    (rate, procs.now().since(&cpu))
+    let (first, last) = (first.unwrap(), procs.now());
+    let wall = last.wall.zip(first.wall).map(|(a, b)| a - b).unwrap();
+    (n as f64 / wall.as_secs_f64(), last.since(&first))
 }
 
 /// A bare client inserting `rows` in 50k batches into each of `tables` in turn, in a

@@ -386,8 +386,9 @@ impl Sink {
             let full = batch.len() >= self.cfg.batch_rows || bytes >= self.cfg.batch_bytes;
             // every partition read to its end: waiting out `batch_wait` brings nothing
             // more, so a batch of a fair size (an insert ClickHouse takes well) goes now
-            let idle = self.owned.iter().all(|p| self.caught_up.contains(p))
-                && batch.len() >= self.cfg.batch_rows.div_ceil(EARLY_BATCH_PARTS);
+            // (the size first: it is checked on every message)
+            let idle = batch.len() >= self.cfg.batch_rows.div_ceil(EARLY_BATCH_PARTS)
+                && self.owned.iter().all(|p| self.caught_up.contains(p));
             if !batch.is_empty() && (full || idle || first_at.elapsed() >= self.cfg.batch_wait) {
                 tracing::debug!(
                     messages = batch.len(),
