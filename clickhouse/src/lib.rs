@@ -321,7 +321,7 @@ impl Ch {
                 "watermarks_all",
                 "watermark_gaps_all",
             ]);
-            if self.all_exist(&tables).await? {
+            if self.all_exist(&tables).await? && self.id_positions_exist().await? {
                 return Ok(());
             }
         }
@@ -336,7 +336,8 @@ impl Ch {
         );
         let feed = format!("({EVENT_COLUMNS}) ENGINE = Null");
         let event_ids = format!(
-            "(h UInt64, namespace String, source String, id String, ingested DateTime('UTC')) \
+            "(h UInt64, namespace String, source String, id String, ingested DateTime('UTC'), \
+             {ID_POSITION_COLUMNS}) \
              ENGINE = {} PARTITION BY toYYYYMM(ingested) ORDER BY h",
             self.engine("event_ids", "MergeTree", "")
         );
@@ -414,6 +415,7 @@ impl Ch {
             )
             .await?;
         }
+        self.add_id_positions().await?;
         for name in [
             "events",
             "dead_letters",
@@ -424,6 +426,51 @@ impl Ch {
             self.create_distributed(name).await?;
         }
         Ok(())
+    }
+}
+
+/// Where each identity of `event_ids` was read from Kafka, so a repair tells the
+/// identities its own batch stored (inserted beside the batch's events, not after them)
+/// from earlier ones. Rows of a release before these columns read -1: never a batch's.
+const ID_POSITION_COLUMNS: &str = "kafka_partition Int32 DEFAULT -1, kafka_offset Int64 DEFAULT -1";
+
+impl Ch {
+    /// Whether `event_ids` has the position columns ([`ID_POSITION_COLUMNS`]).
+    async fn id_positions_exist(&self) -> Result<bool> {
+        let n: Vec<u64> = self
+            .fetch(
+                "read event_ids' columns",
+                &format!(
+                    "SELECT count() FROM system.columns WHERE database = {} AND table = 'event_ids' \
+                     AND name IN ('kafka_partition', 'kafka_offset')",
+                    lit(&self.database)
+                ),
+            )
+            .await?;
+        Ok(n.first().copied().unwrap_or_default() == 2)
+    }
+
+    /// Upgrades an `event_ids` made by a release before the position columns: adds them
+    /// (a change of metadata only; the existing rows read the default).
+    async fn add_id_positions(&self) -> Result<()> {
+        if self.id_positions_exist().await? {
+            return Ok(());
+        }
+        tracing::info!(database = %self.database, "Adding the Kafka position columns to event_ids");
+        let add = ID_POSITION_COLUMNS
+            .split(", ")
+            .map(|c| format!("ADD COLUMN {c}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        self.exec(
+            "add the position columns to event_ids",
+            &format!(
+                "ALTER TABLE {}.event_ids{} {add}",
+                self.database,
+                self.on_cluster()
+            ),
+        )
+        .await
     }
 }
 

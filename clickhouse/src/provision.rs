@@ -457,7 +457,7 @@ pub async fn delete_where(ch: &Ch, table: &str, cond: &str) -> Result<()> {
 }
 
 /// [`delete_where`] on the server `ch` talks to.
-async fn delete_local(ch: &Ch, table: &str, cond: &str) -> Result<()> {
+pub(crate) async fn delete_local(ch: &Ch, table: &str, cond: &str) -> Result<()> {
     let n: Vec<u64> = ch
         .fetch(
             "count rows to delete",

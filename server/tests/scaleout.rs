@@ -148,7 +148,18 @@ struct Stack {
 impl Stack {
     /// Server (provisioning `meters`) and sink on a fresh database and topic.
     fn start(svc: Services, clickhouse: &str, meters: &str, sink_extra: &[&str]) -> Stack {
-        let database = unique("t");
+        Stack::start_on(svc, clickhouse, &unique("t"), meters, sink_extra)
+    }
+
+    /// [`Stack::start`] on `database` (which may exist already).
+    fn start_on(
+        svc: Services,
+        clickhouse: &str,
+        database: &str,
+        meters: &str,
+        sink_extra: &[&str],
+    ) -> Stack {
+        let database = database.to_string();
         let topic = unique("t");
         let args = server_args(&svc, &topic, clickhouse, &database, true);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -472,7 +483,7 @@ async fn round_trip_dead_letters_and_kafka_outage() {
     ch(
         &url,
         &format!(
-            "INSERT INTO {}.event_ids VALUES (1, 'default', 'old', 'x', '2020-01-05 00:00:00')",
+            "INSERT INTO {}.event_ids (h, namespace, source, id, ingested) VALUES (1, 'default', 'old', 'x', '2020-01-05 00:00:00')",
             stack.database
         ),
     )
@@ -545,6 +556,7 @@ async fn sink_crashes_at_every_fail_point_lose_and_double_nothing() {
     for (point, skip) in [
         ("after-begin", "3"),
         ("after-raw", "2"),
+        ("after-ids", "2"),
         ("after-feed", "2"),
         ("mid-repair", "0"),
     ] {
@@ -817,6 +829,22 @@ async fn events_clickhouse_refuses_are_dead_lettered_and_the_rest_count_exactly_
             "{reason}"
         );
     }
+    // the rule is lifted and the dead letters sent again, as an operator would: they
+    // are no duplicates (the failed attempt stored their identities beside its events;
+    // the repair deleted them), so now they count
+    ch(
+        &url,
+        &format!("ALTER TABLE {db}.events DROP CONSTRAINT numeric_ids"),
+    )
+    .await;
+    let again: Vec<Value> = poisoned
+        .iter()
+        .map(|at| events[*at as usize].clone())
+        .collect();
+    let (status, problem) = post_events(&c, &stack.server, &Value::Array(again)).await;
+    assert_eq!(status, 204, "{problem}");
+    stack.drained(Duration::from_secs(60)).await;
+    stack.assert_totals(GOOD + poisoned.len() as u64).await;
 }
 
 /// A login ClickHouse refuses is a configuration error: the sink stops at once and
@@ -880,6 +908,62 @@ async fn a_batch_goes_early_once_kafka_is_read_to_its_end_unless_it_is_small() {
         stack.done().await,
         300,
         "a batch of 20 (under a quarter of --batch-rows) went before --batch-ms"
+    );
+}
+
+/// `event_ids` as a release before its Kafka position columns made it, holding the
+/// identities of the first events: this release adds the columns, and those events sent
+/// again are still duplicates (found in the old rows, which read position -1).
+#[tokio::test(flavor = "multi_thread")]
+async fn identities_stored_before_the_position_columns_still_deduplicate() {
+    let Some(svc) = services("event_ids upgrade test") else {
+        return;
+    };
+    let url = svc.clickhouse26.clone();
+    let database = unique("ids");
+    const OLD: u64 = 700;
+    const N: u64 = 3_000;
+    for sql in [
+        format!("CREATE DATABASE {database}"),
+        // the previous release's DDL
+        format!(
+            "CREATE TABLE {database}.event_ids (h UInt64, namespace String, source String, \
+             id String, ingested DateTime('UTC')) ENGINE = MergeTree \
+             PARTITION BY toYYYYMM(ingested) ORDER BY h"
+        ),
+        // the identity hash is xxh3 of 'namespace NUL source NUL id' (dedup.rs)
+        format!(
+            "INSERT INTO {database}.event_ids SELECT xxh3(concat('default', '\\0', 'load', '\\0', \
+             concat('ev-', toString(number)))), 'default', 'load', concat('ev-', toString(number)), \
+             now() FROM numbers({OLD})"
+        ),
+    ] {
+        ch(&url, &sql).await;
+    }
+    let mut stack = Stack::start_on(svc, &url, &database, METERS, &[]);
+    stack.send(0..N, 500).await;
+    stack.drained(Duration::from_secs(120)).await;
+    let (sum, _, _) = totals(N);
+    let (old_sum, _, _) = totals(OLD);
+    assert_eq!(
+        stack.total("tokens").await,
+        (sum - old_sum) as f64,
+        "the events whose identities the old rows hold are duplicates"
+    );
+    let stored = ch(&url, &format!("SELECT count() FROM {database}.events")).await;
+    assert_eq!(stored.trim(), (N - OLD).to_string(), "raw rows");
+    let positions = ch(
+        &url,
+        &format!(
+            "SELECT countIf(kafka_partition = -1 AND kafka_offset = -1), countIf(kafka_offset >= 0) \
+             FROM {database}.event_ids FORMAT CSV"
+        ),
+    )
+    .await;
+    assert_eq!(
+        positions.trim(),
+        format!("{OLD},{}", N - OLD),
+        "old rows read position -1; new ones carry theirs"
     );
 }
 

@@ -182,6 +182,9 @@ pub(super) struct Prepared {
     pub(super) rows: Vec<EventRow>,
     /// Rows of the range already in `events` (repair only).
     pub(super) present: Vec<EventRow>,
+    /// The identities of `rows` and `present` (their [`super::dedup::hash128`]), to
+    /// remember once the batch is stored.
+    pub(super) hashes: Vec<u128>,
     pub(super) dead: Vec<DeadLetter>,
     pub(super) duplicates: u64,
     /// Watermark records of the batch, and their gaps.

@@ -17,6 +17,10 @@ struct IdRow {
     source: String,
     id: String,
     ingested: u32,
+    /// Where the event was read (a repair leaves out its own batch's: see the module
+    /// docs of [`super`]).
+    kafka_partition: i32,
+    kafka_offset: i64,
 }
 
 /// The identity key of an event: namespace, source and id, NUL-separated. Hash hits
@@ -46,7 +50,9 @@ pub(super) fn hash128(ns: &str, source: &str, id: &str) -> u128 {
 /// ([`Looked::valid`]).
 #[derive(Debug)]
 pub(super) struct RecentIds {
-    pub(super) set: HashSet<u128>,
+    /// hashbrown's default hasher (foldhash): std's SipHash was a visible part of a
+    /// batch's time, for keys that are hashes already
+    pub(super) set: hashbrown::HashSet<u128>,
     order: VecDeque<(u128, i64, u64)>,
     capacity: usize,
     /// The newest batch some of whose identities were forgotten for want of room.
@@ -57,7 +63,7 @@ impl RecentIds {
     pub(super) fn new(bytes: usize) -> RecentIds {
         // a set entry (16 B + hash table overhead) plus a queue entry (32 B): ~72 B
         RecentIds {
-            set: HashSet::new(),
+            set: hashbrown::HashSet::new(),
             order: VecDeque::new(),
             capacity: (bytes / 72).max(1),
             evicted: 0,
@@ -118,7 +124,18 @@ pub(super) async fn stored_identities(
     ch: &Ch,
     hashes: &[u64],
     window_start: i64,
+    own: &[(i32, i64, i64)],
 ) -> Result<Vec<(String, String, String, u32)>> {
+    // a repaired batch's identities were stored by its own earlier attempt, maybe
+    // without its events: they are no originals of its events
+    let not_own: String = own
+        .iter()
+        .map(|(p, a, b)| {
+            format!(
+                " AND NOT (kafka_partition = {p} AND kafka_offset >= {a} AND kafka_offset <= {b})"
+            )
+        })
+        .collect();
     let mut found = Vec::new();
     // one array literal parses ~6x faster than an IN list of the same numbers and is one
     // syntax-tree node (ClickHouse caps a query at 50,000)
@@ -133,7 +150,7 @@ pub(super) async fn stored_identities(
                 "look up stored identities",
                 &format!(
                     "SELECT namespace, source, id, toUInt32(max(ingested)) FROM {}.event_ids \
-                     WHERE h IN (SELECT arrayJoin([{list}])) AND ingested >= toDateTime({}) \
+                     WHERE h IN (SELECT arrayJoin([{list}])) AND ingested >= toDateTime({}){not_own} \
                      GROUP BY namespace, source, id",
                     ch.db(),
                     window_start.max(0)
@@ -185,7 +202,7 @@ pub(super) async fn look_ahead(
     }
     hashes.sort_unstable();
     hashes.dedup();
-    let found = Found::new(stored_identities(ch, &hashes, window_start).await?);
+    let found = Found::new(stored_identities(ch, &hashes, window_start, &[]).await?);
     for m in msgs {
         m.with_event(|d| {
             d.looked = Some(Looked {
@@ -208,6 +225,8 @@ impl Sink {
                 source: r.source.clone(),
                 id: r.id.clone(),
                 ingested: s as u32,
+                kafka_partition: r.kafka_partition,
+                kafka_offset: r.kafka_offset,
             })
             .collect();
         self.ch.insert::<IdRow>("event_ids", &ids).await
@@ -215,12 +234,15 @@ impl Sink {
 
     /// Decodes and deduplicates `msgs` (in offset order). Messages at `present`
     /// (partition, offset) are already in `events`: they count as seen and are returned
-    /// in `present`, not in `rows`.
+    /// in `present`, not in `rows`. `own`: the (partition, first, last offset) ranges of
+    /// the batch being repaired, whose stored identities are its own (none for a new
+    /// batch).
     pub(super) fn prepare(
         &mut self,
         msgs: &[Msg],
         s: i64,
         present: &HashSet<(i32, i64)>,
+        own: &[(i32, i64, i64)],
     ) -> Result<Prepared> {
         let now = chrono::Utc::now().timestamp();
         let window_start = s - self.cfg.dedup_window.as_secs() as i64;
@@ -257,11 +279,13 @@ impl Sink {
                 &self.ch,
                 &hashes,
                 window_start,
+                own,
             ))?);
         }
         tracing::debug!(?decoded_in, looked_up = ?t0.elapsed(), ahead, "Decoded and looked up");
         // one pass in offset order, each row moved once into what it becomes
-        let mut seen: HashSet<u128> = HashSet::with_capacity(msgs.len());
+        let mut seen = hashbrown::HashSet::<u128>::with_capacity(msgs.len());
+        let mut hashes = Vec::with_capacity(msgs.len());
         let (mut rows, mut kept_present, mut dead, mut duplicates) =
             (Vec::with_capacity(msgs.len()), Vec::new(), Vec::new(), 0u64);
         let (mut marks, mut gaps) = (Vec::new(), Vec::new());
@@ -280,6 +304,7 @@ impl Sink {
             };
             if present.contains(&(d.row.kafka_partition, d.row.kafka_offset)) {
                 seen.insert(d.h128);
+                hashes.push(d.h128);
                 kept_present.push(d.row);
                 continue;
             }
@@ -295,11 +320,13 @@ impl Sink {
                 continue;
             }
             seen.insert(d.h128);
+            hashes.push(d.h128);
             rows.push(d.row);
         }
         Ok(Prepared {
             rows,
             present: kept_present,
+            hashes,
             dead,
             duplicates,
             marks,

@@ -3,10 +3,16 @@
 //! them; the names are listed in the module docs of [`super`].
 use std::sync::atomic::{AtomicU64, Ordering};
 
+/// Whether `name` is the configured fail point (one that shapes the state it crashes
+/// in, e.g. `after-ids`).
+pub(super) fn armed(name: &str) -> bool {
+    std::env::var("TALLY_SINK_FAILPOINT").as_deref() == Ok(name)
+}
+
 /// Aborts the process if `name` is the configured fail point (and its skips are used).
 pub(super) fn failpoint(name: &str) {
     static HITS: AtomicU64 = AtomicU64::new(0);
-    if std::env::var("TALLY_SINK_FAILPOINT").as_deref() == Ok(name) {
+    if armed(name) {
         let skip: u64 = std::env::var("TALLY_SINK_FAILPOINT_SKIP")
             .ok()
             .and_then(|s| s.parse().ok())

@@ -61,7 +61,13 @@ impl RebalanceLog {
         self.working.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// How many rebalances there have been.
+    /// Voids the look-ups made ahead so far, as a rebalance does: after a repair
+    /// deleted identities a look-up may have found (`repair.rs`).
+    pub(super) fn void_look_aheads(&self) {
+        self.count.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// How many rebalances (and voidings: [`Self::void_look_aheads`]) there have been.
     pub(super) fn count(&self) -> u64 {
         self.count.load(Ordering::SeqCst)
     }

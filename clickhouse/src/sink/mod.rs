@@ -24,12 +24,12 @@
 //!    compute its rollup rows from the new rows in the sink, all meters in one pass
 //!    over the batch ([`crate::fold`]) (before this release each meter was a view on
 //!    `events_feed`, which the sink no longer feeds);
-//! 5. two chains at once: the new rows into `events` (`inserted_at = S`), then their
-//!    identities into `event_ids`, the dead letters into `dead_letters` and the
-//!    batch's **watermark** records into `watermarks` and `watermark_gaps` (after its
-//!    events: a record vouches for the events before it on its partition); and, as
-//!    soon as the fold (on threads of its own, beside the `events` insert) is done,
-//!    the rollup rows;
+//! 5. three chains at once: the new rows into `events` (`inserted_at = S`), then the
+//!    dead letters into `dead_letters` and the batch's **watermark** records into
+//!    `watermarks` and `watermark_gaps` (after its events: a record vouches for the
+//!    events before it on its partition); their identities into `event_ids`, each with
+//!    its Kafka partition and offset; and, as soon as the fold (on threads of its own,
+//!    beside the inserts) is done, the rollup rows;
 //! 6. **done**: a `done` row per partition; then commit the offsets to Kafka (advisory).
 //!
 //! # Why every event counts exactly once
@@ -55,9 +55,13 @@
 //!   partition's latest `sink_log` row is that `begin`, so its exact range is re-read
 //!   from Kafka and **repaired**: rows of the range already in `events` are found by
 //!   (partition, offset); the others go through dedup (treating the present ones as
-//!   seen), are inserted into `events` with the same `S` (split to find any row
+//!   seen, and leaving out of the `event_ids` look-up the identities stored at the
+//!   range's own positions: the failed attempt may have stored them without their
+//!   events; an identity stored by an earlier batch has a position before the range),
+//!   are inserted into `events` with the same `S` (split to find any row
 //!   ClickHouse refuses, e.g. by a view you attached to `events`, which becomes a dead
-//!   letter: `split.rs`); identities are (re-)inserted into
+//!   letter: `split.rs`, and its identity, if the failed attempt stored it, is
+//!   deleted from `event_ids`); identities are (re-)inserted into
 //!   `event_ids` (a repeated identity there is harmless); dead letters are replaced by
 //!   key. Then, for every provisioned meter, the view rows of each (subject, minute)
 //!   the range touches are deleted and re-derived from `events` by the meter's SQL
@@ -100,7 +104,9 @@
 //! # Fail points
 //! `TALLY_SINK_FAILPOINT=<name>` aborts the process at that point, after skipping
 //! `TALLY_SINK_FAILPOINT_SKIP` hits (default 0): `after-begin`, `after-feed` (rollups
-//! fed, events not inserted), `after-raw` (events inserted, no `done`), `mid-split`
+//! fed, events not inserted), `after-raw` (events inserted, no `done`), `after-ids`
+//! (identities stored, events not: while it is set, a batch sends its events only after
+//! its identities), `mid-split`
 //! (a refused row found, the batch not yet stored), `mid-repair` (rows repaired,
 //! rollups not yet re-derived). Tests crash the sink with them.
 mod batch;
@@ -128,9 +134,9 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use self::batch::{Msg, Prepared, dead_rows};
 pub use self::config::SinkConfig;
-use self::dedup::{RecentIds, hash128};
+use self::dedup::RecentIds;
 pub use self::error::{SinkError, SinkResult};
-use self::failpoint::failpoint;
+use self::failpoint::{armed, failpoint};
 use self::fetch::{Fetched, Fetcher, RebalanceLog};
 use self::log::PartState;
 pub use self::stats::SinkStats;
@@ -197,6 +203,11 @@ pub fn run(cfg: SinkConfig, stats: Arc<SinkStats>, stop: Arc<AtomicBool>) -> Sin
         .consumer_settings(&cfg.group)
         // tells the fetch thread when a partition is read to its end (an early batch)
         .set("enable.partition.eof", "true")
+        // the end is known from a fetch that finds nothing new, which the broker holds
+        // up to this long: so the early batch goes within 100 ms of the last message
+        // (librdkafka's default is 500 ms), at the price of 10 empty fetches a second
+        // while the topic is idle
+        .set("fetch.wait.max.ms", "100")
         .create_with_context(RebalanceLog::default())
         .map_err(error::kafka("create the Kafka consumer"))?;
     let consumer = Arc::new(consumer);
@@ -625,15 +636,15 @@ impl Sink {
         ranges: &[(i32, i64, i64)],
     ) -> Result<()> {
         let t = Instant::now();
-        let prep = self.prepare(msgs, s, &HashSet::new())?;
+        let prep = self.prepare(msgs, s, &HashSet::new(), &[])?;
         let prepared = t.elapsed();
         let (meters, tables) = self.rt.block_on(self.meters.of_batch(&self.ch, s))?;
         let (rows, ch) = (&prep.rows, &self.ch);
-        // Two chains at once: the events, then their identities (only after the events:
-        // a repair takes a stored identity for a duplicate), the dead letters and the
-        // watermarks (after the events they vouch for); and the fold (on threads of
-        // its own), then the rollups. A crash or failure anywhere leaves a state the
-        // repair mends: it re-derives the rollups of every key the range touches.
+        // Three chains at once: the events, then the dead letters and the watermarks
+        // (after the events they vouch for); the identities (a repair knows its own
+        // batch's by their Kafka position); and the fold (on threads of its own), then
+        // the rollups. A crash or failure anywhere leaves a state the repair mends: it
+        // re-derives the rollups of every key the range touches.
         let written = std::thread::scope(|scope| {
             let (tx, rx) = futures_channel::oneshot::channel();
             let (meters, tables) = (&meters, &tables);
@@ -653,19 +664,33 @@ impl Sink {
                     let rollup_rows = folded.iter().map(|f| f.rows).sum::<usize>();
                     Ok::<_, Error>((fold, fold_took, t.elapsed(), rollup_rows))
                 };
+                let raw_stored = AtomicBool::new(false);
                 let events = async {
                     ch.insert::<EventRow>("events", rows).await?;
+                    raw_stored.store(true, Ordering::SeqCst);
                     failpoint("after-raw");
                     let raw = t.elapsed();
-                    self.insert_ids(rows, s).await?;
-                    let ids = t.elapsed();
                     ch.insert::<DeadLetterRow>("dead_letters", &dead_rows(&prep.dead))
                         .await?;
                     self.insert_marks(&prep).await?;
-                    Ok::<_, Error>((raw, ids))
+                    Ok::<_, Error>(raw)
                 };
-                let ((fold, fold_took, fed, rollup_rows), (raw, ids)) =
-                    futures::try_join!(rollups, events)?;
+                let ids = async {
+                    self.insert_ids(rows, s).await?;
+                    if !raw_stored.load(Ordering::SeqCst) {
+                        failpoint("after-ids");
+                    }
+                    Ok::<_, Error>(t.elapsed())
+                };
+                let ((fold, fold_took, fed, rollup_rows), raw, ids) = if armed("after-ids") {
+                    // the state that fail point crashes in, made certain: identities
+                    // stored, events not yet sent
+                    let ids = ids.await?;
+                    let (rollups, raw) = futures::try_join!(rollups, events)?;
+                    (rollups, raw, ids)
+                } else {
+                    futures::try_join!(rollups, events, ids)?
+                };
                 tracing::debug!(meters = meters.len(), rollup_rows, ?prepared, ?fold_took, ?fold, ?fed, ?raw, ?ids, all = ?t.elapsed(), "Batch steps (since the batch began)");
                 Ok::<_, Error>(())
             })
@@ -678,7 +703,7 @@ impl Sink {
         let logged = Instant::now();
         self.log(ranges, batch, "done", s)?;
         let logged = logged.elapsed();
-        self.finish(&prep, msgs.len(), s);
+        self.finish(&prep, &prep.hashes, msgs.len(), s);
         tracing::debug!(?logged, finished = ?t.elapsed(), "Batch done");
         drop_later(prep);
         Ok(())
@@ -701,12 +726,12 @@ impl Sink {
         Ok(())
     }
 
-    fn finish(&mut self, prep: &Prepared, messages: usize, s: i64) {
+    /// Counts a stored batch, and remembers the identities it stored (`hashes`).
+    fn finish(&mut self, prep: &Prepared, hashes: &[u128], messages: usize, s: i64) {
         // after every insert of the batch: a look-up ahead that read this count saw them
         let batch = self.finished.load(Ordering::SeqCst) + 1;
-        for r in prep.rows.iter().chain(&prep.present) {
-            self.recent
-                .insert(hash128(&r.namespace, &r.source, &r.id), s, batch);
+        for &h in hashes {
+            self.recent.insert(h, s, batch);
         }
         self.finished.store(batch, Ordering::SeqCst);
         self.stats.stored.inc_by(prep.rows.len() as u64);

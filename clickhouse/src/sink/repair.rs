@@ -4,14 +4,16 @@
 //! of the (subject, minute) keys it touches re-derived from `events`.
 use std::collections::HashSet;
 
+use rdkafka::consumer::Consumer;
 use tally_meter::Result;
 use tally_meter::store::DeadLetter;
 
 use super::Sink;
 use super::batch::{Msg, dead_rows};
+use super::dedup::{hash64, hash128};
 use super::failpoint::failpoint;
 use super::split;
-use crate::provision::{delete_where, read_meters, rollup_tables};
+use crate::provision::{delete_local, delete_where, read_meters, rollup_tables};
 use crate::rollup::{Derivation, Grain, RollupSql};
 use crate::{DeadLetterRow, EventRow, lit};
 
@@ -38,7 +40,7 @@ impl Sink {
             &format!("SELECT kafka_partition, kafka_offset FROM {db}.events WHERE {cond}"),
         ))?;
         let present: HashSet<(i32, i64)> = present.into_iter().collect();
-        let mut prep = self.prepare(msgs, s, &present)?;
+        let mut prep = self.prepare(msgs, s, &present, ranges)?;
         // Store the rows not yet stored, finding any ClickHouse refuses (split.rs; e.g.
         // a CHECK constraint you added to `events`). A failing view on `events` fails
         // the insert after the table took the block, so once one insert failed, each
@@ -80,6 +82,7 @@ impl Sink {
             }
         }
         if !refused.is_empty() {
+            self.forget_ids(&refused, s)?;
             tracing::warn!(
                 refused = refused.len(),
                 "ClickHouse refused events of a batch; they are dead letters, the rest is stored"
@@ -99,7 +102,14 @@ impl Sink {
             self.insert_marks(&prep).await
         })?;
         self.log(ranges, batch, "done", s)?;
-        self.finish(&prep, msgs.len(), s);
+        // the rows stored, not what was prepared: refused rows are left out
+        let hashes: Vec<u128> = prep
+            .rows
+            .iter()
+            .chain(&prep.present)
+            .map(|r| hash128(&r.namespace, &r.source, &r.id))
+            .collect();
+        self.finish(&prep, &hashes, msgs.len(), s);
         Ok(())
     }
 
@@ -165,6 +175,36 @@ impl Sink {
                 }
             }
         }
+        Ok(())
+    }
+}
+
+impl Sink {
+    /// Deletes from `event_ids` the identities of `refused` (rows of the batch begun at
+    /// `s` that are no events), which the batch's failed attempt may have stored beside
+    /// its events: a later copy of such an event (a dead letter sent again once fixed)
+    /// must not count as a duplicate.
+    fn forget_ids(&self, refused: &[EventRow], s: i64) -> Result<()> {
+        // ClickHouse caps a query's syntax tree at 50,000 elements
+        for chunk in refused.chunks(1_000) {
+            let hashes = chunk
+                .iter()
+                .map(|r| hash64(&r.namespace, &r.source, &r.id).to_string())
+                .collect::<Vec<_>>()
+                .join(", ");
+            let at = chunk
+                .iter()
+                .map(|r| format!("({}, {})", r.kafka_partition, r.kafka_offset))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let cond = format!(
+                "ingested = toDateTime({s}) AND h IN ({hashes}) AND (kafka_partition, kafka_offset) IN ({at})"
+            );
+            self.rt
+                .block_on(delete_local(&self.ch, "event_ids", &cond))?;
+        }
+        // a look-up made ahead (fetch.rs) may have found them before they went
+        self.consumer.context().void_look_aheads();
         Ok(())
     }
 }
