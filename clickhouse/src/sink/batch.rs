@@ -183,7 +183,7 @@ pub(super) struct Prepared {
     /// Rows of the range already in `events` (repair only).
     pub(super) present: Vec<EventRow>,
     /// The identities of `rows` and `present` (their [`super::dedup::hash128`]), to
-    /// remember once the batch is stored.
+    /// remember once the batch is stored (a repair sets those it stored).
     pub(super) hashes: Vec<u128>,
     pub(super) dead: Vec<DeadLetter>,
     pub(super) duplicates: u64,

@@ -128,14 +128,11 @@ pub(super) async fn stored_identities(
 ) -> Result<Vec<(String, String, String, u32)>> {
     // a repaired batch's identities were stored by its own earlier attempt, maybe
     // without its events: they are no originals of its events
-    let not_own: String = own
-        .iter()
-        .map(|(p, a, b)| {
-            format!(
-                " AND NOT (kafka_partition = {p} AND kafka_offset >= {a} AND kafka_offset <= {b})"
-            )
-        })
-        .collect();
+    let not_own = if own.is_empty() {
+        String::new()
+    } else {
+        format!(" AND NOT ({})", super::repair::in_ranges(own))
+    };
     let mut found = Vec::new();
     // one array literal parses ~6x faster than an IN list of the same numbers and is one
     // syntax-tree node (ClickHouse caps a query at 50,000)

@@ -664,10 +664,8 @@ impl Sink {
                     let rollup_rows = folded.iter().map(|f| f.rows).sum::<usize>();
                     Ok::<_, Error>((fold, fold_took, t.elapsed(), rollup_rows))
                 };
-                let raw_stored = AtomicBool::new(false);
                 let events = async {
                     ch.insert::<EventRow>("events", rows).await?;
-                    raw_stored.store(true, Ordering::SeqCst);
                     failpoint("after-raw");
                     let raw = t.elapsed();
                     ch.insert::<DeadLetterRow>("dead_letters", &dead_rows(&prep.dead))
@@ -677,9 +675,8 @@ impl Sink {
                 };
                 let ids = async {
                     self.insert_ids(rows, s).await?;
-                    if !raw_stored.load(Ordering::SeqCst) {
-                        failpoint("after-ids");
-                    }
+                    // set, it holds the events back until here (below)
+                    failpoint("after-ids");
                     Ok::<_, Error>(t.elapsed())
                 };
                 let ((fold, fold_took, fed, rollup_rows), raw, ids) = if armed("after-ids") {
@@ -703,7 +700,7 @@ impl Sink {
         let logged = Instant::now();
         self.log(ranges, batch, "done", s)?;
         let logged = logged.elapsed();
-        self.finish(&prep, &prep.hashes, msgs.len(), s);
+        self.finish(&prep, msgs.len(), s);
         tracing::debug!(?logged, finished = ?t.elapsed(), "Batch done");
         drop_later(prep);
         Ok(())
@@ -726,11 +723,11 @@ impl Sink {
         Ok(())
     }
 
-    /// Counts a stored batch, and remembers the identities it stored (`hashes`).
-    fn finish(&mut self, prep: &Prepared, hashes: &[u128], messages: usize, s: i64) {
+    /// Counts a stored batch, and remembers the identities it stored.
+    fn finish(&mut self, prep: &Prepared, messages: usize, s: i64) {
         // after every insert of the batch: a look-up ahead that read this count saw them
         let batch = self.finished.load(Ordering::SeqCst) + 1;
-        for &h in hashes {
+        for &h in &prep.hashes {
             self.recent.insert(h, s, batch);
         }
         self.finished.store(batch, Ordering::SeqCst);

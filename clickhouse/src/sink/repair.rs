@@ -28,13 +28,7 @@ impl Sink {
     ) -> Result<()> {
         self.stats.repairs.inc();
         let db = self.ch.db().to_string();
-        let cond = ranges
-            .iter()
-            .map(|(p, a, b)| {
-                format!("(kafka_partition = {p} AND kafka_offset >= {a} AND kafka_offset <= {b})")
-            })
-            .collect::<Vec<_>>()
-            .join(" OR ");
+        let cond = in_ranges(ranges);
         let present: Vec<(i32, i64)> = self.rt.block_on(self.ch.fetch(
             "find the rows a batch already stored",
             &format!("SELECT kafka_partition, kafka_offset FROM {db}.events WHERE {cond}"),
@@ -103,13 +97,13 @@ impl Sink {
         })?;
         self.log(ranges, batch, "done", s)?;
         // the rows stored, not what was prepared: refused rows are left out
-        let hashes: Vec<u128> = prep
+        prep.hashes = prep
             .rows
             .iter()
             .chain(&prep.present)
             .map(|r| hash128(&r.namespace, &r.source, &r.id))
             .collect();
-        self.finish(&prep, &hashes, msgs.len(), s);
+        self.finish(&prep, msgs.len(), s);
         Ok(())
     }
 
@@ -209,6 +203,18 @@ impl Sink {
     }
 }
 
+/// SQL that is true for the rows read from one of `ranges` (partition, first offset,
+/// last offset), by their `kafka_partition` and `kafka_offset` columns.
+pub(super) fn in_ranges(ranges: &[(i32, i64, i64)]) -> String {
+    ranges
+        .iter()
+        .map(|(p, a, b)| {
+            format!("(kafka_partition = {p} AND kafka_offset >= {a} AND kafka_offset <= {b})")
+        })
+        .collect::<Vec<_>>()
+        .join(" OR ")
+}
+
 /// The (partition, offset) of the rows of `chunk` already in `events`.
 fn stored_of(
     rt: &tokio::runtime::Runtime,
@@ -225,13 +231,8 @@ fn stored_of(
         e.0 = e.0.min(r.kafka_offset);
         e.1 = e.1.max(r.kafka_offset);
     }
-    let cond = ranges
-        .iter()
-        .map(|(p, (a, b))| {
-            format!("(kafka_partition = {p} AND kafka_offset >= {a} AND kafka_offset <= {b})")
-        })
-        .collect::<Vec<_>>()
-        .join(" OR ");
+    let ranges: Vec<(i32, i64, i64)> = ranges.into_iter().map(|(p, (a, b))| (p, a, b)).collect();
+    let cond = in_ranges(&ranges);
     let found: Vec<(i32, i64)> = rt.block_on(ch.fetch(
         "find the refused rows already stored",
         &format!(
